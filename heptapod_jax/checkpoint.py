@@ -1,0 +1,448 @@
+"""Checkpointing: a thin wrapper around Orbax's `CheckpointManager`.
+
+Every saved step is a directory `<directory>/<step>/` with three items:
+
+* `state`: the train state, any pytree of (sharded, possibly multi-host)
+  `jax.Array`s, written collectively by all processes with
+  `StandardSave`. Typed PRNG keys (`jax.random.key`) are supported natively
+  by Orbax: it writes their key data and re-wraps them on restore.
+* `data`: the input pipeline position. Each process has its own small JSON
+  dict; they are all-gathered so that the single JSON file written by the
+  primary process holds one entry per process, and each process gets its own
+  entry back on restore.
+* `config`: the run's config as JSON, for provenance (best-effort encoded).
+
+Restoring takes an *abstract* state (`jax.ShapeDtypeStruct`s carrying the
+current mesh's shardings), so a checkpoint written on one mesh or device count
+restores onto another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+from typing import Any, Mapping
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+from etils import epath
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+PyTree = Any
+
+STATE = 'state'
+DATA = 'data'
+CONFIG = 'config'
+_ITEM_NAMES = (STATE, DATA, CONFIG)
+
+# Version of the layout of the `data` item, so that a future change can still
+# read old checkpoints.
+_DATA_FORMAT_VERSION = 1
+
+
+def to_jsonable(value: Any) -> Any:
+  """Best-effort conversion of `value` into something `json.dumps` accepts.
+
+  Config dicts hold tuples, numpy scalars, enums, dtypes, callables and the
+  like; none of that should prevent a checkpoint from being written, because
+  the config item is for provenance only and is never fed back into code
+  automatically. Unknown objects therefore become their `str`.
+
+  Args:
+    value: any Python object, usually a (nested) config dict.
+
+  Returns:
+    A structure of dicts with string keys, lists, str, int, float, bool and
+    None.
+  """
+  if value is None or isinstance(value, (bool, str)):
+    return value
+  if isinstance(value, (int, float)) and not isinstance(value, enum.Enum):
+    return value
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return np.asarray(value).tolist()
+  if isinstance(value, Mapping):
+    return {str(k): to_jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, set, frozenset)):
+    items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+    return [to_jsonable(v) for v in items]
+  # ml_collections.ConfigDict / FrozenConfigDict, without importing it.
+  to_dict = getattr(value, 'to_dict', None)
+  if callable(to_dict):
+    try:
+      return to_jsonable(to_dict())
+    except Exception:  # pylint: disable=broad-except
+      pass
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+  if isinstance(value, enum.Enum):
+    return str(value.name)
+  return str(value)
+
+
+def _allgather_json(obj: Any) -> list[Any]:
+  """Returns `[obj of process 0, obj of process 1, ...]` on every process.
+
+  Values are sent as UTF-8 JSON bytes rather than as numeric arrays: this keeps
+  the gather generic (any JSON dict, keys need not match) and avoids 64-bit
+  positions being silently truncated to int32 when `jax_enable_x64` is off.
+  """
+  payload = np.frombuffer(json.dumps(obj, sort_keys=True).encode('utf-8'), dtype=np.uint8)
+  if jax.process_count() == 1:
+    return [json.loads(payload.tobytes().decode('utf-8'))]
+  # Two rounds because process_allgather needs equal shapes on every process.
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(payload.size))).reshape(-1)
+  padded = np.zeros((int(lengths.max()),), dtype=np.uint8)
+  padded[:payload.size] = payload
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [
+      json.loads(gathered[i, :int(n)].tobytes().decode('utf-8'))
+      for i, n in enumerate(lengths)
+  ]
+
+
+def _with_sharding_check(abstract_state: PyTree) -> PyTree:
+  """Validates that every array leaf of `abstract_state` carries a sharding.
+
+  Without a sharding Orbax restores a leaf as a host numpy array (or with the
+  sharding stored in the checkpoint, which may name devices that do not exist
+  any more), which is never what the trainer wants.
+  """
+  missing = []
+
+  def check(path, leaf):
+    is_array = isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array))
+    if is_array and getattr(leaf, 'sharding', None) is None:
+      missing.append(jax.tree_util.keystr(path))
+    return leaf
+
+  jax.tree_util.tree_map_with_path(check, abstract_state)
+  if missing:
+    shown = ', '.join(missing[:5]) + (' ...' if len(missing) > 5 else '')
+    raise ValueError(
+        f'abstract_state leaves need a `.sharding` (the current mesh\'s); missing on '
+        f'{len(missing)} leaves: {shown}. Build it with jax.eval_shape + '
+        'jax.ShapeDtypeStruct(..., sharding=...).')
+  return abstract_state
+
+
+def _to_abstract(tree: PyTree) -> PyTree:
+  """Maps concrete arrays to `jax.ShapeDtypeStruct`s, keeping their sharding."""
+
+  def convert(leaf):
+    if isinstance(leaf, jax.Array):
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf
+
+  return jax.tree.map(convert, tree)
+
+
+class Checkpointer:
+  """Saves and restores train state, input position and config with Orbax.
+
+  All methods must be called on every process (they contain collectives);
+  Orbax makes only the primary process write the JSON items and metadata.
+  """
+
+  def __init__(
+      self,
+      directory: str,
+      *,
+      save_interval_steps: int,
+      max_to_keep: int,
+      async_save: bool = True,
+  ):
+    """Opens (creating if needed) a checkpoint directory.
+
+    Args:
+      directory: root directory; steps live in `<directory>/<step>/`. Any path
+        `etils.epath` understands (local, gs://...).
+      save_interval_steps: `should_save` is True on multiples of this.
+      max_to_keep: how many most recent steps to keep; older ones are deleted
+        once a newer save has finalised.
+      async_save: if True, `save` returns once arrays are copied to host
+        memory and Orbax writes them in a background thread.
+    """
+    if save_interval_steps < 1:
+      raise ValueError(f'save_interval_steps must be >= 1, got {save_interval_steps}')
+    if max_to_keep < 1:
+      raise ValueError(f'max_to_keep must be >= 1, got {max_to_keep}')
+    self._directory = epath.Path(directory)
+    # Orbax's default policy also saves whenever no checkpoint exists yet
+    # (InitialSavePolicy); we want exactly "on the interval or on preemption",
+    # and the trainer can pass force=True for anything else.
+    save_policy = ocp_policies.AnySavePolicy([
+        ocp_policies.FixedIntervalPolicy(save_interval_steps),
+        ocp_policies.PreemptionCheckpointingPolicy(),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=save_policy,
+        preservation_policy=ocp_policies.LatestN(n=max_to_keep),
+        enable_async_checkpointing=async_save,
+        create=True,
+        # Leftovers of a save interrupted by preemption would otherwise be
+        # ignored but kept forever.
+        cleanup_tmp_directories=True,
+    )
+    # Handlers are registered up front (rather than inferred from the first
+    # save's args) so that restore and metadata work in a fresh process.
+    self._manager = ocp.CheckpointManager(
+        self._directory,
+        item_names=_ITEM_NAMES,
+        item_handlers={
+            STATE: ocp.StandardCheckpointHandler(),
+            DATA: ocp.JsonCheckpointHandler(),
+            CONFIG: ocp.JsonCheckpointHandler(),
+        },
+        options=options,
+    )
+
+  @property
+  def directory(self) -> epath.Path:
+    """The root checkpoint directory."""
+    return self._directory
+
+  def latest_step(self) -> int | None:
+    """Returns the newest step (possibly still being written), or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Returns all steps, ascending; includes an async save still in flight."""
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """True if `step` is on the save interval or Orbax reports a preemption.
+
+    Also False for steps not newer than the latest saved one. Must be called
+    on every process, every step, for preemption syncing to work.
+    """
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True if all processes agreed to checkpoint at `step` due to preemption."""
+    return self._manager.reached_preemption(step)
+
+  def save(
+      self,
+      step: int,
+      state: PyTree,
+      *,
+      data_state: Mapping[str, Any],
+      config: Mapping[str, Any] | Any,
+      force: bool = False,
+  ) -> bool:
+    """Saves a step (asynchronously unless constructed with async_save=False).
+
+    Args:
+      step: the step number, used as directory name.
+      state: the train state pytree of jax.Arrays.
+      data_state: this process's input pipeline position, a JSON-able dict
+        (different on every process).
+      config: the run config (dict or ConfigDict); best-effort JSON encoded.
+      force: save even if `should_save(step)` is False.
+
+    Returns:
+      True if a save was started, False if skipped (not on the interval and
+      not forced, or `step` is already saved).
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      # Orbax raises StepAlreadyExistsError; re-saving a step happens
+      # naturally (e.g. a preemption save followed by the final save).
+      logging.info('Checkpoint step %d already exists in %s; not saving.', step, self._directory)
+      return False
+    if not force and not self._manager.should_save(step):
+      return False
+    # The gather is a collective, so it has to happen on every process before
+    # Orbax decides that only the primary writes the JSON.
+    per_process = _allgather_json(to_jsonable(dict(data_state)))
+    data_item = {
+        'version': _DATA_FORMAT_VERSION,
+        'process_count': len(per_process),
+        'per_process': per_process,
+    }
+    args = ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA: ocp.args.JsonSave(data_item),
+        CONFIG: ocp.args.JsonSave(to_jsonable(config)),
+    })
+    return self._manager.save(step, args=args, force=True)
+
+  def restore(
+      self,
+      abstract_state: PyTree,
+      *,
+      step: int | None = None,
+  ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
+    """Restores a step onto the shardings given by `abstract_state`.
+
+    Args:
+      abstract_state: pytree with the train state's structure whose array
+        leaves are `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` with the
+        CURRENT mesh's shardings (concrete jax.Arrays are accepted too; only
+        their shape/dtype/sharding are used). Typed PRNG key leaves must have
+        the key dtype (e.g. from `jax.eval_shape`).
+      step: which step; None means the latest.
+
+    Returns:
+      `(state, data_state, config)`: the state with the structure of
+      `abstract_state`; this process's data dict; the saved config dict.
+
+    Raises:
+      FileNotFoundError: no checkpoint, or the requested step is missing.
+      ValueError: the checkpoint was written by a different number of
+        processes (the data positions cannot be mapped), or structure/shape
+        mismatch (from Orbax).
+    """
+    # An in-flight async save is listed as a step but cannot be read yet.
+    self._manager.wait_until_finished()
+    # A checkpoint written by another process (e.g. a previous run in the same
+    # directory after this object was created) must be visible.
+    self._manager.reload()
+    steps = self.all_steps()
+    if step is None:
+      step = steps[-1] if steps else None
+    if step is None or step not in steps:
+      what = 'no checkpoint' if step is None else f'no checkpoint for step {step}'
+      raise FileNotFoundError(
+          f'{what} in {self._directory} (steps found: {steps}).')
+    abstract_state = _with_sharding_check(_to_abstract(abstract_state))
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(abstract_state),
+            DATA: ocp.args.JsonRestore(),
+            CONFIG: ocp.args.JsonRestore(),
+        }),
+    )
+    data_item = restored[DATA]
+    per_process = data_item['per_process']
+    if len(per_process) != jax.process_count():
+      raise ValueError(
+          f'checkpoint {self._directory}/{step} holds input positions for {len(per_process)} '
+          f'processes but this job has {jax.process_count()}; the per-process data positions '
+          'cannot be mapped.')
+    return restored[STATE], per_process[jax.process_index()], restored[CONFIG]
+
+  def wait_until_finished(self) -> None:
+    """Blocks until any in-flight async save has been finalised."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for in-flight saves, then releases Orbax's resources."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _subtree(tree: Any, keys: list[str]) -> Any:
+  """Follows `keys` down a nested metadata tree (dicts or attribute objects)."""
+  for k in keys:
+    if isinstance(tree, Mapping):
+      if k not in tree:
+        raise KeyError(k)
+      tree = tree[k]
+    elif hasattr(tree, k):
+      tree = getattr(tree, k)
+    else:
+      raise KeyError(k)
+  return tree
+
+
+def _top_keys(tree: Any) -> list[str]:
+  if isinstance(tree, Mapping):
+    return sorted(str(k) for k in tree.keys())
+  return sorted(k for k in vars(tree) if not k.startswith('_')) if hasattr(tree, '__dict__') else []
+
+
+def load_params(
+    checkpoint_dir: str,
+    abstract_params: PyTree,
+    *,
+    step: int | None = None,
+    key: str = 'params',
+) -> PyTree:
+  """Loads only one subtree (e.g. the params) of another run's train state.
+
+  Used for `init_from=`: the optimizer state of the source run is neither
+  needed nor read, so its structure may differ from the current run's.
+
+  Args:
+    checkpoint_dir: the source run's checkpoint root (the directory given to
+      its `Checkpointer`).
+    abstract_params: pytree of `jax.ShapeDtypeStruct` with shardings (or
+      arrays) with the structure, shapes and dtypes of the subtree.
+    step: which step; None means the latest.
+    key: name of the subtree in the train state, e.g. 'params' or
+      'ema_params'; nested subtrees as 'a/b'.
+
+  Returns:
+    The subtree, with the structure and shardings of `abstract_params`.
+
+  Raises:
+    FileNotFoundError: no checkpoint or no such step in `checkpoint_dir`.
+    KeyError: the state has no subtree `key`.
+  """
+  path = epath.Path(checkpoint_dir)
+  keys = [k for k in key.split('/') if k]
+  if not keys:
+    raise ValueError(f'key must name a subtree, got {key!r}')
+  abstract_params = _with_sharding_check(_to_abstract(abstract_params))
+  if not path.exists():
+    raise FileNotFoundError(f'checkpoint directory {path} does not exist')
+  # Read-only, and PyTree (not Standard) handler since only it supports
+  # partial restore; the on-disk format is the same.
+  manager = ocp.CheckpointManager(
+      path,
+      item_names=_ITEM_NAMES,
+      # The JSON handlers only keep Orbax from warning about unknown items.
+      item_handlers={
+          STATE: ocp.PyTreeCheckpointHandler(),
+          DATA: ocp.JsonCheckpointHandler(),
+          CONFIG: ocp.JsonCheckpointHandler(),
+      },
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+  try:
+    steps = sorted(manager.all_steps())
+    if step is None:
+      step = steps[-1] if steps else None
+    if step is None or step not in steps:
+      what = 'no checkpoint' if step is None else f'no checkpoint for step {step}'
+      raise FileNotFoundError(f'{what} in {path} (steps found: {steps}).')
+    metadata = manager.item_metadata(step)[STATE]
+    tree = getattr(metadata, 'tree', metadata)
+    try:
+      _subtree(tree, keys)
+    except KeyError:
+      raise KeyError(
+          f'train state in {path}/{step}/{STATE} has no subtree {key!r} '
+          f'(top-level keys: {_top_keys(tree)})') from None
+    # Build a nested-dict target holding only the wanted subtree; with
+    # partial_restore=True Orbax skips every other leaf (the optimizer state
+    # is never read) and matches dataclass fields by name.
+    target: Any = abstract_params
+    for k in reversed(keys):
+      target = {k: target}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True),
+        }),
+    )[STATE]
+  finally:
+    manager.close()
+  return _subtree(restored, keys)

@@ -1,0 +1,232 @@
+"""Experiment configs: the base ConfigDict, `arg` parsing for recipes, and start-up validation.
+
+A recipe (`configs/*.py`) defines `get_config(arg=None)`; `arg` is the text
+after the colon in `--config=configs/imagenet256.py:size=L,head=global,runlocal`
+and is parsed into typed options by `parse_arg`. Every field of the experiment
+is declared in `base_config()`; `validate()` runs once at start-up and stops
+with a message naming the first bad field and its valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from heptapod_jax import sharding
+from heptapod_jax.data import input_pipeline
+from heptapod_jax.models.config import ModelConfig
+
+TOKENIZER_KINDS = ('pixel', 'vq')
+SCHEDULES = ('constant', 'cosine')
+placeholder = ml_collections.config_dict.placeholder
+
+
+def _dataclass_to_dict(obj) -> dict[str, Any]:
+  out = {}
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    out[f.name] = _dataclass_to_dict(value) if dataclasses.is_dataclass(value) else value
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field an experiment has, with defaults. Recipes start from this and edit it."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Parameters only, from another run's checkpoint directory ('' = none). A workdir
+  # that already holds a checkpoint resumes from it instead (own checkpoint first).
+  c.init_from = ''
+  c.init_from_key = 'ema_params'  # Which parameter tree of that checkpoint: params | ema_params.
+
+  c.model = ml_collections.ConfigDict(_dataclass_to_dict(ModelConfig()))
+
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind='pixel',  # pixel: grayscale levels of image patches (tiny data); vq: learned codebook.
+      # pixel: the image is average-pooled by `patch` and its gray level quantised to `levels`.
+      patch=4,
+      levels=16,
+      checkpoint='',  # vq: path of the tokenizer checkpoint.
+  ))
+
+  c.data = input_pipeline.default_data_config()
+
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=(-1, 1, 1),  # (data, fsdp, tensor) per slice; one entry may be -1 (the rest).
+      dcn_shape=(1, 1, 1),  # Across slices (multi-slice TPU); product 1 = one slice.
+      rules_preset='fsdp_tensor',  # One of sharding.RULE_PRESETS.
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4,  # Peak learning rate.
+      warmup_steps=100,
+      schedule='constant',  # After warmup: constant | cosine (to min_lr_ratio * lr).
+      min_lr_ratio=0.0,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.05,  # Decoupled (AdamW); not on norms, biases, position tables.
+      grad_clip=1.0,  # Global-norm clipping; 0 = off.
+      ema_decay=0.9999,  # EMA of parameters; 0 = off (EMA = current parameters).
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      global_batch_size=256,
+      num_steps=1000,
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      sample_every=0,  # 0 = only at the end.
+      eval_every=0,  # Held-out NLL; 0 = only at the end.
+      eval_batches=0,  # 0 = the whole eval split.
+      num_sample_images=40,  # Class-balanced grid written to workdir/samples/.
+      sample_with_ema=True,  # Sample and evaluate with the EMA parameters.
+      eval_at_end=True,
+      sample_at_end=True,
+  ))
+
+  c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0))
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'size=L,head=global,runlocal' into typed options.
+
+  Each option's type is that of its default; a bare name sets a bool to True.
+  Unknown options fail with the list of valid ones.
+  """
+  opts = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return opts
+  for item in arg.split(','):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'config option {key!r} is not one of {sorted(defaults)}.')
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f'config option {key!r} needs a value ({key}=...).')
+      opts[key] = True
+      continue
+    value = value.strip()
+    if isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config option {key}={value!r}: expected true or false.')
+      opts[key] = value.lower() in ('true', '1')
+    elif isinstance(default, int):
+      try:
+        opts[key] = int(value)
+      except ValueError:
+        raise ValueError(f'config option {key}={value!r}: expected an int.') from None
+    elif isinstance(default, float):
+      opts[key] = float(value)
+    else:
+      opts[key] = value
+  return opts
+
+
+def _check_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                  where: str = 'config') -> None:
+  """Unknown fields and ill-typed values, named with their dotted path."""
+  for key in config.keys():
+    path = f'{where}.{key}'
+    if key not in reference:
+      raise ValueError(f'{path} is not a known field; fields of {where}: {sorted(reference.keys())}.')
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f'{path} must be a section (ConfigDict), got {type(value).__name__}.')
+      _check_fields(value, ref, path)
+      continue
+    if ref is None or value is None:
+      continue
+    if isinstance(ref, bool) != isinstance(value, bool):
+      raise ValueError(f'{path}={value!r}: expected {type(ref).__name__}, got {type(value).__name__}.')
+    if isinstance(ref, float) and isinstance(value, int):
+      continue
+    if isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list)):
+      continue
+    if not isinstance(value, type(ref)):
+      raise ValueError(f'{path}={value!r}: expected {type(ref).__name__}, got {type(value).__name__}.')
+
+
+def _choice(path: str, value: Any, choices) -> None:
+  if value not in choices:
+    raise ValueError(f'{path}={value!r} is not one of {list(choices)}.')
+
+
+def _positive(path: str, value: float, allow_zero: bool = False) -> None:
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ValueError(f'{path}={value}: must be {">= 0" if allow_zero else "> 0"}.')
+
+
+def validate(config: ml_collections.ConfigDict) -> ModelConfig:
+  """Checks the whole experiment config once, at start-up; returns the typed ModelConfig.
+
+  Raises:
+    ValueError naming the field (dotted path) and, for choices, the valid values.
+  """
+  _check_fields(config, base_config())
+  model = ModelConfig.from_dict(config.model.to_dict())
+  tok = config.tokenizer
+  _choice('config.tokenizer.kind', tok.kind, TOKENIZER_KINDS)
+  if tok.kind == 'pixel':
+    size = config.data.image_size
+    if size % tok.patch:
+      raise ValueError(f'config.tokenizer.patch={tok.patch} does not divide '
+                       f'config.data.image_size={size}.')
+    grid = (size // tok.patch,) * 2
+    if tuple(model.grid_size) != grid:
+      raise ValueError(f'config.model.grid_size={tuple(model.grid_size)} does not match the pixel '
+                       f'tokenizer grid {grid} (data.image_size={size} / tokenizer.patch={tok.patch}).')
+    if model.vocab_size != tok.levels:
+      raise ValueError(f'config.model.vocab_size={model.vocab_size} must equal '
+                       f'config.tokenizer.levels={tok.levels} for the pixel tokenizer.')
+  elif tok.kind == 'vq':
+    raise ValueError('config.tokenizer.kind="vq": the learned VQ tokenizer is not implemented yet '
+                     '(it lands with the Tokenizers issue); use kind="pixel" for the built-in data.')
+  _choice('config.data.source', config.data.source, input_pipeline.SOURCES)
+  _choice('config.mesh.rules_preset', config.mesh.rules_preset, sharding.RULE_PRESETS)
+  if len(config.mesh.shape) != 3 or len(config.mesh.dcn_shape) != 3:
+    raise ValueError(f'config.mesh.shape / dcn_shape need 3 sizes (data, fsdp, tensor); got '
+                     f'{config.mesh.shape} / {config.mesh.dcn_shape}.')
+  o = config.optim
+  _choice('config.optim.schedule', o.schedule, SCHEDULES)
+  _positive('config.optim.lr', o.lr)
+  _positive('config.optim.warmup_steps', o.warmup_steps, allow_zero=True)
+  _positive('config.optim.weight_decay', o.weight_decay, allow_zero=True)
+  _positive('config.optim.grad_clip', o.grad_clip, allow_zero=True)
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ValueError(f'config.optim.ema_decay={o.ema_decay}: must be in [0, 1).')
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    raise ValueError(f'config.optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1].')
+  t = config.train
+  for name in ('global_batch_size', 'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    _positive(f'config.train.{name}', t[name])
+  for name in ('sample_every', 'eval_every', 'eval_batches', 'num_sample_images'):
+    _positive(f'config.train.{name}', t[name], allow_zero=True)
+  s = config.sampling
+  if s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1:
+    raise ValueError(f'config.sampling: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 needed; '
+                     f'got {s.to_dict()}.')
+  if s.cfg_scale != 1.0 and model.backbone.class_dropout == 0.0:
+    raise ValueError('config.sampling.cfg_scale != 1 needs a model trained with '
+                     'config.model.backbone.class_dropout > 0 (the null class is never learned otherwise).')
+  return model
+
+
+def to_flat_dict(config: ml_collections.ConfigDict | Mapping, prefix: str = '') -> dict[str, Any]:
+  """{'optim.lr': 1e-4, ...} for hyperparameter logging."""
+  out = {}
+  items = config.items() if hasattr(config, 'items') else []
+  for k, v in items:
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(to_flat_dict(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out

@@ -1,0 +1,1 @@
+"""Input data: the built-in digits, preprocessing and the tf.data pipeline."""

@@ -1,0 +1,198 @@
+"""Image preprocessing as TensorFlow ops, usable inside `tf.data` maps.
+
+The crop follows ADM (guided-diffusion, Dhariwal & Nichol 2021) `center_crop_arr`,
+the protocol behind the usual ImageNet FID reference batches, so that training
+images and reference statistics are preprocessed the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """Decodes JPEG/PNG/GIF/BMP bytes to RGB.
+
+  Grayscale images are replicated to three channels and alpha is dropped, so
+  every image has the same channel count. Corrupt or truncated data raises
+  `tf.errors.InvalidArgumentError` when the op runs.
+
+  Args:
+    encoded: string scalar, the encoded image file.
+
+  Returns:
+    image: uint8[h, w, 3].
+  """
+  image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _round_to_uint8_range(x: tf.Tensor) -> tf.Tensor:
+  # PIL rounds half up (fixed point plus 0.5) and saturates; tf.round would
+  # round half to even and differ by one level on exact halves.
+  return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
+
+
+def _box_resize_axis(image: tf.Tensor, out_size: tf.Tensor, axis: int) -> tf.Tensor:
+  """Downsamples one axis with PIL's BOX filter, exactly.
+
+  PIL gives weight 1 to the input pixels whose centres lie in (c - s/2, c + s/2]
+  around each output centre c (scale s = in / out). `ScaleAndTranslate`'s box
+  kernel gives 0.5 to both pixels on an exact tie, which happens for odd input
+  sizes (e.g. 65 -> 32) and then differs from PIL by tens of levels. So compute
+  PIL's coefficients in float64, exactly as Pillow's `precompute_coeffs` does,
+  and average each contiguous run of pixels from a cumulative sum.
+
+  Args:
+    image: float32[h, w, 3] holding integer values in 0..255.
+    out_size: int32 scalar, new size of `axis`.
+    axis: 0 (height) or 1 (width).
+
+  Returns:
+    float32 image with `axis` resized, integer values in 0..255.
+  """
+  in_size = tf.shape(image)[axis]
+  in_f = tf.cast(in_size, tf.float64)
+  scale = in_f / tf.cast(out_size, tf.float64)
+  filter_scale = tf.maximum(scale, 1.0)
+  support = 0.5 * filter_scale
+  center = (tf.range(out_size, dtype=tf.float64) + 0.5) * scale
+  first = tf.maximum(tf.floor(center - support + 0.5), 0.0)
+  stop = tf.minimum(tf.floor(center + support + 0.5), in_f)
+  num_taps = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+  # candidates: float64[out, taps]
+  candidates = first[:, None] + tf.cast(tf.range(num_taps), tf.float64)[None, :]
+  t = (candidates - center[:, None] + 0.5) * (1.0 / filter_scale)
+  inside = (candidates < stop[:, None]) & (t > -0.5) & (t <= 0.5)
+  lo = tf.cast(tf.reduce_min(tf.where(inside, candidates, in_f), axis=1), tf.int32)
+  hi = tf.cast(tf.reduce_max(tf.where(inside, candidates, -1.0), axis=1), tf.int32) + 1
+
+  # Sums of uint8 values are exact in float64; averages of 2 or 3 pixels then
+  # round exactly like PIL's fixed-point arithmetic.
+  x = tf.cast(image, tf.float64)
+  zeros = tf.zeros_like(tf.gather(x, [0], axis=axis))
+  cumsum = tf.concat([zeros, tf.cumsum(x, axis=axis)], axis=axis)
+  total = tf.gather(cumsum, hi, axis=axis) - tf.gather(cumsum, lo, axis=axis)
+  count = tf.cast(hi - lo, tf.float64)
+  count = count[:, None, None] if axis == 0 else count[None, :, None]
+  return tf.cast(_round_to_uint8_range(total / count), tf.float32)
+
+
+def _bicubic_resize(image: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+  """Resizes like PIL's `Image.resize(..., BICUBIC)`: horizontal pass, round, vertical pass.
+
+  `ScaleAndTranslate` with antialiasing computes the same filter weights as
+  PIL's resampler (Keys cubic with a = -0.5, widened by the downscale factor,
+  renormalised at the borders). PIL keeps the intermediate image in uint8, so
+  round in between too; what remains is PIL's fixed-point weights (<= 1 level).
+
+  Args:
+    image: float32[h, w, 3] holding integer values in 0..255.
+    height: int32 scalar, output height.
+    width: int32 scalar, output width.
+
+  Returns:
+    float32[height, width, 3] holding integer values in 0..255.
+  """
+  in_h = tf.shape(image)[0]
+  in_w = tf.shape(image)[1]
+
+  def one_pass(x, out_h, out_w, src_h, src_w):
+    scale = tf.stack([tf.cast(out_h, tf.float32) / tf.cast(src_h, tf.float32),
+                      tf.cast(out_w, tf.float32) / tf.cast(src_w, tf.float32)])
+    y = tf.raw_ops.ScaleAndTranslate(
+        images=x[None], size=tf.stack([out_h, out_w]), scale=scale,
+        translation=tf.zeros([2], tf.float32), kernel_type="keyscubic", antialias=True)
+    return _round_to_uint8_range(y[0])
+
+  image = tf.cond(tf.equal(width, in_w), lambda: image,
+                  lambda: one_pass(image, in_h, width, in_h, in_w))
+  image = tf.cond(tf.equal(height, in_h), lambda: image,
+                  lambda: one_pass(image, height, width, in_h, width))
+  return image
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Resizes and center-crops to `size` x `size` following ADM's `center_crop_arr`.
+
+  Protocol (guided-diffusion `image_datasets.center_crop_arr`): while the short
+  side is at least 2 * size, halve both sides (floor) with a box filter; then
+  resize with bicubic so that the short side equals `size` and the long side is
+  round(long * size / short); round to uint8; take the central crop.
+  Resampling reproduces PIL's filters: the box halvings exactly, the bicubic
+  resize up to PIL's fixed-point rounding (classic Pillow order, horizontal
+  pass first; at most a level or two from the PIL reference).
+
+  Args:
+    image: uint8[h, w, 3].
+    size: output side length.
+
+  Returns:
+    uint8[size, size, 3].
+  """
+  image = tf.cast(image, tf.float32)
+
+  def halve_cond(x):
+    return tf.minimum(tf.shape(x)[0], tf.shape(x)[1]) >= 2 * size
+
+  def halve(x):
+    # PIL resizes the width first; for box each axis is independent anyway.
+    x = _box_resize_axis(x, tf.shape(x)[1] // 2, axis=1)
+    return (_box_resize_axis(x, tf.shape(x)[0] // 2, axis=0),)
+
+  (image,) = tf.while_loop(halve_cond, halve, (image,),
+                           shape_invariants=(tf.TensorShape([None, None, 3]),))
+
+  h = tf.shape(image)[0]
+  w = tf.shape(image)[1]
+  # float64 and round-half-to-even reproduce Python's round(x * scale).
+  scale = tf.cast(size, tf.float64) / tf.cast(tf.minimum(h, w), tf.float64)
+  new_h = tf.cast(tf.round(tf.cast(h, tf.float64) * scale), tf.int32)
+  new_w = tf.cast(tf.round(tf.cast(w, tf.float64) * scale), tf.int32)
+  image = _bicubic_resize(image, new_h, new_w)
+
+  top = (new_h - size) // 2
+  left = (new_w - size) // 2
+  image = image[top:top + size, left:left + size]
+  image = tf.ensure_shape(image, [size, size, 3])
+  return tf.cast(image, tf.uint8)
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Flips left-right with probability 1/2, reproducibly from a stateless seed.
+
+  Args:
+    image: [h, w, c], any dtype.
+    seed: int32/int64[2], stateless RNG seed.
+
+  Returns:
+    The image, possibly flipped; same shape and dtype.
+  """
+  return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def to_model_range(image: tf.Tensor) -> tf.Tensor:
+  """Maps uint8 pixels to the model's input range.
+
+  Args:
+    image: uint8[..., 3].
+
+  Returns:
+    float32[..., 3] in [-1, 1].
+  """
+  return tf.cast(image, tf.float32) * (2.0 / 255.0) - 1.0
+
+
+def to_uint8(x) -> np.ndarray:
+  """Inverse of `to_model_range`, in numpy, for writing images.
+
+  Args:
+    x: float array (numpy or jax) [..., 3] in [-1, 1]; values outside are clipped.
+
+  Returns:
+    uint8[..., 3].
+  """
+  x = np.asarray(x, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -1,0 +1,123 @@
+"""The next-2D-distribution-prediction objective: which (step, target) pairs, and their loss.
+
+For each image, `steps_per_image` steps t are drawn uniformly without
+replacement from 0..N-1 (or all N). Step t has seen x_0..x_{t-1}; its
+candidate targets are the future positions j >= t the head can predict
+(global: all of them; local: the window t..t+W-1; next_token: j = t), of which
+`targets_per_step` are supervised (all by default). The loss is the mean of the
+token cross-entropy over every supervised (t, j) pair in the batch.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from heptapod_jax.models.config import ALL, ModelConfig
+
+Array = jax.Array
+
+# How far ahead a target is: distance = j - t + 1 (1 = the next token).
+DISTANCE_BUCKETS = (('ahead_1', 1, 1), ('ahead_2_4', 2, 4), ('ahead_5_16', 5, 16),
+                    ('ahead_17_plus', 17, 1 << 30))
+
+
+def sample_steps(rng: Array, batch_size: int, num_positions: int, steps_per_image: int) -> Array:
+  """int32[B, S]: distinct steps per image, uniform without replacement (or all N, sorted)."""
+  if steps_per_image == ALL:
+    return jnp.broadcast_to(jnp.arange(num_positions, dtype=jnp.int32), (batch_size, num_positions))
+  scores = jax.random.uniform(rng, (batch_size, num_positions))
+  return jnp.argsort(scores, axis=-1)[:, :steps_per_image].astype(jnp.int32)
+
+
+def candidate_targets(config: ModelConfig, steps: Array) -> tuple[Array, Array]:
+  """Future positions each step can supervise: (targets int32[B, S, C], valid bool[B, S, C])."""
+  n, head = config.num_positions, config.head
+  if head.kind == 'global':
+    targets = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (*steps.shape, n))
+    return targets, targets >= steps[..., None]
+  if head.kind == 'local':
+    targets = steps[..., None] + jnp.arange(head.window, dtype=jnp.int32)
+    return jnp.minimum(targets, n - 1), targets < n
+  if head.kind == 'next_token':
+    return steps[..., None], jnp.ones((*steps.shape, 1), bool)
+  raise ValueError(f'model.head.kind={head.kind!r} has no target rule.')
+
+
+def choose_targets(rng: Array, targets: Array, valid: Array, targets_per_step: int):
+  """Keeps `targets_per_step` valid candidates per step, uniformly at random (all: unchanged).
+
+  Steps with fewer valid candidates than asked keep them all; the padding is
+  marked invalid.
+  """
+  if targets_per_step == ALL or targets_per_step >= targets.shape[-1]:
+    return targets, valid
+  scores = jnp.where(valid, jax.random.uniform(rng, targets.shape), -1.0)
+  _, idx = jax.lax.top_k(scores, targets_per_step)
+  return jnp.take_along_axis(targets, idx, -1), jnp.take_along_axis(valid, idx, -1)
+
+
+def draw_pairs(rng: Array, config: ModelConfig, batch_size: int):
+  """Steps and supervised targets for one batch: (steps [B,S], targets [B,S,K], valid [B,S,K])."""
+  step_rng, target_rng = jax.random.split(rng)
+  steps = sample_steps(step_rng, batch_size, config.num_positions, config.head.steps_per_image)
+  targets, valid = candidate_targets(config, steps)
+  targets, valid = choose_targets(target_rng, targets, valid, config.head.targets_per_step)
+  return steps, targets, valid
+
+
+def token_loss(logits: Array, target_dist: Array, *, label_smoothing: float = 0.0,
+               z_loss: float = 0.0) -> tuple[Array, Array]:
+  """Cross-entropy against a target distribution (normally one-hot), per pair.
+
+  Args:
+    logits: float32[..., V]; target_dist: float[..., V].
+  Returns:
+    (loss [...], plain negative log-likelihood [...]).
+  """
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  log_probs = logits - log_z[..., None]
+  nll = -jnp.sum(target_dist * log_probs, axis=-1)
+  loss = nll
+  if label_smoothing > 0.0:
+    loss = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+  if z_loss > 0.0:
+    loss = loss + z_loss * jnp.square(log_z)
+  return loss, nll
+
+
+def pair_loss_and_metrics(config: ModelConfig, logits: Array, target_dist: Array, steps: Array,
+                          targets: Array, valid: Array) -> tuple[Array, Mapping[str, tuple[Array, Array]]]:
+  """Mean loss over the supervised pairs, and metrics as (sum, count) pairs.
+
+  Args:
+    logits: float32[B, S, K, V] head output for `targets`.
+    target_dist: float[B, N, V] the target distribution of every grid position
+      (one-hot of the tokens); only the supervised pairs are read.
+    steps: int32[B, S]; targets: int32[B, S, K]; valid: bool[B, S, K].
+  Returns:
+    (scalar loss, {name: (sum, count)}) with names loss, nll, accuracy and the
+    NLL split by distance ahead (DISTANCE_BUCKETS).
+  """
+  dist = jnp.take_along_axis(target_dist[:, None], targets[..., None], axis=2)  # [B, S, K, V]
+  loss, nll = token_loss(logits, dist, label_smoothing=config.label_smoothing, z_loss=config.z_loss)
+  weight = valid.astype(jnp.float32)
+  count = jnp.sum(weight)
+  mean_loss = jnp.sum(loss * weight) / jnp.maximum(count, 1.0)
+  correct = (jnp.argmax(logits, -1) == jnp.argmax(dist, -1)).astype(jnp.float32)
+  metrics = {
+      'loss': (jnp.sum(loss * weight), count),
+      'nll': (jnp.sum(nll * weight), count),
+      'accuracy': (jnp.sum(correct * weight), count),
+  }
+  ahead = targets - steps[..., None] + 1
+  for name, lo, hi in DISTANCE_BUCKETS:
+    w = weight * ((ahead >= lo) & (ahead <= hi))
+    metrics[f'nll_{name}'] = (jnp.sum(nll * w), jnp.sum(w))
+  return mean_loss, metrics
+
+
+def finalize_metrics(metrics: Mapping[str, tuple[Array, Array]]) -> dict[str, Array]:
+  """(sum, count) pairs -> means (NaN where a bucket had no pairs)."""
+  return {k: jnp.where(c > 0, s / jnp.maximum(c, 1.0), jnp.nan) for k, (s, c) in metrics.items()}

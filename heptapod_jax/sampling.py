@@ -1,0 +1,130 @@
+"""Raster-order sampling with a functional KV cache, entirely inside `jax.jit`.
+
+At step t the backbone has consumed x_0..x_{t-1} (one token per step through
+the KV cache), the head reads h_0..h_t and predicts position t only, and the
+sampled token is fed back. No classifier-free guidance unless `cfg_scale != 1`
+(which runs a second, null-class batch; the model must have been trained with
+class dropout for that to mean anything).
+
+    tokens = jax.jit(functools.partial(sample, model, temperature=1.0))(params, labels, rng)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from heptapod_jax.models import layers
+from heptapod_jax.models.heptapod import Heptapod, check_inputs
+from heptapod_jax.models.transformer import KVCache, init_cache
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to turn logits into tokens. temperature 0 = greedy (argmax)."""
+  temperature: float = 1.0
+  top_k: int = 0  # 0 = off.
+  top_p: float = 1.0  # 1 = off.
+  cfg_scale: float = 1.0  # 1 = off (the paper's setting).
+
+  def validate(self) -> None:
+    if self.temperature < 0:
+      raise ValueError(f'sampling.temperature={self.temperature}: must be >= 0.')
+    if self.top_k < 0:
+      raise ValueError(f'sampling.top_k={self.top_k}: must be >= 0 (0 = off).')
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f'sampling.top_p={self.top_p}: must be in (0, 1].')
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Loop carry. `states[:, t]` holds h_t once x_{t-1} has been fed."""
+  tokens: Array  # int32[B, N]
+  states: Array  # [B', N, E]  (B' = 2B with CFG)
+  cache: KVCache
+  rng: Array
+
+
+def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Sets logits outside the top-k and outside the top-p nucleus to -inf.
+
+  top_k keeps exactly k entries (ties broken by index). top_p keeps the
+  smallest prefix of the sorted distribution whose mass reaches p (the most
+  likely token is always kept).
+  """
+  vocab = logits.shape[-1]
+  if 0 < top_k < vocab:
+    _, idx = jax.lax.top_k(logits, top_k)
+    keep = jnp.zeros(logits.shape, bool)
+    keep = jnp.put_along_axis(keep, idx, True, axis=-1, inplace=False)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep_sorted = keep_sorted.at[..., 0].set(True)
+    keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), order, keep_sorted, axis=-1,
+                              inplace=False)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def sample_logits(rng: Array, logits: Array, config: SamplingConfig) -> Array:
+  """int32[B] tokens from float[B, V] logits."""
+  if config.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits.astype(jnp.float32) / config.temperature, config.top_k, config.top_p)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
+           config: SamplingConfig = SamplingConfig()) -> Array:
+  """Generates token grids for `labels`: int32[B] -> int32[B, N] (raster order).
+
+  Jit it with `config` static (functools.partial); shard `labels` over the
+  data axes and `params` with their logical shardings.
+  """
+  mcfg = model.config
+  config.validate()
+  check_inputs(mcfg, None, labels)
+  n, batch = mcfg.num_positions, labels.shape[0]
+  use_cfg = config.cfg_scale != 1.0
+  if use_cfg:
+    labels = jnp.concatenate([labels, jnp.full_like(labels, mcfg.num_classes)])
+  variables = {'params': params}
+  cache = init_cache(mcfg, labels.shape[0])
+  h0, cache = model.apply(variables, labels, cache, method=Heptapod.prefill)
+  states = jnp.zeros((labels.shape[0], n, h0.shape[-1]), h0.dtype).at[:, 0].set(h0)
+  state = DecodeState(tokens=jnp.zeros((batch, n), jnp.int32), states=states, cache=cache, rng=rng)
+
+  def pick(state: DecodeState, t: Array) -> tuple[DecodeState, Array]:
+    steps = jnp.full((state.states.shape[0], 1), t, jnp.int32)
+    logits = model.apply(variables, state.states, steps, steps[..., None],
+                         method=Heptapod.head_logits)[:, 0, 0]
+    if use_cfg:
+      cond, uncond = jnp.split(logits, 2)
+      logits = uncond + config.cfg_scale * (cond - uncond)
+    token = sample_logits(jax.random.fold_in(state.rng, t), logits, config)
+    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, t))
+    tokens = layers.constrain(tokens, ('batch', None))
+    return state.replace(tokens=tokens), token
+
+  def body(t, state: DecodeState) -> DecodeState:
+    state, token = pick(state, t)
+    if use_cfg:
+      token = jnp.concatenate([token, token])
+    h, cache = model.apply(variables, token, t, state.cache, method=Heptapod.decode)
+    states = jax.lax.dynamic_update_slice(state.states, h[:, None].astype(state.states.dtype),
+                                          (0, t + 1, 0))
+    return state.replace(states=states, cache=cache)
+
+  state = jax.lax.fori_loop(0, n - 1, body, state)
+  state, _ = pick(state, jnp.asarray(n - 1, jnp.int32))
+  return state.tokens

@@ -1,0 +1,413 @@
+"""The training loop: sharded state, one pure jitted step, Orbax checkpoints, clu metrics.
+
+    from heptapod_jax import train
+    train.train_and_evaluate(config, workdir)   # also from Colab
+
+Order of initialisation: the workdir's own checkpoint (resume, including the
+data position) > `config.init_from` (parameters only) > scratch.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import config_lib, images, optim, sampling, sharding
+from heptapod_jax.data import input_pipeline
+from heptapod_jax.models import objective
+from heptapod_jax.models.config import ModelConfig
+from heptapod_jax.models.heptapod import Heptapod, compute_loss, init_params
+from heptapod_jax.models.tokenizers import make_tokenizer
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # int32 scalar: number of updates applied.
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: Array  # Typed PRNG key; each step folds in the step number.
+
+
+class NonFiniteError(FloatingPointError):
+  """Loss or gradient norm became NaN/Inf; the update of that step was not applied."""
+
+
+def ema_decay_at(decay: float, step: Array) -> Array:
+  """EMA decay with warm-up: min(decay, (1 + step) / (10 + step)), so short runs get a useful EMA."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(state: TrainState, batch: dict[str, Array], *, model: Heptapod, tokenizer: Any,
+               tokenizer_params: Any, tx, schedule, ema_decay: float):
+  """One update. Pure: (state, batch) -> (state, metrics). A non-finite loss or
+  gradient norm leaves the state unchanged (metrics['finite'] = False)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  tokens = jax.lax.stop_gradient(tokenizer.encode_to_indices(tokenizer_params, batch['image']))
+  tokens = tokens.reshape(tokens.shape[0], -1)
+  labels = batch['label']
+
+  def loss_fn(params):
+    return compute_loss(model, params, tokens, labels, rng, deterministic=False)
+
+  (loss, pair_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optim.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state.params, updates)
+  decay = ema_decay_at(ema_decay, state.step) if ema_decay > 0 else 0.0
+  ema = optim.ema_update(state.ema_params, params, decay)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+  metrics = {name: jnp.stack(sc) for name, sc in pair_metrics.items()}
+  metrics.update(grad_norm=grad_norm, param_norm=optim.global_norm(params), lr=schedule(state.step),
+                 finite=finite, loss_value=loss)
+  return new, metrics
+
+
+def eval_step(params: Any, batch: dict[str, Array], *, model: Heptapod, tokenizer: Any,
+              tokenizer_params: Any) -> dict[str, Array]:
+  """Held-out autoregressive NLL: -log p(x_t | x_<t, class) from step t's head, every t.
+
+  This is the exact likelihood of the raster-order sampler, comparable
+  across head kinds. Returns (sum, count) pairs honouring batch['mask'].
+  """
+  tokens = tokenizer.encode_to_indices(tokenizer_params, batch['image'])
+  tokens = tokens.reshape(tokens.shape[0], -1)
+  b, n = tokens.shape
+  steps = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  logits = model.apply({'params': params}, tokens, batch['label'], steps, steps[..., None])
+  onehot = jax.nn.one_hot(tokens, model.config.vocab_size)
+  _, nll = objective.token_loss(logits[:, :, 0], onehot)
+  weight = batch['mask'].astype(jnp.float32)[:, None] * jnp.ones_like(nll)
+  correct = (jnp.argmax(logits[:, :, 0], -1) == tokens).astype(jnp.float32)
+  return {'nll': jnp.stack([jnp.sum(nll * weight), jnp.sum(weight)]),
+          'accuracy': jnp.stack([jnp.sum(correct * weight), jnp.sum(weight)])}
+
+
+def _reduce(metric_list: list[dict[str, Array]]) -> dict[str, float]:
+  """Mean of per-step scalars; (sum, count) pairs are summed first, then divided."""
+  host = jax.device_get(metric_list)
+  out = {}
+  for name in host[0]:
+    values = np.stack([np.asarray(m[name], np.float64) for m in host])
+    if values.ndim == 2:  # (sum, count) pairs.
+      total, count = values.sum(0)
+      if count > 0:
+        out[name] = float(total / count)
+    else:
+      out[name] = float(values.mean())
+  return out
+
+
+class Trainer:
+  """Holds the pieces of one run; `train_and_evaluate` drives it."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.model_config: ModelConfig = config_lib.validate(config)
+    self.model = Heptapod(self.model_config)
+    self.is_chief = jax.process_index() == 0
+    self.mesh = sharding.create_mesh(config.mesh.shape, config.mesh.dcn_shape)
+    self.rules = sharding.RULE_PRESETS[config.mesh.rules_preset]
+    dp = sharding.data_parallel_size(self.mesh, self.rules)
+    if config.train.global_batch_size % dp:
+      raise ValueError(f'config.train.global_batch_size={config.train.global_batch_size} is not '
+                       f'divisible by the {dp} data-parallel shards of mesh {dict(self.mesh.shape)}.')
+    self.tokenizer, self.tokenizer_params = make_tokenizer(config.tokenizer, config.data.image_size)
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+    self.batch_shardings = {'image': sharding.batch_sharding(self.mesh, self.rules, 4),
+                            'label': sharding.batch_sharding(self.mesh, self.rules, 1),
+                            'mask': sharding.batch_sharding(self.mesh, self.rules, 1)}
+
+  # ------------------------------------------------------------------ state
+  def _init_state(self, rng: Array, boxed: bool = False) -> TrainState:
+    params = init_params(self.model, rng)
+    if not boxed:
+      params = nn.unbox(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      ema_params=params, rng=jax.random.fold_in(rng, 1))
+
+  def state_shardings(self) -> Any:
+    """NamedShardings of the TrainState, from the parameters' logical annotations."""
+    boxed = jax.eval_shape(lambda: self._init_state(jax.random.key(0), boxed=True))
+    shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
+    # Leaves without annotations (step, counts, rng) come back with an empty spec: replicated.
+    return shardings
+
+  def abstract_state(self, shardings) -> TrainState:
+    abstract = jax.eval_shape(lambda: self._init_state(jax.random.key(0)))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+  def create_state(self, shardings) -> TrainState:
+    rng = jax.random.key(self.config.seed)
+    init = jax.jit(self._init_state, out_shardings=shardings)
+    return init(rng)
+
+  def initial_state(self, shardings, checkpointer) -> tuple[TrainState, dict | None]:
+    """The workdir's own checkpoint (with its data position) > init_from (parameters) > scratch."""
+    cfg = self.config
+    if checkpointer.latest_step() is not None:
+      logging.info('Resuming from %s at step %d.', checkpointer.directory, checkpointer.latest_step())
+      state, data_state, _ = checkpointer.restore(self.abstract_state(shardings))
+      return state, data_state
+    state = self.create_state(shardings)
+    if cfg.init_from:
+      abstract = self.abstract_state(shardings).params
+      params = ckpt_lib.load_params(cfg.init_from, abstract, key=cfg.init_from_key)
+      logging.info('Initialised parameters from %s (%s).', cfg.init_from, cfg.init_from_key)
+      state = state.replace(params=params, ema_params=params)
+    return state, None
+
+  # ------------------------------------------------------------------ sampling
+  def sample_images(self, params: Any, labels: np.ndarray, seed: int) -> np.ndarray:
+    """uint8[B, S, S, 3] images for class `labels` (sharded over the data axes)."""
+    dp = sharding.data_parallel_size(self.mesh, self.rules)
+    n = len(labels)
+    padded = np.concatenate([labels, np.zeros((-n) % dp, labels.dtype)]).astype(np.int32)
+    scfg = sampling.SamplingConfig(**self.config.sampling.to_dict())
+    label_sharding = sharding.batch_sharding(self.mesh, self.rules, 1)
+
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(self.mesh))
+    def generate(params, labels, rng):
+      tokens = sampling.sample(self.model, params, labels, rng, scfg)
+      grid = tokens.reshape(tokens.shape[0], *self.model_config.grid_size)
+      return self.tokenizer.decode_from_indices(self.tokenizer_params, grid)
+
+    labels_arr = jax.make_array_from_callback(padded.shape, label_sharding, lambda idx: padded[idx])
+    out = generate(params, labels_arr, jax.random.key(seed))
+    return images.to_uint8(np.asarray(jax.device_get(out))[:n])
+
+
+def _class_grid_labels(num_images: int, num_classes: int) -> np.ndarray:
+  """Class-balanced labels laid out so that each grid column is one class."""
+  cols = min(num_classes, 10) if num_classes > 10 else num_classes
+  classes = np.linspace(0, num_classes - 1, cols).round().astype(np.int32)
+  rows = max(1, num_images // cols)
+  return np.tile(classes, rows)
+
+
+def _write_config(config, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(ckpt_lib.to_jsonable(config.to_dict()), f, indent=2, sort_keys=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint), samples and evaluates.
+
+  Returns a summary dict: final step, last train metrics, eval metrics and
+  the paths of the written sample grids.
+  """
+  trainer = Trainer(config, workdir)
+  cfg, tcfg = config, config.train
+  if trainer.is_chief:
+    _write_config(config, workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not trainer.is_chief,
+                                                asynchronous=True)
+  summary: dict[str, Any] = {'workdir': workdir, 'samples': [], 'history': []}
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+    shardings = trainer.state_shardings()
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         save_interval_steps=tcfg.checkpoint_every,
+                                         max_to_keep=tcfg.keep_checkpoints,
+                                         async_save=tcfg.async_checkpoints)
+    state, data_state = trainer.initial_state(shardings, checkpointer)
+    step = int(jax.device_get(state.step))
+
+    train_iter = input_pipeline.create_train_iterator(
+        cfg.data, global_batch_size=tcfg.global_batch_size, seed=cfg.seed, state=data_state)
+    if train_iter.num_classes != trainer.model_config.num_classes:
+      raise ValueError(f'config.model.num_classes={trainer.model_config.num_classes} but the data '
+                       f'({cfg.data.source}) has {train_iter.num_classes} classes.')
+
+    batch_shardings = {k: trainer.batch_shardings[k] for k in ('image', 'label')}
+    step_fn = jax.jit(
+        functools.partial(train_step, model=trainer.model, tokenizer=trainer.tokenizer,
+                          tokenizer_params=trainer.tokenizer_params, tx=trainer.tx,
+                          schedule=trainer.schedule, ema_decay=cfg.optim.ema_decay),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, sharding.replicated(trainer.mesh)),
+        donate_argnums=0)
+    abstract_batch = {
+        'image': jax.ShapeDtypeStruct((tcfg.global_batch_size, cfg.data.image_size,
+                                       cfg.data.image_size, 3), jnp.float32),
+        'label': jax.ShapeDtypeStruct((tcfg.global_batch_size,), jnp.int32)}
+    compiled = step_fn.lower(trainer.abstract_state(shardings), abstract_batch).compile()
+    _log_compiled(compiled)
+
+    if step == 0 and tcfg.num_sample_images:
+      summary['reference'] = _write_reference(trainer, writer)
+    if step == 0 and trainer.is_chief:
+      writer.write_hparams({k: v for k, v in config_lib.to_flat_dict(config).items()
+                            if isinstance(v, (int, float, str, bool))})
+    report = periodic_actions.ReportProgress(num_train_steps=tcfg.num_steps, writer=writer,
+                                             every_steps=tcfg.log_every)
+    pending: list[dict[str, Array]] = []
+    prev_metrics = None
+    tokens_per_image = trainer.model_config.num_positions
+    t_log, step_log = time.time(), step
+    while step < tcfg.num_steps:
+      batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
+      state, metrics = compiled(state, batch)
+      # Check the previous step while this one runs: stops at the exact bad step.
+      if prev_metrics is not None:
+        _check_finite(prev_metrics, step, checkpointer)
+      prev_metrics = metrics
+      pending.append(metrics)
+      step += 1
+      report(step)
+      if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+        _check_finite(metrics, step + 1, checkpointer)
+        scalars = _reduce(pending)
+        pending = []
+        now = time.time()
+        steps_per_s = (step - step_log) / max(now - t_log, 1e-9)
+        t_log, step_log = now, step
+        scalars.pop('finite', None)
+        scalars.pop('loss_value', None)
+        scalars.update(steps_per_sec=steps_per_s,
+                       images_per_sec=steps_per_s * tcfg.global_batch_size,
+                       tokens_per_sec=steps_per_s * tcfg.global_batch_size * tokens_per_image,
+                       data_skipped=train_iter.get_state()['num_skipped'])
+        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
+        summary['train'] = scalars
+        summary['history'].append(dict(scalars, step=step))
+      if checkpointer.should_save(step) or step == tcfg.num_steps:
+        checkpointer.save(step, state, data_state=train_iter.get_state(),
+                          config=config.to_dict(), force=step == tcfg.num_steps)
+      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
+        _evaluate(trainer, state, writer, step)
+      if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.num_steps:
+        summary['samples'].append(_write_samples(trainer, state, writer, step))
+
+    summary['step'] = step
+    if tcfg.eval_at_end:
+      summary['eval'] = _evaluate(trainer, state, writer, step)
+    if tcfg.sample_at_end and tcfg.num_sample_images:
+      summary['samples'].append(_write_samples(trainer, state, writer, step))
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+  writer.flush()
+  writer.close()
+  return summary
+
+
+def _check_finite(metrics: dict[str, Array], step: int, checkpointer) -> None:
+  """Raises NonFiniteError naming the step and the metric (the bad update was not applied)."""
+  if bool(jax.device_get(metrics['finite'])):
+    return
+  loss, gnorm = (float(jax.device_get(metrics[k])) for k in ('loss_value', 'grad_norm'))
+  bad = [f'{k}={v}' for k, v in (('loss', loss), ('grad_norm', gnorm)) if not np.isfinite(v)]
+  last = checkpointer.latest_step()
+  raise NonFiniteError(
+      f'step {step - 1}: non-finite {", ".join(bad)}; the update was not applied. Last checkpoint: '
+      f'{"step " + str(last) + " in " + str(checkpointer.directory) if last is not None else "none"}. '
+      'Lower config.optim.lr, raise warmup, or check the data.')
+
+
+def _log_compiled(compiled) -> None:
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # Not every backend reports it.
+    mem = None
+  if mem is not None:
+    gib = 1 / 2**30
+    logging.info('train_step memory per device: arguments %.3f GiB, outputs %.3f GiB, '
+                 'temporaries %.3f GiB, generated code %.3f GiB.',
+                 mem.argument_size_in_bytes * gib, mem.output_size_in_bytes * gib,
+                 mem.temp_size_in_bytes * gib, mem.generated_code_size_in_bytes * gib)
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and 'flops' in cost:
+      logging.info('train_step: %.3f GFLOP per step (XLA cost analysis).', cost['flops'] / 1e9)
+  except Exception:
+    pass
+
+
+def _eval_params(trainer: Trainer, state: TrainState) -> Any:
+  return state.ema_params if trainer.config.train.sample_with_ema else state.params
+
+
+def _evaluate(trainer: Trainer, state: TrainState, writer, step: int) -> dict[str, float]:
+  """Held-out NLL per token (nats and bits) and next-token accuracy on the eval split."""
+  cfg = trainer.config
+  dataset = input_pipeline.create_eval_dataset(cfg.data, batch_size=cfg.train.global_batch_size)
+  fn = jax.jit(functools.partial(eval_step, model=trainer.model, tokenizer=trainer.tokenizer,
+                                 tokenizer_params=trainer.tokenizer_params),
+               out_shardings=sharding.replicated(trainer.mesh))
+  results = []
+  for i, batch in enumerate(dataset):
+    if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+      break
+    results.append(fn(_eval_params(trainer, state),
+                      input_pipeline.make_global_batch(batch, trainer.batch_shardings)))
+  if not results:
+    return {}
+  scalars = _reduce(results)
+  scalars['bits_per_token'] = scalars['nll'] / np.log(2.0)
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in scalars.items()})
+  logging.info('eval at step %d: %s', step, scalars)
+  return scalars
+
+
+def _write_reference(trainer: Trainer, writer) -> str | None:
+  """Held-out real images passed through the tokenizer (encode + decode), laid out like the
+  sample grids: what perfect samples would look like at this tokenizer's fidelity."""
+  cfg = trainer.config
+  labels = _class_grid_labels(cfg.train.num_sample_images, trainer.model_config.num_classes)
+  wanted = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+  found: dict[int, list[np.ndarray]] = {c: [] for c in wanted}
+  dataset = input_pipeline.create_eval_dataset(cfg.data, batch_size=cfg.train.global_batch_size)
+  for batch in dataset:
+    for img, lab, ok in zip(batch['image'], batch['label'], batch['mask']):
+      if ok and int(lab) in found and len(found[int(lab)]) < wanted[int(lab)]:
+        found[int(lab)].append(img)
+    if all(len(found[c]) == wanted[c] for c in wanted):
+      break
+  if not all(len(found[c]) == wanted[c] for c in wanted):
+    return None
+  picked = np.stack([found[int(c)].pop(0) for c in labels])
+  tokens = trainer.tokenizer.encode_to_indices(trainer.tokenizer_params, picked)
+  recon = images.to_uint8(np.asarray(trainer.tokenizer.decode_from_indices(trainer.tokenizer_params,
+                                                                           tokens)))
+  grid = images.make_grid(recon, ncols=len(wanted))
+  path = os.path.join(trainer.workdir, 'samples', 'reference_real_tokenized.png')
+  if trainer.is_chief:
+    images.save_png(grid, path)
+    writer.write_images(0, {'reference_real_tokenized': grid[None]})
+  return path
+
+
+def _write_samples(trainer: Trainer, state: TrainState, writer, step: int) -> str:
+  """Class-balanced sample grid (one column per class) to workdir/samples/ and TensorBoard."""
+  cfg = trainer.config
+  labels = _class_grid_labels(cfg.train.num_sample_images, trainer.model_config.num_classes)
+  imgs = trainer.sample_images(_eval_params(trainer, state), labels, seed=cfg.seed + step)
+  cols = len(np.unique(labels))
+  grid = images.make_grid(imgs, ncols=cols)
+  path = os.path.join(trainer.workdir, 'samples', f'step_{step:07d}.png')
+  if trainer.is_chief:
+    images.save_png(grid, path)
+    writer.write_images(step, {'samples': grid[None]})
+  logging.info('Wrote samples of step %d to %s (columns = classes %s).', step, path,
+               labels[:cols].tolist())
+  return path

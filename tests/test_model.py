@@ -1,0 +1,297 @@
+"""Core model: causality, the loss's support, cached decoding, sampling, sharding, input checks."""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from heptapod_jax import presets, sampling, sharding
+from heptapod_jax.models import objective
+from heptapod_jax.models.config import ModelConfig
+from heptapod_jax.models.heptapod import Heptapod, check_inputs, compute_loss, init_params
+from heptapod_jax.models.transformer import init_cache
+
+KINDS = ('global', 'local', 'next_token')
+GRID = (3, 4)  # Non-square, so that rows and columns cannot be confused.
+N = GRID[0] * GRID[1]
+VOCAB = 13
+
+
+def make_config(kind='global', **over) -> ModelConfig:
+  backbone = dict(width=32, depth=2, num_heads=4, qk_norm=True)
+  backbone.update(over.pop('backbone', {}))
+  head = dict(kind=kind, width=32, depth=2, num_heads=4, window=4, steps_per_image=-1)
+  head.update(over.pop('head', {}))
+  d = dict(vocab_size=VOCAB, grid_size=GRID, num_classes=5, backbone=backbone, head=head)
+  d.update(over)
+  return ModelConfig.from_dict(d)
+
+
+def setup_model(kind='global', seed=0, **over):
+  cfg = make_config(kind, **over)
+  model = Heptapod(cfg)
+  params = nn.unbox(init_params(model, jax.random.key(seed)))
+  return model, params
+
+
+def random_batch(seed=1, batch=3):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  tokens = jax.random.randint(k1, (batch, N), 0, VOCAB)
+  labels = jax.random.randint(k2, (batch,), 0, 5)
+  return tokens, labels
+
+
+def all_steps_forward(model, params, tokens, labels):
+  """Teacher-forced logits of every step for every candidate target: [B, N, C, V], targets."""
+  cfg = model.config
+  steps = jnp.broadcast_to(jnp.arange(N), (tokens.shape[0], N))
+  targets, valid = objective.candidate_targets(cfg, steps)
+  return model.apply({'params': params}, tokens, labels, steps, targets), targets, valid
+
+
+def test_backbone_causality():
+  model, params = setup_model('global')
+  tokens, labels = random_batch()
+  j = 6
+  tokens2 = tokens.at[:, j].set((tokens[:, j] + 1) % VOCAB)
+  h1 = model.apply({'params': params}, tokens, labels, method=Heptapod.states)
+  h2 = model.apply({'params': params}, tokens2, labels, method=Heptapod.states)
+  # h_t has seen x_0..x_{t-1}: states up to t = j are untouched, h_{j+1} moves.
+  np.testing.assert_array_equal(h1[:, :j + 1], h2[:, :j + 1])
+  assert np.abs(h1[:, j + 1] - h2[:, j + 1]).max() > 1e-4
+
+
+@pytest.mark.parametrize('kind', ('global', 'local'))
+def test_head_causality(kind):
+  model, params = setup_model(kind)
+  tokens, labels = random_batch()
+  j = 5
+  tokens2 = tokens.at[:, j].set((tokens[:, j] + 3) % VOCAB)
+  l1, _, _ = all_steps_forward(model, params, tokens, labels)
+  l2, _, _ = all_steps_forward(model, params, tokens2, labels)
+  # Step t has seen x_0..x_{t-1}: no output of any step t <= j may change.
+  np.testing.assert_array_equal(l1[:, :j + 1], l2[:, :j + 1])
+  assert np.abs(l1[:, j + 1] - l2[:, j + 1]).max() > 1e-4
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_loss_gradient_ignores_visible_targets(kind):
+  model, params = setup_model(kind)
+  tokens, labels = random_batch(batch=2)
+  cfg = model.config
+  t = 5
+  steps = jnp.full((2, 1), t)
+  targets, valid = objective.candidate_targets(cfg, steps)
+  logits = model.apply({'params': params}, tokens, labels, steps, targets)
+  onehot = jax.nn.one_hot(tokens, VOCAB)
+
+  def loss_of_targets(dist):
+    loss, _ = objective.pair_loss_and_metrics(cfg, logits, dist, steps, targets, valid)
+    return loss
+
+  grad = np.asarray(jax.grad(loss_of_targets)(onehot))
+  np.testing.assert_array_equal(grad[:, :t], 0.0)  # Visible positions: no gradient at all.
+  supervised = np.unique(np.asarray(targets)[np.asarray(valid)])
+  assert supervised.min() >= t
+  assert (np.abs(grad[:, supervised]).sum(-1) > 0).all()  # Every supervised target matters.
+
+
+def test_sampled_pairs_are_future_and_distinct():
+  cfg = make_config('global', head=dict(steps_per_image=5, targets_per_step=3))
+  steps, targets, valid = objective.draw_pairs(jax.random.key(3), cfg, 64)
+  steps, targets, valid = map(np.asarray, (steps, targets, valid))
+  assert all(len(set(row)) == 5 for row in steps)
+  assert (targets[valid] >= np.broadcast_to(steps[..., None], targets.shape)[valid]).all()
+  for s, t, v in zip(steps.reshape(-1), targets.reshape(-1, 3), valid.reshape(-1, 3)):
+    assert v.sum() == min(3, N - s) and len(set(t[v])) == v.sum()
+
+
+def cached_step_logits(model, params, tokens, labels):
+  """Head logits of position t at every step t, via prefill + one-token KV-cached decoding."""
+  cfg = model.config
+  variables = {'params': params}
+  cache = init_cache(cfg, tokens.shape[0])
+  h0, cache = model.apply(variables, labels, cache, method=Heptapod.prefill)
+  states = jnp.zeros((tokens.shape[0], N, h0.shape[-1])).at[:, 0].set(h0)
+  # Each piece is jitted once (t is traced) so the Python loop stays cheap.
+  head = jax.jit(lambda states, steps: model.apply(variables, states, steps, steps[..., None],
+                                                   method=Heptapod.head_logits))
+  decode = jax.jit(lambda token, t, cache: model.apply(variables, token, t, cache,
+                                                       method=Heptapod.decode))
+  out = []
+  for t in range(N):
+    out.append(head(states, jnp.full((tokens.shape[0], 1), t))[:, 0, 0])
+    if t < N - 1:
+      h, cache = decode(tokens[:, t], jnp.int32(t), cache)
+      states = states.at[:, t + 1].set(h)
+  return jnp.stack(out, axis=1)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('prefix,kv_heads', [(1, 0), (2, 2)])
+def test_cached_decode_equals_full_forward(kind, prefix, kv_heads):
+  model, params = setup_model(kind, backbone=dict(class_prefix_len=prefix, num_kv_heads=kv_heads))
+  tokens, labels = random_batch()
+  steps = jnp.broadcast_to(jnp.arange(N), (tokens.shape[0], N))
+  full = model.apply({'params': params}, tokens, labels, steps, steps[..., None])[:, :, 0]
+  cached = cached_step_logits(model, params, tokens, labels)
+  np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
+
+
+def greedy_by_full_forward(model, params, labels):
+  forward = jax.jit(lambda tokens, steps: model.apply({'params': params}, tokens, labels, steps,
+                                                     steps[..., None])[:, 0, 0])
+  tokens = jnp.zeros((labels.shape[0], N), jnp.int32)
+  for t in range(N):
+    logits = forward(tokens, jnp.full((labels.shape[0], 1), t))
+    tokens = tokens.at[:, t].set(jnp.argmax(logits, -1))
+  return tokens
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_greedy_sampling_equals_full_forward_greedy(kind):
+  model, params = setup_model(kind, seed=4)
+  labels = jnp.array([0, 3, 4])
+  expected = greedy_by_full_forward(model, params, labels)
+  for temperature in (0.0, 1e-5):
+    cfg = sampling.SamplingConfig(temperature=temperature)
+    got = jax.jit(functools.partial(sampling.sample, model, config=cfg))(params, labels,
+                                                                         jax.random.key(9))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_sampling_follows_the_distribution():
+  """With temperature 1 the first token's empirical distribution matches the model's softmax."""
+  model, params = setup_model('global', seed=2)
+  labels = jnp.full((4000,), 2)
+  tokens = jax.jit(functools.partial(sampling.sample, model))(params, labels, jax.random.key(0))
+  steps = jnp.zeros((1, 1), jnp.int32)
+  logits = model.apply({'params': params}, jnp.zeros((1, N), jnp.int32), labels[:1], steps,
+                       steps[..., None])[0, 0, 0]
+  expected = np.asarray(jax.nn.softmax(logits))
+  counts = np.bincount(np.asarray(tokens[:, 0]), minlength=VOCAB) / labels.shape[0]
+  np.testing.assert_allclose(counts, expected, atol=0.03)
+
+
+def test_top_k_top_p_support():
+  probs = np.array([0.05, 0.4, 0.1, 0.25, 0.2])  # Sorted: 1 (.4), 3 (.25), 4 (.2), 2 (.1), 0 (.05).
+  logits = jnp.log(jnp.asarray(probs))[None]
+  support = lambda x: set(np.flatnonzero(np.isfinite(np.asarray(x[0]))))
+  assert support(sampling.filter_logits(logits, top_k=2)) == {1, 3}
+  assert support(sampling.filter_logits(logits, top_k=1)) == {1}
+  assert support(sampling.filter_logits(logits, top_p=0.35)) == {1}
+  assert support(sampling.filter_logits(logits, top_p=0.6)) == {1, 3}
+  assert support(sampling.filter_logits(logits, top_p=0.66)) == {1, 3, 4}
+  assert support(sampling.filter_logits(logits, top_k=2, top_p=0.99)) == {1, 3}
+  # Sampling never leaves the support.
+  cfg = sampling.SamplingConfig(temperature=1.0, top_k=3)
+  draws = jax.vmap(lambda k: sampling.sample_logits(k, logits, cfg))(
+      jax.random.split(jax.random.key(0), 2000))
+  assert set(np.unique(np.asarray(draws))) == {1, 3, 4}
+
+
+def test_cfg_scale_one_is_plain_sampling_and_cfg_runs():
+  model, params = setup_model('global', backbone=dict(class_dropout=0.1))
+  labels = jnp.array([1, 2])
+  plain = sampling.sample(model, params, labels, jax.random.key(0),
+                          sampling.SamplingConfig(temperature=0.0))
+  guided = sampling.sample(model, params, labels, jax.random.key(0),
+                           sampling.SamplingConfig(temperature=0.0, cfg_scale=3.0))
+  assert plain.shape == guided.shape == (2, N)
+  # Guidance combines two different distributions, so some greedy choice must differ.
+  assert not np.array_equal(plain, guided)
+
+
+def test_every_param_has_logical_axes():
+  for kind in KINDS:
+    model = Heptapod(make_config(kind))
+    boxed = init_params(model, jax.random.key(0))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    for leaf in leaves:
+      assert isinstance(leaf, nn.LogicallyPartitioned), f'{kind}: unannotated leaf {leaf}'
+      assert len(leaf.names) == leaf.value.ndim, (kind, leaf.names, leaf.value.shape)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_sharded_matches_unsharded(kind):
+  cfg = make_config(kind, head=dict(steps_per_image=4, targets_per_step=1 if kind == 'next_token' else 3),
+                    backbone=dict(width=64, num_heads=4))
+  model = Heptapod(cfg)
+  tokens, labels = random_batch(batch=8)
+  rng = jax.random.key(7)
+
+  def loss_fn(params, tokens, labels):
+    return compute_loss(model, params, tokens, labels, rng, deterministic=True)[0]
+
+  params = nn.unbox(init_params(model, jax.random.key(0)))
+  ref_loss, ref_grad = jax.jit(jax.value_and_grad(loss_fn))(params, tokens, labels)
+
+  mesh = sharding.create_mesh((2, 2, 2))
+  rules = sharding.DEFAULT_RULES
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    shardings = sharding.logical_shardings(abstract, mesh, rules)
+    init = jax.jit(lambda: nn.unbox(init_params(model, jax.random.key(0))), out_shardings=shardings)
+    sharded_params = init()
+    # Parameters really are distributed: some leaf is split over the tensor and fsdp axes.
+    specs = [s.spec for s in jax.tree.leaves(shardings)]
+    assert any('tensor' in jax.tree.leaves(tuple(s)) for s in specs)
+    assert any('fsdp' in jax.tree.leaves(tuple(s)) for s in specs)
+    batch_sh = sharding.batch_sharding(mesh, rules, 2)
+    tokens_s = jax.device_put(tokens, batch_sh)
+    labels_s = jax.device_put(labels, sharding.batch_sharding(mesh, rules, 1))
+    loss, grad = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, shardings))(
+        sharded_params, tokens_s, labels_s)
+    if kind == 'global':  # The sampler runs with the batch sharded over the data axes.
+      greedy = sampling.SamplingConfig(temperature=0.0)
+      samples = jax.jit(functools.partial(sampling.sample, model, config=greedy))(
+          sharded_params, labels_s, rng)
+      assert samples.sharding.spec[0] == ('data', 'fsdp')
+      ref_samples = sampling.sample(model, params, labels, rng, greedy)
+      np.testing.assert_array_equal(samples, ref_samples)
+  np.testing.assert_allclose(loss, ref_loss, atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+  cfg = make_config('global')
+  tokens, labels = random_batch()
+  with pytest.raises(ValueError, match='grid'):
+    check_inputs(cfg, tokens[:, :N - 1], labels)
+  with pytest.raises(ValueError, match=r'grid_size'):
+    check_inputs(cfg, tokens.reshape(3, 4, 3), labels)
+  with pytest.raises(ValueError, match='class labels must be in'):
+    check_inputs(cfg, tokens, labels.at[0].set(5))
+  with pytest.raises(ValueError, match='class labels must be in'):
+    check_inputs(cfg, tokens, labels.at[0].set(-1))
+  with pytest.raises(ValueError, match='token values'):
+    check_inputs(cfg, tokens.at[0, 0].set(VOCAB), labels)
+  with pytest.raises(ValueError, match=r"model.head.kind='diagonal'"):
+    make_config('diagonal')
+  with pytest.raises(ValueError, match='unknown field'):
+    make_config('global', head=dict(depht=3))
+  with pytest.raises(ValueError, match='steps_per_image'):
+    make_config('global', head=dict(steps_per_image=N + 1))
+  model, params = setup_model('global')
+  with pytest.raises(ValueError, match='class labels must be in'):
+    sampling.sample(model, params, jnp.array([0, 7]), jax.random.key(0))
+  with pytest.raises(ValueError, match='tokens have'):
+    compute_loss(model, params, tokens[:, :5], labels, jax.random.key(0))
+
+
+def test_preset_param_counts():
+  from heptapod_jax.tools.param_count import preset_config
+  counts = {s: presets.param_counts(preset_config(s, vocab_size=16384, grid=16, num_classes=1000,
+                                                   head='global'))
+            for s in presets.SIZES}
+  assert abs(counts['H']['total'] / 941e6 - 1) < 0.03
+  totals = [counts[s]['total'] for s in presets.SIZES]
+  assert totals == sorted(totals)
+  # Independent count for the backbone of B: LlamaGen's closed form.
+  d, depth, hidden = 768, 12, 2048
+  closed = 16384 * d + 1001 * d + depth * (4 * d * d + 3 * d * hidden + 2 * d) + d
+  assert counts['B']['backbone'] == closed
