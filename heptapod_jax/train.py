@@ -216,6 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns a summary dict: final step, last train metrics, eval metrics and
   the paths of the written sample grids.
   """
+  if '://' not in workdir:  # Orbax needs absolute local paths; gs://... stays as given.
+    workdir = os.path.abspath(workdir)
   trainer = Trainer(config, workdir)
   cfg, tcfg = config, config.train
   if trainer.is_chief:

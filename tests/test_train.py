@@ -45,7 +45,8 @@ def tiny_config(tmp_path, steps=4, mesh=(4, 2, 1)) -> ml_collections.ConfigDict:
   return c
 
 
-def test_training_on_a_data_fsdp_mesh_reduces_the_loss(tmp_path):
+def test_training_on_a_data_fsdp_mesh_reduces_the_loss(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # A relative workdir, as `make demo` passes it.
   c = tiny_config(tmp_path, steps=40)
   c.train.log_every = 5
   c.train.checkpoint_every = 40
@@ -53,7 +54,7 @@ def test_training_on_a_data_fsdp_mesh_reduces_the_loss(tmp_path):
   c.train.sample_at_end = True
   c.train.num_sample_images = 10
   c.train.eval_batches = 2
-  summary = train.train_and_evaluate(c, str(tmp_path / 'wd'))
+  summary = train.train_and_evaluate(c, 'wd')
   losses = [h['loss'] for h in summary['history']]
   assert summary['step'] == 40 and len(losses) == 8
   assert losses[-1] < losses[0] - 0.3, losses
