@@ -10,10 +10,11 @@ each image is an 8x8 grid of tokens (N = 64). Model: the `tiny` preset
 (backbone 4 x 128, global 2D head 2 x 64), steps_per_image = 4, batch 32,
 1,200 steps (~26 epochs).
 
-Hardware: any CPU; measured on a 2-core machine (see README for the figure).
-Expected: held-out NLL well below the 2.77 nats/token (log 16) of a uniform
-model, and sample grids under workdirs/demo/samples/ whose columns are
-recognisably the digits 0..9.
+Hardware: any CPU. Measured on a 2-core machine: 6 min 24 s for `make demo` from
+a fresh clone (48 s of it building the venv), 4.05 steps/s.
+Expected (measured, deterministic): held-out NLL 1.503 nats/token = 2.17 bits/token
+(a uniform model: log 16 = 2.77 nats), next-token accuracy 0.50; sample grids under
+workdirs/demo/samples/ with one column per digit 0..9.
 
 Options (`--config=configs/demo.py:head=local,steps=500`):
   head    global | local | next_token   the 2D head or the 1D baseline
