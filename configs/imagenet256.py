@@ -24,10 +24,16 @@ recipe for a bidirectional/causal generator of this size: AdamW (0.9, 0.95), wei
 lr = 1e-4 * batch / 256 after 100 epochs of linear warmup, constant, EMA 0.9999, batch 2048,
 800 epochs = 500,460 steps.
 
-Hardware and time: not yet measured. At the paper's scale (H, 800 epochs) the step cost
-is dominated by the backbone and by the global head over steps_per_image x 257 tokens;
-`make params` prints the sizes and benchmarks/step_time.py the head's share. Wall-time
-estimates from compiled FLOPs come with the scale issue (tools/aot_compile.py).
+Hardware and time (ESTIMATES, not measured runs): `python benchmarks/flops.py` counts the
+training FLOPs per image from XLA's cost analysis of the fwd+bwd (steps_per_image 8; tokenizer
+and optimizer excluded) and converts 800 epochs at an assumed 40% MFU on a TPU v5e-256
+(197 bf16 TFLOP/s per chip):
+  size  head        TFLOP/image  est. days on v5e-256
+  B     global         0.42        0.2      (next_token 0.16 TFLOP/image)
+  L     global         0.87        0.5      (next_token 0.52)
+  XL    global         1.70        1.0      (next_token 1.06)
+  H     global         2.25        1.3      (next_token 1.39)
+The global head is ~40% of H's step at steps_per_image 8 and scales linearly with it.
 
 Expected numbers (the paper's, not reproduced here): Heptapod-H (941M parameters), FID 2.70,
 IS 229.8 on ImageNet 256 without classifier-free guidance.

@@ -182,18 +182,29 @@ class Trainer:
     dp = sharding.data_parallel_size(self.mesh, self.rules)
     n = len(labels)
     padded = np.concatenate([labels, np.zeros((-n) % dp, labels.dtype)]).astype(np.int32)
-    scfg = sampling.SamplingConfig(**self.config.sampling.to_dict())
     label_sharding = sharding.batch_sharding(self.mesh, self.rules, 1)
+    labels_arr = jax.make_array_from_callback(padded.shape, label_sharding, lambda idx: padded[idx])
+    out = self._generate_fn(params, labels_arr, jax.random.key(seed))
+    return images.to_uint8(np.asarray(jax.device_get(out))[:n])
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(self.mesh))
+  @functools.cached_property
+  def _generate_fn(self):
+    """Jitted (params, labels, rng) -> decoded images in [-1, 1], compiled once per batch shape."""
+    scfg = sampling.SamplingConfig(**self.config.sampling.to_dict())
+
     def generate(params, labels, rng):
       tokens = sampling.sample(self.model, params, labels, rng, scfg)
       grid = tokens.reshape(tokens.shape[0], *self.model_config.grid_size)
       return self.tokenizer.decode_from_indices(self.tokenizer_params, grid)
 
-    labels_arr = jax.make_array_from_callback(padded.shape, label_sharding, lambda idx: padded[idx])
-    out = generate(params, labels_arr, jax.random.key(seed))
-    return images.to_uint8(np.asarray(jax.device_get(out))[:n])
+    return jax.jit(generate, out_shardings=sharding.replicated(self.mesh))
+
+  @functools.cached_property
+  def eval_fn(self):
+    """Jitted eval_step: (params, batch) -> (sum, count) metrics."""
+    return jax.jit(functools.partial(eval_step, model=self.model, tokenizer=self.tokenizer,
+                                     tokenizer_params=self.tokenizer_params),
+                   out_shardings=sharding.replicated(self.mesh))
 
 
 def _class_grid_labels(num_images: int, num_classes: int) -> np.ndarray:
@@ -269,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < tcfg.num_steps:
       batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
       state, metrics = compiled(state, batch)
-      # Check the previous step while this one runs: stops at the exact bad step.
+      # Check the previous update (number `step`) while this one runs: stops at the bad step.
       if prev_metrics is not None:
         _check_finite(prev_metrics, step, checkpointer)
       prev_metrics = metrics
@@ -277,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       report(step)
       if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-        _check_finite(metrics, step + 1, checkpointer)
+        _check_finite(metrics, step, checkpointer)
         scalars = _reduce(pending)
         pending = []
         now = time.time()
@@ -313,14 +324,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _check_finite(metrics: dict[str, Array], step: int, checkpointer) -> None:
-  """Raises NonFiniteError naming the step and the metric (the bad update was not applied)."""
+  """Raises NonFiniteError naming update number `step` and the metric (it was not applied)."""
   if bool(jax.device_get(metrics['finite'])):
     return
   loss, gnorm = (float(jax.device_get(metrics[k])) for k in ('loss_value', 'grad_norm'))
   bad = [f'{k}={v}' for k, v in (('loss', loss), ('grad_norm', gnorm)) if not np.isfinite(v)]
   last = checkpointer.latest_step()
   raise NonFiniteError(
-      f'step {step - 1}: non-finite {", ".join(bad)}; the update was not applied. Last checkpoint: '
+      f'step {step}: non-finite {", ".join(bad)}; the update was not applied. Last checkpoint: '
       f'{"step " + str(last) + " in " + str(checkpointer.directory) if last is not None else "none"}. '
       'Lower config.optim.lr, raise warmup, or check the data.')
 
@@ -353,14 +364,11 @@ def _evaluate(trainer: Trainer, state: TrainState, writer, step: int) -> dict[st
   """Held-out NLL per token (nats and bits) and next-token accuracy on the eval split."""
   cfg = trainer.config
   dataset = input_pipeline.create_eval_dataset(cfg.data, batch_size=cfg.train.global_batch_size)
-  fn = jax.jit(functools.partial(eval_step, model=trainer.model, tokenizer=trainer.tokenizer,
-                                 tokenizer_params=trainer.tokenizer_params),
-               out_shardings=sharding.replicated(trainer.mesh))
   results = []
   for i, batch in enumerate(dataset):
     if cfg.train.eval_batches and i >= cfg.train.eval_batches:
       break
-    results.append(fn(_eval_params(trainer, state),
+    results.append(trainer.eval_fn(_eval_params(trainer, state),
                       input_pipeline.make_global_batch(batch, trainer.batch_shardings)))
   if not results:
     return {}

@@ -295,3 +295,14 @@ def test_preset_param_counts():
   d, depth, hidden = 768, 12, 2048
   closed = 16384 * d + 1001 * d + depth * (4 * d * d + 3 * d * hidden + 2 * d) + d
   assert counts['B']['backbone'] == closed
+
+
+def test_scan_unroll_keeps_params_and_outputs():
+  model, params = setup_model('local')
+  unrolled = Heptapod(dataclasses.replace(model.config, scan_unroll=4))
+  tokens, labels = random_batch()
+  assert jax.tree.structure(params) == jax.tree.structure(
+      nn.unbox(init_params(unrolled, jax.random.key(0))))
+  a, _, _ = all_steps_forward(model, params, tokens, labels)
+  b, _, _ = all_steps_forward(unrolled, params, tokens, labels)
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -95,6 +95,9 @@ class ModelConfig:
   dtype: str = 'float32'  # Compute dtype of matmuls.
   param_dtype: str = 'float32'
   remat_policy: str = 'none'
+  # Layers per nn.scan iteration; >= depth unrolls fully (exact XLA cost analysis,
+  # sometimes faster for small models). The parameter layout does not change.
+  scan_unroll: int = 1
   attention_impl: str = 'xla'
   label_smoothing: float = 0.0
   z_loss: float = 0.0
@@ -138,6 +141,8 @@ class ModelConfig:
     _choice('model.attention_impl', self.attention_impl, ATTENTION_IMPLS)
     _choice('model.dtype', self.dtype, DTYPES)
     _choice('model.param_dtype', self.param_dtype, DTYPES)
+    if self.scan_unroll < 1:
+      raise ValueError(f'model.scan_unroll={self.scan_unroll}: must be >= 1.')
     if len(self.grid_size) != 2 or min(self.grid_size) < 1:
       raise ValueError(f'model.grid_size={self.grid_size}: expected (rows, cols), both >= 1.')
     if self.num_positions < 2:

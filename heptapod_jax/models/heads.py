@@ -95,7 +95,8 @@ class GlobalHead(_HeadBase):
     grid = grid + pos
     x = jnp.concatenate([ctx[:, :, None, :], grid], axis=2)  # [B, S, N+1, Wh]
     x = rearrange(x, 'b s l e -> (b s) l e')
-    stack = layers.stack(self._block_kwargs(deterministic), h.depth, cfg.remat_policy, name='layers')
+    stack = layers.stack(self._block_kwargs(deterministic), h.depth, cfg.remat_policy, name='layers',
+                         unroll=cfg.scan_unroll)
     x, _ = stack(x, None, None, None, None, None, None)
     x = rearrange(x[:, 1:], '(b s) n e -> b s n e', b=batch)
     y = jnp.take_along_axis(x, targets[..., None], axis=2)  # [B, S, K, Wh]
@@ -136,7 +137,8 @@ class LocalHead(_HeadBase):
     mem_mask = jnp.repeat(mem_mask, window, axis=1)[:, None]  # [B, 1, S*W, N]
     self_mask = rearrange(in_grid, 'b s w -> (b s) 1 1 w')
     stack = layers.stack(dict(self._block_kwargs(deterministic), cross_attention=True,
-                              window=window), h.depth, cfg.remat_policy, name='layers')
+                              window=window), h.depth, cfg.remat_policy, name='layers',
+                         unroll=cfg.scan_unroll)
     x, _ = stack(x, None, self_mask, None, mem, mem_mask, None)
     x = rearrange(x, 'b (s w) e -> b s w e', w=window)
     y = jnp.take_along_axis(x, (targets - steps[..., None])[..., None], axis=2)  # [B, S, K, Wh]

@@ -282,7 +282,8 @@ _REMAT_POLICIES = {
 }
 
 
-def stack(block_kwargs: dict[str, Any], depth: int, remat_policy: str, name: str) -> nn.Module:
+def stack(block_kwargs: dict[str, Any], depth: int, remat_policy: str, name: str,
+          unroll: int = 1) -> nn.Module:
   """`depth` Blocks under nn.scan (params stacked on a leading 'layers' axis), optionally remat'ed.
 
   The returned module is called as `stack(x, cache, self_mask, angles, memory,
@@ -301,5 +302,6 @@ def stack(block_kwargs: dict[str, Any], depth: int, remat_policy: str, name: str
       split_rngs={'params': True, 'dropout': True},
       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
       length=depth,
+      unroll=min(unroll, depth),
       metadata_params={nn.PARTITION_NAME: 'layers'})
   return scanned(name=name, **block_kwargs)

@@ -104,7 +104,8 @@ class CausalTransformer(nn.Module):
         qk_norm=b.qk_norm, norm_eps=b.norm_eps, dropout=b.dropout,
         attention_dropout=b.attention_dropout, attention_impl=cfg.attention_impl,
         deterministic=deterministic, **kw)
-    stack = layers.stack(block_kwargs, b.depth, cfg.remat_policy, name='layers')
+    stack = layers.stack(block_kwargs, b.depth, cfg.remat_policy, name='layers',
+                         unroll=cfg.scan_unroll)
     x, new_cache = stack(x, scan_cache, mask, angles, None, None, offset if cache is not None else None)
     x = layers.RMSNorm(b.norm_eps, name='final_norm', **kw)(x)
     if new_cache is not None:
