@@ -1,15 +1,17 @@
 # Heptapod-JAX. `make demo` trains, samples and evaluates the embedded default on CPU;
-# `make test` runs the test suite. Both create .venv from requirements.txt when it is
-# missing or older than requirements.txt / pyproject.toml.
+# `make test` runs the test suite. Both create .venv when it is missing or older than
+# the requirement files: `make demo` needs requirements.txt, `make test` also
+# requirements-dev.txt (PyTorch, to check the ports against their originals).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: venv test test-fast demo params bench clean-venv help
+.PHONY: venv venv-dev test test-fast demo params bench clean-venv help
 
 help:
 	@echo "make demo       train + sample + evaluate the built-in digits demo on CPU (workdir: $(WORKDIR))"
@@ -18,6 +20,7 @@ help:
 	@echo "make bench      run the CPU step-time benchmark of the tiny preset"
 
 venv: $(STAMP)
+venv-dev: $(DEV_STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +29,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-test-fast: $(STAMP)
+test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
