@@ -9,10 +9,9 @@ data position) > `config.init_from` (parameters only) > scratch.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -24,7 +23,8 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import config_lib, images, optim, sampling, sharding
+from heptapod_jax import config_lib, images, optim, sampling, sharding, trainlib
+from heptapod_jax.trainlib import NonFiniteError, ema_decay_at  # noqa: F401  (public API)
 from heptapod_jax.data import input_pipeline
 from heptapod_jax.models import objective
 from heptapod_jax.models.config import ModelConfig
@@ -43,23 +43,21 @@ class TrainState:
   rng: Array  # Typed PRNG key; each step folds in the step number.
 
 
-class NonFiniteError(FloatingPointError):
-  """Loss or gradient norm became NaN/Inf; the update of that step was not applied."""
+def batch_tokens(batch: dict[str, Array], tokenizer: Any, tokenizer_params: Any) -> Array:
+  """int32[B, N] codes of a batch: pre-tokenized ('tokens') or encoded on the fly ('image')."""
+  if 'tokens' in batch:
+    tokens = batch['tokens'].astype(jnp.int32)
+  else:
+    tokens = jax.lax.stop_gradient(tokenizer.encode_to_indices(tokenizer_params, batch['image']))
+  return tokens.reshape(tokens.shape[0], -1)
 
 
-def ema_decay_at(decay: float, step: Array) -> Array:
-  """EMA decay with warm-up: min(decay, (1 + step) / (10 + step)), so short runs get a useful EMA."""
-  step = step.astype(jnp.float32)
-  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-
-
-def train_step(state: TrainState, batch: dict[str, Array], *, model: Heptapod, tokenizer: Any,
-               tokenizer_params: Any, tx, schedule, ema_decay: float):
-  """One update. Pure: (state, batch) -> (state, metrics). A non-finite loss or
-  gradient norm leaves the state unchanged (metrics['finite'] = False)."""
+def train_step(state: TrainState, batch: dict[str, Array], tokenizer_params: Any, *,
+               model: Heptapod, tokenizer: Any, tx, schedule, ema_decay: float):
+  """One update. Pure: (state, batch, frozen tokenizer params) -> (state, metrics). A
+  non-finite loss or gradient norm leaves the state unchanged (metrics['finite'] = False)."""
   rng = jax.random.fold_in(state.rng, state.step)
-  tokens = jax.lax.stop_gradient(tokenizer.encode_to_indices(tokenizer_params, batch['image']))
-  tokens = tokens.reshape(tokens.shape[0], -1)
+  tokens = batch_tokens(batch, tokenizer, tokenizer_params)
   labels = batch['label']
 
   def loss_fn(params):
@@ -80,15 +78,14 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: Heptapod, t
   return new, metrics
 
 
-def eval_step(params: Any, batch: dict[str, Array], *, model: Heptapod, tokenizer: Any,
-              tokenizer_params: Any) -> dict[str, Array]:
+def eval_step(params: Any, batch: dict[str, Array], tokenizer_params: Any, *, model: Heptapod,
+              tokenizer: Any) -> dict[str, Array]:
   """Held-out autoregressive NLL: -log p(x_t | x_<t, class) from step t's head, every t.
 
   This is the exact likelihood of the raster-order sampler, comparable
   across head kinds. Returns (sum, count) pairs honouring batch['mask'].
   """
-  tokens = tokenizer.encode_to_indices(tokenizer_params, batch['image'])
-  tokens = tokens.reshape(tokens.shape[0], -1)
+  tokens = batch_tokens(batch, tokenizer, tokenizer_params)
   b, n = tokens.shape
   steps = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
   logits = model.apply({'params': params}, tokens, batch['label'], steps, steps[..., None])
@@ -98,21 +95,6 @@ def eval_step(params: Any, batch: dict[str, Array], *, model: Heptapod, tokenize
   correct = (jnp.argmax(logits[:, :, 0], -1) == tokens).astype(jnp.float32)
   return {'nll': jnp.stack([jnp.sum(nll * weight), jnp.sum(weight)]),
           'accuracy': jnp.stack([jnp.sum(correct * weight), jnp.sum(weight)])}
-
-
-def _reduce(metric_list: list[dict[str, Array]]) -> dict[str, float]:
-  """Mean of per-step scalars; (sum, count) pairs are summed first, then divided."""
-  host = jax.device_get(metric_list)
-  out = {}
-  for name in host[0]:
-    values = np.stack([np.asarray(m[name], np.float64) for m in host])
-    if values.ndim == 2:  # (sum, count) pairs.
-      total, count = values.sum(0)
-      if count > 0:
-        out[name] = float(total / count)
-    else:
-      out[name] = float(values.mean())
-  return out
 
 
 class Trainer:
@@ -130,7 +112,10 @@ class Trainer:
     if config.train.global_batch_size % dp:
       raise ValueError(f'config.train.global_batch_size={config.train.global_batch_size} is not '
                        f'divisible by the {dp} data-parallel shards of mesh {dict(self.mesh.shape)}.')
-    self.tokenizer, self.tokenizer_params = make_tokenizer(config.tokenizer, config.data.image_size)
+    self.tokenizer, tokenizer_params = make_tokenizer(config.tokenizer, config.data.image_size)
+    # Frozen and replicated on every device; passed to the jitted functions as an argument
+    # (a closure would bake tens of MB of weights into the program as constants).
+    self.tokenizer_params = jax.device_put(tokenizer_params, sharding.replicated(self.mesh))
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.num_steps)
     self.batch_shardings = {'image': sharding.batch_sharding(self.mesh, self.rules, 4),
                             'label': sharding.batch_sharding(self.mesh, self.rules, 1),
@@ -184,7 +169,7 @@ class Trainer:
     padded = np.concatenate([labels, np.zeros((-n) % dp, labels.dtype)]).astype(np.int32)
     label_sharding = sharding.batch_sharding(self.mesh, self.rules, 1)
     labels_arr = jax.make_array_from_callback(padded.shape, label_sharding, lambda idx: padded[idx])
-    out = self._generate_fn(params, labels_arr, jax.random.key(seed))
+    out = self._generate_fn(params, self.tokenizer_params, labels_arr, jax.random.key(seed))
     return images.to_uint8(np.asarray(jax.device_get(out))[:n])
 
   @functools.cached_property
@@ -192,18 +177,17 @@ class Trainer:
     """Jitted (params, labels, rng) -> decoded images in [-1, 1], compiled once per batch shape."""
     scfg = sampling.SamplingConfig(**self.config.sampling.to_dict())
 
-    def generate(params, labels, rng):
+    def generate(params, tokenizer_params, labels, rng):
       tokens = sampling.sample(self.model, params, labels, rng, scfg)
       grid = tokens.reshape(tokens.shape[0], *self.model_config.grid_size)
-      return self.tokenizer.decode_from_indices(self.tokenizer_params, grid)
+      return self.tokenizer.decode_from_indices(tokenizer_params, grid)
 
     return jax.jit(generate, out_shardings=sharding.replicated(self.mesh))
 
   @functools.cached_property
   def eval_fn(self):
     """Jitted eval_step: (params, batch) -> (sum, count) metrics."""
-    return jax.jit(functools.partial(eval_step, model=self.model, tokenizer=self.tokenizer,
-                                     tokenizer_params=self.tokenizer_params),
+    return jax.jit(functools.partial(eval_step, model=self.model, tokenizer=self.tokenizer),
                    out_shardings=sharding.replicated(self.mesh))
 
 
@@ -215,24 +199,17 @@ def _class_grid_labels(num_images: int, num_classes: int) -> np.ndarray:
   return np.tile(classes, rows)
 
 
-def _write_config(config, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(ckpt_lib.to_jsonable(config.to_dict()), f, indent=2, sort_keys=True)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), samples and evaluates.
 
   Returns a summary dict: final step, last train metrics, eval metrics and
   the paths of the written sample grids.
   """
-  if '://' not in workdir:  # Orbax needs absolute local paths; gs://... stays as given.
-    workdir = os.path.abspath(workdir)
+  workdir = trainlib.resolve_workdir(workdir)
   trainer = Trainer(config, workdir)
   cfg, tcfg = config, config.train
   if trainer.is_chief:
-    _write_config(config, workdir)
+    trainlib.write_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=not trainer.is_chief,
                                                 asynchronous=True)
   summary: dict[str, Any] = {'workdir': workdir, 'samples': [], 'history': []}
@@ -253,18 +230,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     batch_shardings = {k: trainer.batch_shardings[k] for k in ('image', 'label')}
     step_fn = jax.jit(
-        functools.partial(train_step, model=trainer.model, tokenizer=trainer.tokenizer,
-                          tokenizer_params=trainer.tokenizer_params, tx=trainer.tx,
+        functools.partial(train_step, model=trainer.model, tokenizer=trainer.tokenizer, tx=trainer.tx,
                           schedule=trainer.schedule, ema_decay=cfg.optim.ema_decay),
-        in_shardings=(shardings, batch_shardings),
+        in_shardings=(shardings, batch_shardings, sharding.replicated(trainer.mesh)),
         out_shardings=(shardings, sharding.replicated(trainer.mesh)),
         donate_argnums=0)
     abstract_batch = {
         'image': jax.ShapeDtypeStruct((tcfg.global_batch_size, cfg.data.image_size,
                                        cfg.data.image_size, 3), jnp.float32),
         'label': jax.ShapeDtypeStruct((tcfg.global_batch_size,), jnp.int32)}
-    compiled = step_fn.lower(trainer.abstract_state(shardings), abstract_batch).compile()
-    _log_compiled(compiled)
+    compiled = step_fn.lower(trainer.abstract_state(shardings), abstract_batch,
+                             trainer.tokenizer_params).compile()
+    trainlib.log_compiled(compiled)
 
     if step == 0 and tcfg.num_sample_images:
       summary['reference'] = _write_reference(trainer, writer)
@@ -279,17 +256,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t_log, step_log = time.time(), step
     while step < tcfg.num_steps:
       batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, trainer.tokenizer_params)
       # Check the previous update (number `step`) while this one runs: stops at the bad step.
       if prev_metrics is not None:
-        _check_finite(prev_metrics, step, checkpointer)
+        trainlib.check_finite(prev_metrics, step, checkpointer)
       prev_metrics = metrics
       pending.append(metrics)
       step += 1
       report(step)
       if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-        _check_finite(metrics, step, checkpointer)
-        scalars = _reduce(pending)
+        trainlib.check_finite(metrics, step, checkpointer)
+        scalars = trainlib.reduce_metrics(pending)
         pending = []
         now = time.time()
         steps_per_s = (step - step_log) / max(now - t_log, 1e-9)
@@ -323,39 +300,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def _check_finite(metrics: dict[str, Array], step: int, checkpointer) -> None:
-  """Raises NonFiniteError naming update number `step` and the metric (it was not applied)."""
-  if bool(jax.device_get(metrics['finite'])):
-    return
-  loss, gnorm = (float(jax.device_get(metrics[k])) for k in ('loss_value', 'grad_norm'))
-  bad = [f'{k}={v}' for k, v in (('loss', loss), ('grad_norm', gnorm)) if not np.isfinite(v)]
-  last = checkpointer.latest_step()
-  raise NonFiniteError(
-      f'step {step}: non-finite {", ".join(bad)}; the update was not applied. Last checkpoint: '
-      f'{"step " + str(last) + " in " + str(checkpointer.directory) if last is not None else "none"}. '
-      'Lower config.optim.lr, raise warmup, or check the data.')
-
-
-def _log_compiled(compiled) -> None:
-  try:
-    mem = compiled.memory_analysis()
-  except Exception:  # Not every backend reports it.
-    mem = None
-  if mem is not None:
-    gib = 1 / 2**30
-    logging.info('train_step memory per device: arguments %.3f GiB, outputs %.3f GiB, '
-                 'temporaries %.3f GiB, generated code %.3f GiB.',
-                 mem.argument_size_in_bytes * gib, mem.output_size_in_bytes * gib,
-                 mem.temp_size_in_bytes * gib, mem.generated_code_size_in_bytes * gib)
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and 'flops' in cost:
-      logging.info('train_step: %.3f GFLOP per step (XLA cost analysis).', cost['flops'] / 1e9)
-  except Exception:
-    pass
-
-
 def _eval_params(trainer: Trainer, state: TrainState) -> Any:
   return state.ema_params if trainer.config.train.sample_with_ema else state.params
 
@@ -369,10 +313,11 @@ def _evaluate(trainer: Trainer, state: TrainState, writer, step: int) -> dict[st
     if cfg.train.eval_batches and i >= cfg.train.eval_batches:
       break
     results.append(trainer.eval_fn(_eval_params(trainer, state),
-                      input_pipeline.make_global_batch(batch, trainer.batch_shardings)))
+                                   input_pipeline.make_global_batch(batch, trainer.batch_shardings),
+                                   trainer.tokenizer_params))
   if not results:
     return {}
-  scalars = _reduce(results)
+  scalars = trainlib.reduce_metrics(results)
   scalars['bits_per_token'] = scalars['nll'] / np.log(2.0)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in scalars.items()})
   logging.info('eval at step %d: %s', step, scalars)
