@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
 
   c.data.source = 'builtin_digits'
   c.data.image_size = 32
-  c.data.random_flip = False
+  c.data.augment = 'none'
   c.data.shuffle_buffer = 2000
 
   c.tokenizer.kind = 'pixel'

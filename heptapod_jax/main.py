@@ -1,5 +1,8 @@
 """Entry point: parse flags, start the distributed runtime, hand off to the trainer.
 
+The config's `trainer` field picks the trainer: 'ar' (train.py, Heptapod) or
+'tokenizer' (train_tokenizer.py, the VQ/KL autoencoders).
+
   python -m heptapod_jax.main --config=configs/demo.py --workdir=workdirs/demo
   python -m heptapod_jax.main --config=configs/imagenet256.py:size=L,head=global \
       --workdir=gs://bucket/run --config.optim.lr=4e-4
@@ -68,10 +71,32 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
 
+  config = _CONFIG.value
+  if config.trainer == 'tokenizer':
+    from heptapod_jax import train_tokenizer
+    summary = train_tokenizer.train_and_evaluate(config, _WORKDIR.value)
+    if jax.process_index() == 0:
+      _print_tokenizer_summary(summary)
+    return
+  if config.trainer != 'ar':
+    raise app.UsageError(f"config.trainer={config.trainer!r} is not one of ['ar', 'tokenizer'].")
   from heptapod_jax import train
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  summary = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:
     _print_summary(summary)
+
+
+def _print_tokenizer_summary(summary) -> None:
+  lines = [f'\nDone: tokenizer trained for {summary.get("step")} steps in {summary["workdir"]}']
+  ev = summary.get('eval') or {}
+  if ev:
+    parts = [f'{k} {ev[k]:.4f}' for k in ('psnr', 'ssim', 'lpips', 'codebook_usage',
+                                            'codebook_perplexity') if k in ev]
+    lines.append('  eval (held-out split): ' + ', '.join(parts))
+  if summary.get('reconstructions'):
+    lines.append(f'  reconstructions (originals above reconstructions): {summary["reconstructions"]}')
+  lines.append(f'  tokenizer checkpoint for AR training: --config.tokenizer.checkpoint={summary["export"]}')
+  print('\n'.join(lines), flush=True)
 
 
 def _print_summary(summary) -> None:

@@ -26,6 +26,7 @@ from heptapod_jax import checkpoint as ckpt_lib
 from heptapod_jax import config_lib, images, optim, sampling, sharding, trainlib
 from heptapod_jax.trainlib import NonFiniteError, ema_decay_at  # noqa: F401  (public API)
 from heptapod_jax.data import input_pipeline
+from heptapod_jax.data import tokenized as tokenized_lib
 from heptapod_jax.models import objective
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, compute_loss, init_params
@@ -118,6 +119,7 @@ class Trainer:
     self.tokenizer_params = jax.device_put(tokenizer_params, sharding.replicated(self.mesh))
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.num_steps)
     self.batch_shardings = {'image': sharding.batch_sharding(self.mesh, self.rules, 4),
+                            'tokens': sharding.batch_sharding(self.mesh, self.rules, 3),
                             'label': sharding.batch_sharding(self.mesh, self.rules, 1),
                             'mask': sharding.batch_sharding(self.mesh, self.rules, 1)}
 
@@ -228,17 +230,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise ValueError(f'config.model.num_classes={trainer.model_config.num_classes} but the data '
                        f'({cfg.data.source}) has {train_iter.num_classes} classes.')
 
-    batch_shardings = {k: trainer.batch_shardings[k] for k in ('image', 'label')}
+    tokenized = bool(cfg.data.tokenized_dir)
+    if tokenized:
+      tokenized_lib.check_tokenizer(train_iter.metadata, cfg.tokenizer)
+      if (tuple(train_iter.grid_size) != tuple(trainer.model_config.grid_size)
+          or train_iter.vocab_size != trainer.model_config.vocab_size):
+        raise ValueError(f'config.data.tokenized_dir={cfg.data.tokenized_dir} holds '
+                         f'{tuple(train_iter.grid_size)} grids of {train_iter.vocab_size} codes; '
+                         f'config.model has grid_size={tuple(trainer.model_config.grid_size)}, '
+                         f'vocab_size={trainer.model_config.vocab_size}.')
+    input_key = 'tokens' if tokenized else 'image'
+    batch_shardings = {input_key: trainer.batch_shardings[input_key],
+                       'label': trainer.batch_shardings['label']}
     step_fn = jax.jit(
         functools.partial(train_step, model=trainer.model, tokenizer=trainer.tokenizer, tx=trainer.tx,
                           schedule=trainer.schedule, ema_decay=cfg.optim.ema_decay),
         in_shardings=(shardings, batch_shardings, sharding.replicated(trainer.mesh)),
         out_shardings=(shardings, sharding.replicated(trainer.mesh)),
         donate_argnums=0)
+    b = tcfg.global_batch_size
     abstract_batch = {
-        'image': jax.ShapeDtypeStruct((tcfg.global_batch_size, cfg.data.image_size,
-                                       cfg.data.image_size, 3), jnp.float32),
-        'label': jax.ShapeDtypeStruct((tcfg.global_batch_size,), jnp.int32)}
+        'tokens': jax.ShapeDtypeStruct((b, *trainer.model_config.grid_size), jnp.int32),
+        'image': jax.ShapeDtypeStruct((b, cfg.data.image_size, cfg.data.image_size, 3), jnp.float32),
+        'label': jax.ShapeDtypeStruct((b,), jnp.int32)}
+    abstract_batch = {k: abstract_batch[k] for k in batch_shardings}
     compiled = step_fn.lower(trainer.abstract_state(shardings), abstract_batch,
                              trainer.tokenizer_params).compile()
     trainlib.log_compiled(compiled)

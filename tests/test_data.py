@@ -148,7 +148,7 @@ def test_range_conversions_and_flip():
 
 
 def test_same_seed_same_batches_different_seed_differs(digits_dir):
-  config = _digits_config(digits_dir, random_flip=True)
+  config = _digits_config(digits_dir, augment="flip")
   make = lambda seed: input_pipeline.create_train_iterator(config, global_batch_size=16,
                                                            seed=seed)
   it = make(3)
@@ -167,7 +167,7 @@ def test_same_seed_same_batches_different_seed_differs(digits_dir):
 
 def test_exact_resume_across_epoch_boundaries(digits_dir):
   # 24 records per epoch and 8 per batch: 5 batches cross the boundary twice.
-  config = _digits_config(digits_dir, train_split="train[:24]", random_flip=True)
+  config = _digits_config(digits_dir, train_split="train[:24]", augment="flip")
   make = lambda state: input_pipeline.create_train_iterator(
       config, global_batch_size=8, seed=11, state=state)
   reference = _take(make(None), 5)

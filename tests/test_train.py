@@ -259,3 +259,21 @@ def test_bfloat16_compute_matches_float32(tmp_path):
   l16, _ = compute_loss(Heptapod(bf16), params, tokens, labels, jax.random.key(2), deterministic=True)
   assert params['backbone']['token_embedding'].dtype == jax.numpy.float32  # f32 master weights.
   assert abs(float(l32) - float(l16)) < 0.02 * float(l32)
+
+
+def test_pretokenized_training_equals_on_the_fly(tmp_path):
+  from heptapod_jax.tools import tokenize_dataset
+  c = _from_json(tiny_config(tmp_path, steps=3))
+  c.data.augment = 'ten_crop'
+  tokenize_dataset.tokenize_dataset(c, str(tmp_path / 'codes'), variants='ten_crop',
+                                    shard_size=500, batch_size=100)
+  train.train_and_evaluate(c, str(tmp_path / 'images'))
+  c.data.tokenized_dir = str(tmp_path / 'codes')
+  train.train_and_evaluate(c, str(tmp_path / 'codes_run'))
+  a, b = _restore_raw(tmp_path / 'images', 3), _restore_raw(tmp_path / 'codes_run', 3)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(_np(x), _np(y))
+  c.tokenizer.levels = 8
+  c.model.vocab_size = 8
+  with pytest.raises(ValueError, match='tokenizer.levels'):
+    train.train_and_evaluate(c, str(tmp_path / 'mismatch'))

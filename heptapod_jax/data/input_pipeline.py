@@ -2,14 +2,24 @@
 
 Design (what the trainer relies on):
 
-* Every process reads its own contiguous slice of the split (the same slices as
-  `tfds.even_splits(split, n=process_count)`), so processes never see the same
-  example and together see all of them.
+* Examples of a split are numbered in its canonical order (the source index:
+  TFDS's absolute order, read file by file; an image folder's class then file
+  name order). Every process reads its own contiguous range of source indices
+  (`_even_split_bounds`: for a one-part split the same slices as
+  `tfds.even_splits(split, n=process_count)`; a split such as 'train+test' is
+  sliced as one sequence), so processes never see the same example and
+  together see all of them.
 * The training stream of a process is a pure function of (seed, process slice):
-  epoch e is the slice's encoded records in a fixed order, shuffled with a seed
-  derived from (seed, process_index, e); epochs are chained without end. Records
-  are numbered in stream order (record index = e * slice_size + position in the
-  epoch), and the random flip of a record is seeded by its index.
+  epoch e is the slice in source order, shuffled with a seed derived from
+  (seed, process_index, e); epochs are chained without end. Records are numbered
+  in stream order (record index = e * slice_size + position in the epoch).
+  `RecordOrder.stream` is the one definition of this order (the stream of
+  (record index, source index) pairs); the pre-tokenized reader
+  (`heptapod_jax.data.tokenized`) replays it without touching the images.
+* Augmentation (`data.augment`, see `preprocess.VARIANT_NAMES`) shows each record
+  as one of a fixed list of views; the view is a stateless random function of
+  (seed, process_index, record index) (`variant_fn`), so it survives resume and
+  can be pre-computed.
 * Data state is `{'position': records consumed, 'num_skipped': corrupt records}`,
   a small JSON-serialisable dict per process. Resuming skips `position` encoded
   records (whole epochs arithmetically, the rest before decoding), so resume is
@@ -17,6 +27,9 @@ Design (what the trainer relies on):
   batch returned to the caller, so prefetching never makes it run ahead.
 * Undecodable images are dropped (`ignore_errors`) and counted as
   records consumed - examples emitted.
+* With `data.tokenized_dir` set, `create_train_iterator` returns the
+  pre-tokenized reader instead: same records, same state, 'tokens' in place of
+  'image'.
 
 The shuffle uses `tf.data.Dataset.shuffle` with an explicit seed; it also depends
 on TensorFlow's global seed, so do not call `tf.random.set_seed` in the trainer
@@ -26,7 +39,9 @@ on TensorFlow's global seed, so do not call `tf.random.set_seed` in the trainer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import os
 from typing import Any, Callable, Iterator
 
@@ -40,6 +55,10 @@ from heptapod_jax.data import builtin
 from heptapod_jax.data import preprocess
 
 SOURCES = ("builtin_digits", "image_folder", "imagenet2012")
+# Valid data.augment values, see preprocess.VARIANT_NAMES.
+AUGMENTS = preprocess.AUGMENTS
+# Sources whose records are cheap file paths: a whole epoch is shuffled at once.
+_WHOLE_EPOCH_SHUFFLE_SOURCES = ("image_folder",)
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 # Same extensions as tfds.folder_dataset.ImageFolder.
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -47,7 +66,8 @@ _FOLDER_LAYOUT = ("<folder>/<split>/<class_name>/<image>.jpg|.jpeg|.png, e.g. "
                   "<folder>/train/cat/0001.jpg")
 # Salts that separate the random streams derived from one seed.
 _SHUFFLE_SALT = 0
-_FLIP_SALT = 1
+# Was the flip salt before `augment` existed: augment='flip' keeps the old flips.
+_AUGMENT_SALT = 1
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -68,8 +88,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       # imagenet2012: directory with the ILSVRC2012 tars; None = <data_dir>/downloads/manual.
       "manual_dir": placeholder(str),
       "image_size": 32,
-      # Off for digits: mirrored digits are not digits.
-      "random_flip": False,
+      # Training augmentation, one of AUGMENTS: 'none' (center crop), 'flip' (and
+      # its mirror image), 'ten_crop' (LlamaGen: 1.1x center crop, TenCrop views).
+      # 'none' for digits: mirrored digits are not digits.
+      "augment": "none",
+      # Directory written by `python -m heptapod_jax.tools.tokenize_dataset`: train
+      # on its pre-computed codes ('tokens') instead of images. None = images.
+      "tokenized_dir": placeholder(str),
       # Encoded records held by the shuffle buffer (image folders shuffle whole epochs).
       "shuffle_buffer": 10_000,
       "train_split": "train",
@@ -83,23 +108,30 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class _Slice:
-  """Encoded records of one process's slice of a split, in a fixed order."""
+  """Encoded records of a range of source indices of a split, in source order."""
   # Elements {'image': string (encoded bytes, or a path when load_from_path), 'label': int64}.
   records: tf.data.Dataset
   num_records: int
-  # Records are file paths that are cheap to hold, so a whole epoch can be shuffled.
+  # Source index of the first record.
+  start: int
+  # Records are file paths, read and decoded by `load_image`.
   load_from_path: bool
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
+class Source:
   """A resolved data source."""
   name: str
   num_classes: int
   # split -> examples in it (all processes)
   num_examples: Callable[[str], int]
-  # (split, process_index, process_count) -> _Slice
-  read_slice: Callable[[str, int, int], _Slice]
+  # (split, start, end) -> _Slice of source indices [start, end)
+  read_range: Callable[[str, int, int], _Slice]
+
+  def read_slice(self, split: str, process_index: int, process_count: int) -> _Slice:
+    """The contiguous part `process_index` of `process_count` of the split."""
+    start, end = _even_split_bounds(self.num_examples(split), process_index, process_count)
+    return self.read_range(split, start, end)
 
 
 def _even_split_bounds(num_examples: int, index: int, count: int) -> tuple[int, int]:
@@ -110,7 +142,12 @@ def _even_split_bounds(num_examples: int, index: int, count: int) -> tuple[int, 
   return start, end
 
 
-def _tfds_source(name: str, builder: tfds.core.DatasetBuilder) -> _Source:
+def _empty_records() -> tf.data.Dataset:
+  return tf.data.Dataset.from_tensor_slices({"image": tf.constant([], tf.string),
+                                             "label": tf.constant([], tf.int64)})
+
+
+def _tfds_source(name: str, builder: tfds.core.DatasetBuilder) -> Source:
   """Wraps a prepared TFDS builder whose features are `image` and `label`."""
 
   def num_examples(split: str) -> int:
@@ -120,21 +157,37 @@ def _tfds_source(name: str, builder: tfds.core.DatasetBuilder) -> _Source:
       raise ValueError(f"{name}: bad split {split!r} ({e}); available: "
                        f"{sorted(builder.info.splits)}") from e
 
-  def read_slice(split: str, process_index: int, process_count: int) -> _Slice:
-    num_examples(split)  # validates the split with a readable error
-    subsplit = tfds.even_splits(split, n=process_count)[process_index]
-    num_records = builder.info.splits[subsplit].num_examples
+  def read_range(split: str, start: int, end: int) -> _Slice:
+    total = num_examples(split)  # validates the split with a readable error
+    if not 0 <= start <= end <= total:
+      raise ValueError(f"{name}: range [{start}, {end}) outside split {split!r} of {total}")
+    # The split's parts ('train[:10]+test') in reading order; cut [start, end)
+    # out of their concatenation.
+    pieces, offset = [], 0
+    for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits):
+      lo = part.from_ or 0
+      hi = builder.info.splits[part.splitname].num_examples if part.to is None else part.to
+      a, b = max(lo, lo + start - offset), min(hi, lo + end - offset)
+      if a < b:
+        pieces.append(tfds.core.ReadInstruction(part.splitname, from_=a, to=b, unit="abs"))
+      offset += hi - lo
+    if not pieces:
+      return _Slice(_empty_records(), 0, start, load_from_path=False)
     records = builder.as_dataset(
-        split=subsplit,
+        split=functools.reduce(operator.add, pieces),
         shuffle_files=False,
         decoders={"image": tfds.decode.SkipDecoding()},
         # An auto-cache would be filled by the first (possibly partial) epoch.
-        read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
+        # Cycle length 1 reads the files one after the other, in the canonical
+        # order that source indices (and pre-tokenized shards) refer to; the
+        # default interleaves 16 files and the order would depend on the range.
+        read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False,
+                                    interleave_cycle_length=1),
     )
     records = records.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-    return _Slice(records, num_records, load_from_path=False)
+    return _Slice(records, end - start, start, load_from_path=False)
 
-  return _Source(name, builder.info.features["label"].num_classes, num_examples, read_slice)
+  return Source(name, builder.info.features["label"].num_classes, num_examples, read_range)
 
 
 def _list_folder_split(split_dir: str, class_names: list[str]) -> tuple[list[str], list[int]]:
@@ -151,7 +204,7 @@ def _list_folder_split(split_dir: str, class_names: list[str]) -> tuple[list[str
   return paths, labels
 
 
-def _image_folder_source(folder: str | None) -> _Source:
+def _image_folder_source(folder: str | None) -> Source:
   """An `ImageFolder` tree; files are read and decoded by this pipeline."""
   if not folder:
     raise ValueError(
@@ -174,7 +227,8 @@ def _image_folder_source(folder: str | None) -> _Source:
           f"{sorted(k for k, v in split_sizes.items() if v)}); expected layout {_FOLDER_LAYOUT}")
     return split_sizes[split]
 
-  def read_slice(split: str, process_index: int, process_count: int) -> _Slice:
+  @functools.lru_cache(maxsize=None)
+  def list_split(split: str) -> tuple[list[str], list[int]]:
     num_examples(split)  # validates the split with a readable error
     # ImageFolder's own dataset reads every file inside its map, so slicing or
     # skipping after it would read files this process never uses. Listing the
@@ -184,17 +238,25 @@ def _image_folder_source(folder: str | None) -> _Source:
     if len(paths) != split_sizes[split]:
       raise RuntimeError(f"listed {len(paths)} images in {folder}/{split}, "
                          f"ImageFolder found {split_sizes[split]}; did the folder change?")
-    start, end = _even_split_bounds(len(paths), process_index, process_count)
+    return paths, labels
+
+  def read_range(split: str, start: int, end: int) -> _Slice:
+    paths, labels = list_split(split)
+    if not 0 <= start <= end <= len(paths):
+      raise ValueError(f"image folder {folder!r}: range [{start}, {end}) outside split "
+                       f"{split!r} of {len(paths)}")
+    if start == end:
+      return _Slice(_empty_records(), 0, start, load_from_path=True)
     records = tf.data.Dataset.from_tensor_slices({
         "image": tf.constant(paths[start:end], tf.string),
         "label": tf.constant(labels[start:end], tf.int64),
     })
-    return _Slice(records, end - start, load_from_path=True)
+    return _Slice(records, end - start, start, load_from_path=True)
 
-  return _Source("image_folder", len(class_names), num_examples, read_slice)
+  return Source("image_folder", len(class_names), num_examples, read_range)
 
 
-def _imagenet_source(data_dir: str | None, manual_dir: str | None) -> _Source:
+def _imagenet_source(data_dir: str | None, manual_dir: str | None) -> Source:
   """TFDS imagenet2012, prepared from the manually downloaded tars if needed."""
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   if not builder.is_prepared():
@@ -219,8 +281,15 @@ def _imagenet_source(data_dir: str | None, manual_dir: str | None) -> _Source:
   return _tfds_source("imagenet2012", builder)
 
 
-def _resolve_source(data_config: Any) -> _Source:
-  """Maps `data_config.source` to a readable source, with actionable errors."""
+def resolve_source(data_config: Any) -> Source:
+  """Maps `data_config.source` to a readable source, with actionable errors.
+
+  Args:
+    data_config: see `default_data_config`.
+
+  Returns:
+    A `Source`; `read_range(split, start, end)` reads source indices [start, end).
+  """
   source = data_config.source
   if source == "builtin_digits":
     return _tfds_source(source, builtin.prepare(data_config.data_dir))
@@ -231,8 +300,8 @@ def _resolve_source(data_config: Any) -> _Source:
   raise ValueError(f"unknown data.source {source!r}; valid choices: {', '.join(SOURCES)}")
 
 
-def _process_args(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  """Defaults to this JAX process; validates the pair."""
+def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(process_index, process_count), defaulting to this JAX process; validates the pair."""
   process_index = jax.process_index() if process_index is None else int(process_index)
   process_count = jax.process_count() if process_count is None else int(process_count)
   if not 0 <= process_index < process_count:
@@ -240,11 +309,21 @@ def _process_args(process_index: int | None, process_count: int | None) -> tuple
   return process_index, process_count
 
 
-def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Rows of each process's batch; the global batch must split evenly over processes."""
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of "
                      f"the process count {process_count}")
   return global_batch_size // process_count
+
+
+def parse_data_state(state: dict | None) -> tuple[int, int]:
+  """(position, num_skipped) of a `get_state()` dict; None = the start."""
+  state = state or {"position": 0, "num_skipped": 0}
+  position, num_skipped = int(state["position"]), int(state["num_skipped"])
+  if not 0 <= num_skipped <= position:
+    raise ValueError(f"invalid data state {state}")
+  return position, num_skipped
 
 
 def _autotune(value: int) -> int:
@@ -257,16 +336,141 @@ def _key(seed: int, process_index: int, salt: int) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(base, salt)
 
 
-def _decode_fn(image_size: int, load_from_path: bool,
-               flip_key: tf.Tensor | None) -> Callable[..., dict[str, tf.Tensor]]:
+def variant_fn(augment: str, seed: int, process_index: int) -> Callable[[tf.Tensor], tf.Tensor]:
+  """The view each training record is shown as: record index -> variant.
+
+  Shared by the image pipeline and the pre-tokenized reader, so that both show
+  record r as view `preprocess.VARIANT_NAMES[augment][v]`.
+
+  Args:
+    augment: one of AUGMENTS.
+    seed: data seed.
+    process_index: the process whose records are numbered.
+
+  Returns:
+    A TF function of an int64 scalar record index giving an int32 scalar in
+    [0, len(VARIANT_NAMES[augment])): 0 for 'none', a fair coin for 'flip',
+    uniform over the ten crops for 'ten_crop'; stateless in (seed,
+    process_index, record index).
+  """
+  if augment not in AUGMENTS:
+    raise ValueError(f"data.augment={augment!r} is not one of {list(AUGMENTS)}")
+  key = _key(seed, process_index, _AUGMENT_SALT)
+  num_variants = len(preprocess.VARIANT_NAMES[augment])
+
+  def variant(record_index: tf.Tensor) -> tf.Tensor:
+    if num_variants == 1:
+      return tf.constant(0, tf.int32)
+    record_seed = tf.random.experimental.stateless_fold_in(key, record_index)
+    if augment == "flip":
+      # The draw of tf.image.stateless_random_flip_left_right(image, record_seed),
+      # which this pipeline used before: the flips of a seed are unchanged.
+      coin = tf.random.stateless_uniform([], seed=record_seed, minval=0, maxval=1.0)
+      return tf.cast(coin < 0.5, tf.int32)
+    return tf.random.stateless_uniform([], seed=record_seed, minval=0, maxval=num_variants,
+                                       dtype=tf.int32)
+
+  return variant
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordOrder:
+  """The training record order of one process: which source example is record r.
+
+  Record r is source example `slice_start + permutation_e[r % num_records]`
+  with e = r // num_records and permutation_e the epoch's shuffle, a pure
+  function of (seed, process_index, e, num_records, shuffle_buffer).
+  """
+  # This process's slice of the split: source indices [slice_start, slice_start + num_records).
+  slice_start: int
+  num_records: int
+  shuffle_buffer: int
+  seed: int
+  process_index: int
+
+  def stream(self, position: int = 0,
+             records: tf.data.Dataset | None = None) -> tf.data.Dataset:
+    """The endless record stream from record `position` on.
+
+    Args:
+      position: index of the first record to emit (records before it are
+        skipped: whole epochs arithmetically, the rest as encoded records).
+      records: the slice's records in source order (any structure), carried
+        along; None streams indices only.
+
+    Returns:
+      A dataset of (record_index int64, source_index int64) or, with records,
+      (record_index, source_index, record).
+    """
+    n, buffer_size = self.num_records, self.shuffle_buffer
+    # The source index travels with its record through the shuffle. Shuffle's
+    # permutation depends on the number of elements and the seeds only, never on
+    # their values, so indices alone are shuffled exactly like indexed records.
+    items = tf.data.Dataset.range(self.slice_start, self.slice_start + n)
+    if records is not None:
+      items = tf.data.Dataset.zip((items, records))
+    shuffle_key = _key(self.seed, self.process_index, _SHUFFLE_SALT)
+
+    def number(e, i, item):
+      if records is None:
+        return e * n + i, item
+      return (e * n + i,) + tuple(item)
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+      epoch_items = items
+      if buffer_size > 1:
+        epoch_seed = tf.random.stateless_uniform(
+            [], seed=tf.random.experimental.stateless_fold_in(shuffle_key, e),
+            minval=None, maxval=None, dtype=tf.int64)
+        epoch_items = epoch_items.shuffle(buffer_size, seed=epoch_seed,
+                                          reshuffle_each_iteration=False)
+      return epoch_items.enumerate().map(lambda i, item: number(e, i, item))
+
+    start_epoch, offset = divmod(int(position), n)
+    # Skipping encoded records before any decode keeps resume cheap.
+    return tf.data.Dataset.counter(start_epoch).flat_map(epoch).skip(offset)
+
+
+def train_record_order(data_config: Any, *, num_examples: int, seed: int, process_index: int,
+                       process_count: int) -> RecordOrder:
+  """The `RecordOrder` of one process's training stream.
+
+  Args:
+    data_config: see `default_data_config` (source, train_split, shuffle_buffer).
+    num_examples: examples in the whole training split.
+    seed: data seed.
+    process_index: this process.
+    process_count: number of processes.
+
+  Returns:
+    A `RecordOrder` over this process's contiguous slice of the split.
+  """
+  start, end = _even_split_bounds(num_examples, process_index, process_count)
+  if end == start:
+    raise ValueError(f"process {process_index} of {process_count} got no examples of "
+                     f"{data_config.source} split {data_config.train_split!r}")
+  # Path records are cheap to hold, so image folders shuffle whole epochs.
+  if data_config.source in _WHOLE_EPOCH_SHUFFLE_SOURCES:
+    buffer_size = end - start
+  else:
+    buffer_size = int(data_config.shuffle_buffer)
+  return RecordOrder(slice_start=start, num_records=end - start, shuffle_buffer=buffer_size,
+                     seed=int(seed), process_index=process_index)
+
+
+def load_image(record: dict[str, tf.Tensor], load_from_path: bool) -> tf.Tensor:
+  """uint8[h, w, 3] of a source record (encoded bytes, or a path when load_from_path)."""
+  encoded = tf.io.read_file(record["image"]) if load_from_path else record["image"]
+  return preprocess.decode_image(encoded)
+
+
+def _decode_fn(image_size: int, load_from_path: bool, augment: str,
+               variant_of: Callable[[tf.Tensor], tf.Tensor]) -> Callable[..., dict[str, tf.Tensor]]:
   """(index, record) -> {'image': float32[S, S, 3], 'label': int32, 'index': int64}."""
 
   def decode(index, record):
-    encoded = tf.io.read_file(record["image"]) if load_from_path else record["image"]
-    image = preprocess.center_crop(preprocess.decode_image(encoded), image_size)
-    if flip_key is not None:
-      image = preprocess.random_flip(
-          image, tf.random.experimental.stateless_fold_in(flip_key, index))
+    image = preprocess.augmented_view(load_image(record, load_from_path), image_size, augment,
+                                      variant_of(index))
     return {
         "image": preprocess.to_model_range(image),
         "label": tf.cast(record["label"], tf.int32),
@@ -317,8 +521,12 @@ class TrainIterator:
 
 def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                           state: dict | None = None, process_index: int | None = None,
-                          process_count: int | None = None) -> TrainIterator:
+                          process_count: int | None = None) -> Any:
   """Builds this process's endless, shuffled, augmented training iterator.
+
+  With `data_config.tokenized_dir` set this returns the pre-tokenized reader
+  (`tokenized.create_train_iterator`): the same records in the same order and
+  the same state, its batches holding 'tokens' int32[b, h, w] instead of 'image'.
 
   Args:
     data_config: see `default_data_config`.
@@ -329,42 +537,28 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
     process_count: number of processes; default `jax.process_count()`.
 
   Returns:
-    A `TrainIterator`.
+    A `TrainIterator` (images) or a `tokenized.TokenizedTrainIterator`.
   """
-  process_index, process_count = _process_args(process_index, process_count)
-  local_batch_size = _local_batch_size(global_batch_size, process_count)
-  source = _resolve_source(data_config)
+  if getattr(data_config, "tokenized_dir", None):
+    from heptapod_jax.data import tokenized  # pylint: disable=g-import-not-at-top
+    return tokenized.create_train_iterator(
+        data_config, global_batch_size=global_batch_size, seed=seed, state=state,
+        process_index=process_index, process_count=process_count)
+  process_index, process_count = resolve_process(process_index, process_count)
+  local_batch_size = per_process_batch_size(global_batch_size, process_count)
+  variant_of = variant_fn(data_config.augment, seed, process_index)
+  position, num_skipped = parse_data_state(state)
+  source = resolve_source(data_config)
   split = data_config.train_split
-  data = source.read_slice(split, process_index, process_count)
-  num_records = data.num_records
-  if num_records == 0:
-    raise ValueError(f"process {process_index} of {process_count} got no examples of "
-                     f"{source.name} split {split!r}")
-  state = state or {"position": 0, "num_skipped": 0}
-  position, num_skipped = int(state["position"]), int(state["num_skipped"])
-  if not 0 <= num_skipped <= position:
-    raise ValueError(f"invalid data state {state}")
+  num_examples = source.num_examples(split)
+  order = train_record_order(data_config, num_examples=num_examples, seed=seed,
+                             process_index=process_index, process_count=process_count)
+  data = source.read_range(split, order.slice_start, order.slice_start + order.num_records)
 
-  buffer_size = num_records if data.load_from_path else int(data_config.shuffle_buffer)
-  shuffle_key = _key(seed, process_index, _SHUFFLE_SALT)
-  records = data.records
-
-  def epoch(e: tf.Tensor) -> tf.data.Dataset:
-    epoch_records = records
-    if buffer_size > 1:
-      epoch_seed = tf.random.stateless_uniform(
-          [], seed=tf.random.experimental.stateless_fold_in(shuffle_key, e),
-          minval=None, maxval=None, dtype=tf.int64)
-      epoch_records = epoch_records.shuffle(buffer_size, seed=epoch_seed,
-                                            reshuffle_each_iteration=False)
-    return epoch_records.enumerate().map(lambda i, r: (e * num_records + i, r))
-
-  start_epoch, offset = divmod(position, num_records)
-  ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch)
-  # Skipping encoded records before the decode keeps resume cheap.
-  ds = ds.skip(offset)
-  flip_key = _key(seed, process_index, _FLIP_SALT) if data_config.random_flip else None
-  ds = ds.map(_decode_fn(data_config.image_size, data.load_from_path, flip_key),
+  ds = order.stream(position, data.records)
+  decode = _decode_fn(data_config.image_size, data.load_from_path, data_config.augment,
+                      variant_of)
+  ds = ds.map(lambda index, source_index, record: decode(index, record),
               num_parallel_calls=_autotune(data_config.num_parallel_calls), deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(local_batch_size, drop_remainder=True)
@@ -377,8 +571,7 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
   return TrainIterator(
       ds, position=position, num_skipped=num_skipped, local_batch_size=local_batch_size,
       num_classes=source.num_classes, image_size=data_config.image_size,
-      num_train_examples=source.num_examples(split),
-      num_local_examples=num_records)
+      num_train_examples=num_examples, num_local_examples=order.num_records)
 
 
 class EvalDataset:
@@ -449,16 +642,17 @@ def create_eval_dataset(data_config: Any, *, batch_size: int, split: str | None 
   Returns:
     An `EvalDataset` (iterate it as often as needed).
   """
-  process_index, process_count = _process_args(process_index, process_count)
-  local_batch_size = _local_batch_size(batch_size, process_count)
-  source = _resolve_source(data_config)
+  process_index, process_count = resolve_process(process_index, process_count)
+  local_batch_size = per_process_batch_size(batch_size, process_count)
+  source = resolve_source(data_config)
   split = data_config.eval_split if split is None else split
   data = source.read_slice(split, process_index, process_count)
   num_examples = source.num_examples(split)
   # The largest slice decides how many batches every process yields.
   num_batches = math.ceil(math.ceil(num_examples / process_count) / local_batch_size)
   ds = data.records.enumerate()
-  ds = ds.map(_decode_fn(data_config.image_size, data.load_from_path, None),
+  ds = ds.map(_decode_fn(data_config.image_size, data.load_from_path, "none",
+                         variant_fn("none", 0, process_index)),
               num_parallel_calls=_autotune(data_config.num_parallel_calls), deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})

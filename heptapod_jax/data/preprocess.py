@@ -3,6 +3,16 @@
 The crop follows ADM (guided-diffusion, Dhariwal & Nichol 2021) `center_crop_arr`,
 the protocol behind the usual ImageNet FID reference batches, so that training
 images and reference statistics are preprocessed the same way.
+
+Training augmentation (`augment`, see `VARIANT_NAMES`) picks one of a fixed list
+of views of each image:
+  'none'      the center crop;
+  'flip'      the center crop, or its mirror image;
+  'ten_crop'  LlamaGen's: center crop to int(1.1 * size), then one of torchvision's
+              `TenCrop(size)` views: the four corners and the center, of the image
+              and of its mirror image.
+`augmented_view` computes one view (the image pipeline); `augmented_views` all of
+them at once (pre-tokenization), view v of the latter equal to the former's.
 """
 
 from __future__ import annotations
@@ -158,6 +168,122 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   image = image[top:top + size, left:left + size]
   image = tf.ensure_shape(image, [size, size, 3])
   return tf.cast(image, tf.uint8)
+
+
+# LlamaGen's `crop_range`: the ten crops are taken from a center crop this much larger.
+TEN_CROP_RANGE = 1.1
+# Views of each augmentation, in variant order. ten_crop follows torchvision's
+# `TenCrop`: `five_crop(image) + five_crop(hflip(image))`, five_crop returning
+# (top-left, top-right, bottom-left, bottom-right, center). 'flipped_top_left'
+# is the top-left crop OF THE MIRRORED image (the mirror of the top-right crop).
+_FIVE_CROPS = ('top_left', 'top_right', 'bottom_left', 'bottom_right', 'center')
+VARIANT_NAMES: dict[str, tuple[str, ...]] = {
+    'none': ('center',),
+    'flip': ('center', 'flipped_center'),
+    'ten_crop': _FIVE_CROPS + tuple(f'flipped_{name}' for name in _FIVE_CROPS),
+}
+AUGMENTS = tuple(VARIANT_NAMES)
+
+
+def ten_crop_size(size: int) -> int:
+  """Side of the center crop the ten crops are cut from: int(1.1 * size), as LlamaGen."""
+  return int(size * TEN_CROP_RANGE)
+
+
+def _five_crop_offsets(height: tf.Tensor, width: tf.Tensor, size: int) -> tf.Tensor:
+  """int32[5, 2] (top, left) of torchvision's five crops, in `_FIVE_CROPS` order."""
+  bottom = height - size
+  right = width - size
+  # torchvision's center_crop: int(round((h - size) / 2)); Python's round and
+  # tf.round both round halves to even (a 35 -> 32 crop starts at 2, 17 -> 16 at 0).
+  center_top = tf.cast(tf.round(tf.cast(bottom, tf.float64) / 2.0), tf.int32)
+  center_left = tf.cast(tf.round(tf.cast(right, tf.float64) / 2.0), tf.int32)
+  zero = tf.zeros_like(bottom)
+  return tf.stack([tf.stack([zero, zero]), tf.stack([zero, right]), tf.stack([bottom, zero]),
+                   tf.stack([bottom, right]), tf.stack([center_top, center_left])])
+
+
+def ten_crop_variant(image: tf.Tensor, size: int, variant: tf.Tensor | int) -> tf.Tensor:
+  """View `variant` of torchvision's `TenCrop(size)` of `image`.
+
+  Args:
+    image: [h, w, c] with h, w >= size, any dtype.
+    size: crop side length.
+    variant: int scalar in [0, 10), an index into `VARIANT_NAMES['ten_crop']`.
+
+  Returns:
+    [size, size, c], same dtype.
+  """
+  variant = tf.convert_to_tensor(variant, tf.int32)
+  # Views 5..9 are crops of the mirrored image, not mirrored crops.
+  image = tf.cond(variant >= 5, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  shape = tf.shape(image)
+  # An image smaller than the crop makes tf.slice raise InvalidArgumentError.
+  top_left = tf.gather(_five_crop_offsets(shape[0], shape[1], size), variant % 5)
+  crop = tf.slice(image, tf.concat([top_left, [0]], 0), tf.stack([size, size, shape[2]]))
+  return tf.ensure_shape(crop, [size, size, image.shape[2]])
+
+
+def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """All ten views of torchvision's `TenCrop(size)`, in its order.
+
+  Args:
+    image: [h, w, c] with h, w >= size, any dtype.
+    size: crop side length.
+
+  Returns:
+    [10, size, size, c], same dtype; entry v is `ten_crop_variant(image, size, v)`.
+  """
+  return tf.stack([ten_crop_variant(image, size, v) for v in range(10)])
+
+
+def _check_augment(augment: str) -> None:
+  if augment not in VARIANT_NAMES:
+    raise ValueError(f'data.augment={augment!r} is not one of {list(AUGMENTS)}')
+
+
+def augmented_view(image: tf.Tensor, size: int, augment: str,
+                   variant: tf.Tensor | int) -> tf.Tensor:
+  """One training view of a decoded image (see the module docstring).
+
+  Args:
+    image: uint8[h, w, 3], a decoded image of any size.
+    size: output side length.
+    augment: one of `AUGMENTS`.
+    variant: int scalar, an index into `VARIANT_NAMES[augment]`.
+
+  Returns:
+    uint8[size, size, 3].
+  """
+  _check_augment(augment)
+  variant = tf.convert_to_tensor(variant, tf.int32)
+  if augment == 'ten_crop':
+    return ten_crop_variant(center_crop(image, ten_crop_size(size)), size, variant)
+  image = center_crop(image, size)
+  if augment == 'flip':
+    image = tf.cond(variant == 1, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  return image
+
+
+def augmented_views(image: tf.Tensor, size: int, augment: str) -> tf.Tensor:
+  """Every training view of a decoded image, resampling it once.
+
+  Args:
+    image: uint8[h, w, 3], a decoded image of any size.
+    size: output side length.
+    augment: one of `AUGMENTS`.
+
+  Returns:
+    uint8[V, size, size, 3] with V = len(VARIANT_NAMES[augment]); entry v equals
+    `augmented_view(image, size, augment, v)`.
+  """
+  _check_augment(augment)
+  if augment == 'ten_crop':
+    return ten_crop(center_crop(image, ten_crop_size(size)), size)
+  image = center_crop(image, size)
+  if augment == 'flip':
+    return tf.stack([image, tf.reverse(image, axis=[1])])
+  return image[None]
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

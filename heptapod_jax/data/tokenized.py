@@ -1,0 +1,400 @@
+"""Pre-tokenized training data (LlamaGen-style): the file format and its reader.
+
+`python -m heptapod_jax.tools.tokenize_dataset` encodes every view of every
+image of a split once; training then reads the codes instead of decoding,
+resizing and tokenizing images each step.
+
+File format of a directory DIR:
+
+  DIR/metadata.json     written last, when every shard exists (see `HEADER_FIELDS`,
+                        plus num_kept / num_skipped, the examples kept and dropped)
+  DIR/codes-SSSSS.npz   shard s (`shard_path`), uncompressed np.savez with
+      codes         int16|int32[n, V, h, w]  tokenizer indices of the V views
+                    (`variant_names`, in `preprocess.VARIANT_NAMES` order); int16
+                    when vocab_size <= 32768
+      labels        int32[n]
+      source_index  int64[n]  source index (position in the split's canonical
+                    order, see input_pipeline) of each row, increasing
+      header        str, JSON of the HEADER_FIELDS of the run that wrote it
+
+Shard s covers source examples [s * shard_size, min((s + 1) * shard_size,
+num_examples)) in source order (not shuffled). Examples whose image cannot be
+decoded are left out, as the image pipeline drops them: n can be smaller than
+the range, and `source_index` says which examples the rows are. The reader
+counts a dropped example as a skipped record, so its data state matches the
+image pipeline's exactly.
+
+Payload: `payload` names the array holding the per-view data and `dtype` its
+type. Only 'codes' (integer indices, from `encode_to_indices`) exists now. A
+continuous tokenizer (KL-VAE: latent mean and std) would write
+payload='moments', dtype='float32' (or 'bfloat16'), shape [n, V, h, w, C]
+under that name; the reader rejects payloads other than 'codes' until then.
+
+The reader (`create_train_iterator`) replays the image pipeline's record order
+(`input_pipeline.RecordOrder`) and view choice (`input_pipeline.variant_fn`),
+so for the same data config, seed and batch size it yields the codes of exactly
+the images the image pipeline would yield, with the same `get_state()`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Iterator
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from heptapod_jax.data import input_pipeline
+from heptapod_jax.data import preprocess
+
+FORMAT_VERSION = 1
+METADATA_FILE = 'metadata.json'
+# --variants of the tool -> the data.augment whose views it encodes.
+VARIANT_SETS = {'center': 'none', 'flip': 'flip', 'ten_crop': 'ten_crop'}
+# Fields fixed by the run's settings: a rerun must agree on all of them.
+HEADER_FIELDS = ('format_version', 'source', 'split', 'num_examples', 'num_classes',
+                 'image_size', 'variants', 'augment', 'num_variants', 'variant_names',
+                 'tokenizer', 'grid_size', 'vocab_size', 'payload', 'dtype', 'shard_size',
+                 'num_shards')
+
+
+def shard_path(directory: str, shard: int) -> str:
+  """Path of shard `shard`: DIR/codes-SSSSS.npz."""
+  return os.path.join(directory, f'codes-{shard:05d}.npz')
+
+
+def codes_dtype(vocab_size: int) -> np.dtype:
+  """int16 when every index fits, else int32."""
+  return np.dtype(np.int16 if vocab_size <= np.iinfo(np.int16).max + 1 else np.int32)
+
+
+def _jsonable(value: Any) -> Any:
+  """Normalises tuples and ConfigDicts the way a JSON round trip would."""
+  return json.loads(json.dumps(value.to_dict() if hasattr(value, 'to_dict') else value))
+
+
+def make_header(*, source: str, split: str, num_examples: int, num_classes: int, image_size: int,
+                variants: str, tokenizer_config: Any, grid_size: tuple[int, int],
+                vocab_size: int, shard_size: int) -> dict[str, Any]:
+  """The run-invariant metadata of a tokenized directory (`HEADER_FIELDS`).
+
+  Args:
+    source: data.source of the images.
+    split: split that was encoded.
+    num_examples: examples in the split (kept or not).
+    num_classes: classes of the source.
+    image_size: side of the views.
+    variants: one of VARIANT_SETS.
+    tokenizer_config: config.tokenizer (ConfigDict or dict).
+    grid_size: (h, w) of the codes.
+    vocab_size: tokenizer vocabulary size.
+    shard_size: examples per shard.
+
+  Returns:
+    JSON-able dict.
+  """
+  if variants not in VARIANT_SETS:
+    raise ValueError(f'variants={variants!r} is not one of {list(VARIANT_SETS)}')
+  if shard_size <= 0:
+    raise ValueError(f'shard_size={shard_size} must be positive')
+  augment = VARIANT_SETS[variants]
+  names = preprocess.VARIANT_NAMES[augment]
+  return _jsonable({
+      'format_version': FORMAT_VERSION,
+      'source': source,
+      'split': split,
+      'num_examples': int(num_examples),
+      'num_classes': int(num_classes),
+      'image_size': int(image_size),
+      'variants': variants,
+      'augment': augment,
+      'num_variants': len(names),
+      'variant_names': list(names),
+      'tokenizer': _jsonable(tokenizer_config),
+      'grid_size': [int(g) for g in grid_size],
+      'vocab_size': int(vocab_size),
+      'payload': 'codes',
+      'dtype': codes_dtype(vocab_size).name,
+      'shard_size': int(shard_size),
+      'num_shards': -(-int(num_examples) // int(shard_size)),
+  })
+
+
+def _first_difference(got: Any, want: Any, path: str) -> str | None:
+  """Dotted path of the first field where `got` differs from `want`, or None."""
+  if isinstance(got, dict) and isinstance(want, dict):
+    for key in list(want) + [k for k in got if k not in want]:
+      if key not in got or key not in want:
+        return f'{path}.{key}' if path else key
+      found = _first_difference(got[key], want[key], f'{path}.{key}' if path else key)
+      if found:
+        return found
+    return None
+  return None if got == want else path
+
+
+def check_header(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+  """Raises ValueError naming the first header field where `found` differs.
+
+  Args:
+    found: metadata read from `where` (may hold more than the header).
+    expected: `make_header` of this run.
+    where: file the metadata came from, for the message.
+  """
+  found = {k: found.get(k) for k in HEADER_FIELDS}
+  field = _first_difference(found, expected, '')
+  if field:
+    raise ValueError(
+        f'{where} was written with {field}={_lookup(found, field)!r} but this run has '
+        f'{field}={_lookup(expected, field)!r}; use another output directory (or delete that '
+        'one) to tokenize with other settings')
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+  for key in dotted.split('.'):
+    if not isinstance(tree, dict) or key not in tree:
+      return '<missing>'
+    tree = tree[key]
+  return tree
+
+
+def write_json_atomic(path: str, value: dict[str, Any]) -> None:
+  """Writes JSON to a temporary name, then renames it over `path`."""
+  tmp = path + '.tmp'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
+    f.write(json.dumps(value, indent=2, sort_keys=True) + '\n')
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read_metadata(directory: str) -> dict[str, Any] | None:
+  """DIR/metadata.json, or None when it does not exist (yet)."""
+  path = os.path.join(directory, METADATA_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path, 'r') as f:
+    return json.loads(f.read())
+
+
+def save_shard(path: str, *, codes: np.ndarray, labels: np.ndarray, source_index: np.ndarray,
+               header: dict[str, Any]) -> None:
+  """Writes one shard atomically: to `path`.tmp, then renamed to `path`.
+
+  Args:
+    path: `shard_path(...)`.
+    codes: int[n, V, h, w] in header['dtype'].
+    labels: int32[n].
+    source_index: int64[n].
+    header: `make_header(...)`.
+  """
+  buffer = io.BytesIO()
+  np.savez(buffer, codes=codes, labels=labels.astype(np.int32),
+           source_index=source_index.astype(np.int64),
+           header=np.array(json.dumps(header, sort_keys=True)))
+  tmp = path + '.tmp'
+  with tf.io.gfile.GFile(tmp, 'wb') as f:
+    f.write(buffer.getvalue())
+  # A shard under its final name is complete: a crash leaves only the .tmp.
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def load_shard(path: str, keys: tuple[str, ...] = ('codes', 'labels', 'source_index')
+               ) -> dict[str, Any]:
+  """Reads the named arrays of a shard ('header' comes back as a dict)."""
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    # np.load reads only the members asked for; GFile seeks, so a header check
+    # does not read the codes.
+    with np.load(f) as data:
+      out = {k: data[k] for k in keys}
+  if 'header' in out:
+    out['header'] = json.loads(str(out['header']))
+  return out
+
+
+def check_data_config(metadata: dict[str, Any], data_config: Any, directory: str) -> None:
+  """The data settings training uses must be those the codes were made with.
+
+  Raises:
+    ValueError naming the data config field and both values.
+  """
+  where = os.path.join(directory, METADATA_FILE)
+  pairs = (('source', 'source'), ('train_split', 'split'), ('image_size', 'image_size'),
+           ('augment', 'augment'))
+  for field, key in pairs:
+    value = getattr(data_config, field)
+    if value != metadata[key]:
+      hint = ''
+      if field == 'augment':
+        sets = [k for k, v in VARIANT_SETS.items() if v == value]
+        hint = f' (tokenize with --variants={sets[0]})' if sets else ''
+      raise ValueError(f'data.{field}={value!r} but {where} holds {key}={metadata[key]!r}{hint}')
+  if metadata.get('payload') != 'codes':
+    raise NotImplementedError(f'{where}: payload {metadata.get("payload")!r}; only integer '
+                              "'codes' can be read so far")
+  if metadata.get('format_version') != FORMAT_VERSION:
+    raise ValueError(f'{where}: format_version={metadata.get("format_version")}, this reader '
+                     f'reads {FORMAT_VERSION}')
+
+
+def check_tokenizer(metadata: dict[str, Any], tokenizer_config: Any) -> None:
+  """For the trainer: the codes must come from the tokenizer the model is trained for.
+
+  Raises:
+    ValueError naming the first differing `tokenizer.<field>`.
+  """
+  ours = {'tokenizer': _jsonable(tokenizer_config)}
+  theirs = {'tokenizer': metadata['tokenizer']}
+  field = _first_difference(theirs, ours, '')
+  if field:
+    raise ValueError(f'config.{field}={_lookup(ours, field)!r} but the pre-tokenized data was '
+                     f'made with {field}={_lookup(theirs, field)!r}')
+
+
+class TokenizedTrainIterator:
+  """Endless iterator over this process's pre-tokenized training batches.
+
+  `next(it)` returns numpy arrays for this process:
+    {'tokens': int32[b, h, w], 'label': int32[b]}
+  with b = global_batch_size // process_count: the codes of the views the image
+  pipeline (`input_pipeline.TrainIterator`) would return for the same config,
+  seed and state. `get_state()` is the same dict as the image pipeline's.
+  """
+
+  def __init__(self, index_batches: tf.data.Dataset, *, codes: np.ndarray, labels: np.ndarray,
+               row_of: np.ndarray, slice_start: int, position: int, num_skipped: int,
+               local_batch_size: int, metadata: dict[str, Any]):
+    self._index_iter = index_batches.as_numpy_iterator()
+    # codes: [kept examples of the slice, V, h, w]; row_of[source - slice_start] = row or -1.
+    self._codes, self._labels, self._row_of = codes, labels, row_of
+    self._slice_start = slice_start
+    self._position = position
+    self._num_emitted = position - num_skipped
+    # Records read from the index stream but not yet returned (kept ones only).
+    self._pending = {k: np.zeros((0,), np.int64) for k in ('record', 'row', 'variant')}
+    self.local_batch_size = local_batch_size
+    self.metadata = metadata
+    self.num_classes = int(metadata['num_classes'])
+    self.image_size = int(metadata['image_size'])
+    self.grid_size = tuple(metadata['grid_size'])
+    self.vocab_size = int(metadata['vocab_size'])
+    self.num_train_examples = int(metadata['num_examples'])
+    self.num_local_examples = len(row_of)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    b = self.local_batch_size
+    while len(self._pending['record']) < b:
+      record, source, variant = next(self._index_iter)
+      rows = self._row_of[source - self._slice_start]
+      # Dropped examples are consumed records that emit nothing, as with ignore_errors.
+      keep = rows >= 0
+      for key, value in (('record', record), ('row', rows), ('variant', variant)):
+        self._pending[key] = np.concatenate([self._pending[key], value[keep].astype(np.int64)])
+    take = {k: v[:b] for k, v in self._pending.items()}
+    self._pending = {k: v[b:] for k, v in self._pending.items()}
+    self._position = int(take['record'][-1]) + 1
+    self._num_emitted += b
+    return {'tokens': self._codes[take['row'], take['variant']].astype(np.int32),
+            'label': self._labels[take['row']]}
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-serialisable data position after the batches returned so far."""
+    return {'position': self._position, 'num_skipped': self._position - self._num_emitted}
+
+
+def _load_slice(directory: str, metadata: dict[str, Any], start: int, end: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Source examples [start, end): (codes[k, V, h, w], labels int32[k], row_of int64[end - start]).
+
+  row_of[i] is the row of source example start + i, or -1 when it was left out.
+  """
+  shard_size = int(metadata['shard_size'])
+  want_shape = (int(metadata['num_variants']), *metadata['grid_size'])
+  codes, labels, sources = [], [], []
+  for shard in range(start // shard_size, (end - 1) // shard_size + 1):
+    path = shard_path(directory, shard)
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f'{path} is missing although {METADATA_FILE} says the directory '
+                              f'is complete; delete {METADATA_FILE} and rerun tokenize_dataset '
+                              'on it (existing shards are kept)')
+    data = load_shard(path)
+    if data['codes'].shape[1:] != want_shape or data['codes'].dtype.name != metadata['dtype']:
+      raise ValueError(f'{path}: codes {data["codes"].dtype}{list(data["codes"].shape)}, '
+                       f'metadata says {metadata["dtype"]}[n, {", ".join(map(str, want_shape))}]')
+    inside = (data['source_index'] >= start) & (data['source_index'] < end)
+    codes.append(data['codes'][inside])
+    labels.append(data['labels'][inside])
+    sources.append(data['source_index'][inside])
+  sources = np.concatenate(sources)
+  row_of = np.full((end - start,), -1, np.int64)
+  row_of[sources - start] = np.arange(len(sources))
+  return np.concatenate(codes), np.concatenate(labels).astype(np.int32), row_of
+
+
+def open_metadata(directory: str) -> dict[str, Any]:
+  """metadata.json of a complete tokenized directory, with an actionable error otherwise."""
+  metadata = read_metadata(directory)
+  if metadata is None:
+    raise FileNotFoundError(
+        f'{os.path.join(directory, METADATA_FILE)} does not exist: {directory!r} is not a '
+        'complete tokenized data set (tokenize_dataset writes it last; rerun it to finish)')
+  return metadata
+
+
+def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
+                          state: dict | None = None, process_index: int | None = None,
+                          process_count: int | None = None) -> TokenizedTrainIterator:
+  """This process's endless training iterator over the codes in `data_config.tokenized_dir`.
+
+  Same arguments, record order, process slices, epochs and state as
+  `input_pipeline.create_train_iterator` on images (which calls this when
+  `data_config.tokenized_dir` is set); the images are never opened.
+
+  Args:
+    data_config: see `input_pipeline.default_data_config`; source, train_split,
+      image_size and augment must match the directory's metadata.
+    global_batch_size: examples per step over all processes.
+    seed: data seed.
+    state: a previous `get_state()` (of either iterator); continues with the next batch.
+    process_index: this process; default `jax.process_index()`.
+    process_count: number of processes; default `jax.process_count()`.
+
+  Returns:
+    A `TokenizedTrainIterator`.
+  """
+  process_index, process_count = input_pipeline.resolve_process(process_index, process_count)
+  local_batch_size = input_pipeline.per_process_batch_size(global_batch_size, process_count)
+  directory = data_config.tokenized_dir
+  metadata = open_metadata(directory)
+  check_data_config(metadata, data_config, directory)
+  variant_of = input_pipeline.variant_fn(data_config.augment, seed, process_index)
+  position, num_skipped = input_pipeline.parse_data_state(state)
+  order = input_pipeline.train_record_order(
+      data_config, num_examples=int(metadata['num_examples']), seed=seed,
+      process_index=process_index, process_count=process_count)
+  codes, labels, row_of = _load_slice(directory, metadata, order.slice_start,
+                                      order.slice_start + order.num_records)
+  if not len(codes):
+    raise ValueError(f'process {process_index} of {process_count}: every example of its slice '
+                     f'was dropped as unreadable when {directory!r} was written')
+  logging.info('tokenized data %s: %d examples of this slice (%d dropped), codes %s%s',
+               directory, len(codes), order.num_records - len(codes), codes.dtype,
+               list(codes.shape))
+
+  ds = order.stream(position)
+  ds = ds.map(lambda record, source: (record, source, variant_of(record)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # Index chunks; the iterator cuts them into batches of kept records.
+  ds = ds.batch(max(local_batch_size, 256))
+  ds = ds.prefetch(2)
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  return TokenizedTrainIterator(ds, codes=codes, labels=labels, row_of=row_of,
+                                slice_start=order.slice_start, position=position,
+                                num_skipped=num_skipped, local_batch_size=local_batch_size,
+                                metadata=metadata)

@@ -1,0 +1,371 @@
+"""Tests of pre-tokenized training data: ten-crop views, tokenize_dataset and the reader."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from heptapod_jax.data import builtin
+from heptapod_jax.data import input_pipeline
+from heptapod_jax.data import preprocess
+from heptapod_jax.data import tokenized
+from heptapod_jax.models.tokenizers import make_tokenizer
+from heptapod_jax.tools.tokenize_dataset import tokenize_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPLIT = 'train[:40]'  # 40 records: global batches of 16 cross epochs within a few steps.
+SHARD_SIZE = 16  # -> shards of 16, 16 and 8 examples.
+
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builtin.prepare(data_dir)
+  return data_dir
+
+
+def _config(data_dir, levels=16, **data_overrides):
+  """Experiment config with the fields tokenize_dataset reads: data and tokenizer."""
+  data = input_pipeline.default_data_config()
+  data.data_dir = data_dir
+  data.train_split = SPLIT
+  data.augment = 'ten_crop'
+  data.shuffle_buffer = 16  # Smaller than the split: the buffered shuffle is exercised.
+  for key, value in data_overrides.items():
+    data[key] = value
+  tokenizer = ml_collections.ConfigDict(
+      {'kind': 'pixel', 'patch': 4, 'levels': levels, 'checkpoint': ''})
+  return ml_collections.ConfigDict({'data': data, 'tokenizer': tokenizer})
+
+
+def _tokenize(config, out_dir, **kwargs):
+  kwargs = {'variants': 'ten_crop', 'shard_size': SHARD_SIZE, 'batch_size': 64, **kwargs}
+  return tokenize_dataset(config, str(out_dir), **kwargs)
+
+
+@pytest.fixture(scope='module')
+def reference_dir(digits_dir, tmp_path_factory):
+  """SPLIT tokenized in one uninterrupted single-process run."""
+  out = tmp_path_factory.mktemp('tokenized')
+  result = _tokenize(_config(digits_dir), out)
+  assert result['written'] == [0, 1, 2] and result['metadata'] is not None
+  return str(out)
+
+
+def _shards(directory):
+  return sorted(f for f in os.listdir(directory) if f.startswith('codes-'))
+
+
+def _assert_same_shards(dir_a, dir_b):
+  assert _shards(dir_a) == _shards(dir_b) == ['codes-00000.npz', 'codes-00001.npz',
+                                              'codes-00002.npz']
+  keys = ('codes', 'labels', 'source_index', 'header')
+  for name in _shards(dir_a):
+    a = tokenized.load_shard(os.path.join(dir_a, name), keys)
+    b = tokenized.load_shard(os.path.join(dir_b, name), keys)
+    for key in keys[:3]:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f'{name}:{key}')
+      assert a[key].dtype == b[key].dtype
+    assert a['header'] == b['header']
+  assert tokenized.read_metadata(dir_a) == tokenized.read_metadata(dir_b)
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------- views
+
+
+def _adm_center_crop_arr(arr, image_size):
+  """guided-diffusion's image_datasets.center_crop_arr, verbatim in PIL."""
+  pil_image = Image.fromarray(arr)
+  while min(*pil_image.size) >= 2 * image_size:
+    pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+  scale = image_size / min(*pil_image.size)
+  pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                               resample=Image.BICUBIC)
+  arr = np.array(pil_image)
+  crop_y = (arr.shape[0] - image_size) // 2
+  crop_x = (arr.shape[1] - image_size) // 2
+  return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+
+
+def _np_five_crop(a, s):
+  """torchvision.transforms.functional.five_crop on an HWC array (checked against it)."""
+  h, w = a.shape[:2]
+  top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+  return [a[:s, :s], a[:s, w - s:], a[h - s:, :s], a[h - s:, w - s:], a[top:top + s, left:left + s]]
+
+
+def _np_ten_crop(a, s):
+  """torchvision's TenCrop(s): five crops of the image, then of its mirror image."""
+  return _np_five_crop(a, s) + _np_five_crop(a[:, ::-1], s)
+
+
+def _llamagen_views(arr, size):
+  """LlamaGen's extract_codes transform: center_crop_arr to int(1.1 * size), TenCrop(size)."""
+  return np.stack(_np_ten_crop(_adm_center_crop_arr(arr, int(size * 1.1)), size))
+
+
+def test_ten_crop_views_match_pil_reference():
+  rng = np.random.default_rng(0)
+  # The crop selection alone is exact, on the sizes where torchvision's center
+  # offset rounds a half to even: 17 -> 16 starts at 0, 35 -> 32 at 2, 23 -> 16 at 4.
+  for shape, size in (((17, 17), 16), ((35, 35), 32), ((20, 23), 16)):
+    image = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    got = preprocess.ten_crop(tf.constant(image), size).numpy()
+    np.testing.assert_array_equal(got, np.stack(_np_ten_crop(image, size)))
+
+  yy, xx = np.mgrid[:45, :60]
+  smooth = np.uint8(127 + 120 * np.sin(xx / 3.0)[..., None] * np.cos(yy / 5.0)[..., None]
+                    * np.ones(3))
+  noise = rng.integers(0, 256, (45, 60, 3), dtype=np.uint8)
+  for image in (smooth, noise):
+    for size in (16, 32):  # 1.1x: one box halving then bicubic down; bicubic up.
+      views = preprocess.augmented_views(tf.constant(image), size, 'ten_crop').numpy()
+      want = _llamagen_views(image, size)
+      assert views.shape == (10, size, size, 3) and views.dtype == np.uint8
+      # Within the bicubic resize's PIL tolerance (see test_data's center crop test).
+      diff = np.abs(views.astype(int) - want.astype(int))
+      assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
+      # Exactly the crops of the 1.1x center crop this module computes.
+      big = preprocess.center_crop(tf.constant(image), preprocess.ten_crop_size(size)).numpy()
+      np.testing.assert_array_equal(views, np.stack(_np_ten_crop(big, size)))
+
+  # One view at a time (the image pipeline) equals the all-views tensor (the tool).
+  image = tf.constant(smooth)
+  for augment, names in preprocess.VARIANT_NAMES.items():
+    views = preprocess.augmented_views(image, 16, augment).numpy()
+    assert len(views) == len(names)
+    for v in range(len(names)):
+      np.testing.assert_array_equal(preprocess.augmented_view(image, 16, augment, v).numpy(),
+                                    views[v])
+  center = preprocess.center_crop(image, 16).numpy()
+  np.testing.assert_array_equal(preprocess.augmented_views(image, 16, 'flip').numpy(),
+                                np.stack([center, center[:, ::-1]]))
+
+
+# ------------------------------------------------------------------------ source order
+
+
+def test_ranges_follow_the_canonical_order_across_files(tmp_path):
+  # Shards and process slices refer to source indices: any range must read the
+  # same examples as that range of the whole split, also when the split spans
+  # several files (TFDS interleaves 16 files by default) or several parts.
+  builder = builtin.HeptapodDigits(data_dir=str(tmp_path))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      num_shards=4, try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  config = input_pipeline.default_data_config()
+  config.data_dir = str(tmp_path)
+  source = input_pipeline.resolve_source(config)
+  read = lambda split, a, b: [r['image'] for r in
+                              source.read_range(split, a, b).records.as_numpy_iterator()]
+  train, test = read('train', 0, 1500), read('test', 0, 297)
+  for a, b in ((0, 400), (370, 760), (1100, 1500)):
+    assert read('train', a, b) == train[a:b], (a, b)
+  split = 'train[10:20]+test[:5]+train[:3]'
+  whole = train[10:20] + test[:5] + train[:3]
+  assert source.num_examples(split) == 18 and read(split, 0, 18) == whole
+  for a, b in ((5, 12), (9, 18), (14, 15)):
+    assert read(split, a, b) == whole[a:b], (a, b)
+
+
+# ------------------------------------------------------------------------------ the tool
+
+
+def test_shards_hold_source_order_and_metadata(reference_dir, digits_dir):
+  metadata = tokenized.read_metadata(reference_dir)
+  assert metadata['num_examples'] == 40 and metadata['num_shards'] == 3
+  assert metadata['num_kept'] == 40 and metadata['num_skipped'] == 0
+  assert metadata['variant_names'] == list(preprocess.VARIANT_NAMES['ten_crop'])
+  assert metadata['grid_size'] == [8, 8] and metadata['vocab_size'] == 16
+  assert metadata['dtype'] == 'int16' and metadata['payload'] == 'codes'
+  assert metadata['tokenizer'] == {'kind': 'pixel', 'patch': 4, 'levels': 16, 'checkpoint': ''}
+
+  source = tfds.builder('heptapod_digits', data_dir=digits_dir).as_dataset(
+      split=SPLIT, shuffle_files=False)
+  images = [ex['image'] for ex in source.as_numpy_iterator()]
+  labels = [ex['label'] for ex in source.as_numpy_iterator()]
+  tokenizer, params = make_tokenizer(_config(digits_dir).tokenizer, 32)
+  for shard in range(3):
+    data = tokenized.load_shard(tokenized.shard_path(reference_dir, shard))
+    start, end = shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, 40)
+    assert data['codes'].shape == (end - start, 10, 8, 8) and data['codes'].dtype == np.int16
+    np.testing.assert_array_equal(data['source_index'], np.arange(start, end))
+    np.testing.assert_array_equal(data['labels'], labels[start:end])
+  # Row 3 of shard 1 is source example 19; its codes are those of its ten views.
+  views = preprocess.augmented_views(tf.constant(images[19]), 32, 'ten_crop')
+  want = tokenizer.encode_to_indices(params, preprocess.to_model_range(views).numpy())
+  np.testing.assert_array_equal(tokenized.load_shard(tokenized.shard_path(reference_dir, 1))
+                                ['codes'][3], want)
+
+
+def test_interrupted_tokenization_resumes_without_rewriting(digits_dir, reference_dir, tmp_path):
+  out = tmp_path / 'resumed'
+  first = _tokenize(_config(digits_dir), out, max_shards=1)
+  assert first == {'written': [0], 'skipped': [], 'metadata': None}
+  assert not (out / tokenized.METADATA_FILE).exists()
+  # A crash mid-write leaves only a temporary file behind.
+  (out / 'codes-00001.npz.tmp').write_bytes(b'partial')
+  old = 1_000_000_000
+  os.utime(out / 'codes-00000.npz', (old, old))
+
+  second = _tokenize(_config(digits_dir), out)
+  assert second['written'] == [1, 2] and second['skipped'] == [0]
+  assert os.stat(out / 'codes-00000.npz').st_mtime == old
+  assert not (out / 'codes-00001.npz.tmp').exists()
+  _assert_same_shards(str(out), reference_dir)
+
+  third = _tokenize(_config(digits_dir), out)  # Complete: nothing to do.
+  assert third['written'] == [] and third['metadata'] == second['metadata']
+
+
+def test_two_processes_split_the_shards(digits_dir, reference_dir, tmp_path):
+  out = tmp_path / 'two'
+  p0 = _tokenize(_config(digits_dir), out, process_index=0, process_count=2)
+  assert p0['written'] == [0, 2] and p0['metadata'] is None
+  p1 = _tokenize(_config(digits_dir), out, process_index=1, process_count=2)
+  assert p1['written'] == [1] and p1['metadata'] is not None  # The last one completes it.
+  _assert_same_shards(str(out), reference_dir)
+
+
+def test_settings_mismatch_names_the_field(digits_dir, reference_dir, tmp_path):
+  match = r'metadata\.json.*tokenizer\.levels=16.*tokenizer\.levels=8'
+  with pytest.raises(ValueError, match=match):
+    _tokenize(_config(digits_dir, levels=8), reference_dir)
+  with pytest.raises(ValueError, match=r'shard_size=16 .*shard_size=8'):
+    _tokenize(_config(digits_dir), reference_dir, shard_size=8)
+  # Partial directory (no metadata yet): the shard headers protect it.
+  out = tmp_path / 'partial'
+  _tokenize(_config(digits_dir), out, max_shards=1)
+  with pytest.raises(ValueError, match=r'codes-00000\.npz.*tokenizer\.levels'):
+    _tokenize(_config(digits_dir, levels=8), out)
+
+  # The reader checks the data settings, the trainer the tokenizer.
+  config = _config(digits_dir, tokenized_dir=reference_dir, augment='flip')
+  match = r"data\.augment='flip'.*augment='ten_crop'.*--variants=flip"
+  with pytest.raises(ValueError, match=match):
+    input_pipeline.create_train_iterator(config.data, global_batch_size=8, seed=0)
+  config = _config(digits_dir, augment='mirror')
+  with pytest.raises(ValueError, match=r"data\.augment='mirror' is not one of.*ten_crop"):
+    input_pipeline.create_train_iterator(config.data, global_batch_size=8, seed=0)
+  config = _config(digits_dir, tokenized_dir=reference_dir, train_split='train')
+  with pytest.raises(ValueError, match=r'data\.train_split'):
+    input_pipeline.create_train_iterator(config.data, global_batch_size=8, seed=0)
+  metadata = tokenized.read_metadata(reference_dir)
+  tokenized.check_tokenizer(metadata, _config(digits_dir).tokenizer)
+  with pytest.raises(ValueError, match=r'config\.tokenizer\.levels=8.*levels=16'):
+    tokenized.check_tokenizer(metadata, _config(digits_dir, levels=8).tokenizer)
+  with pytest.raises(FileNotFoundError, match='metadata.json'):
+    tokenized.open_metadata(str(out))
+
+
+def test_cli(digits_dir, tmp_path):
+  out = tmp_path / 'cli'
+  command = [sys.executable, '-m', 'heptapod_jax.tools.tokenize_dataset',
+             '--config=configs/demo.py', f'--config.data.data_dir={digits_dir}',
+             '--config.data.train_split=train[:12]', f'--out={out}', '--variants=center',
+             '--shard_size=8', '--batch_size=8']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  metadata = json.loads((out / tokenized.METADATA_FILE).read_text())
+  assert metadata['split'] == 'train[:12]' and metadata['num_shards'] == 2
+  assert metadata['variant_names'] == ['center'] and metadata['augment'] == 'none'
+  assert tokenized.load_shard(str(out / 'codes-00001.npz'))['codes'].shape == (4, 1, 8, 8)
+
+
+# ---------------------------------------------------------------------------- the reader
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_reader_replays_the_image_pipeline(digits_dir, reference_dir, process_count):
+  images_config = _config(digits_dir).data
+  tokens_config = _config(digits_dir, tokenized_dir=reference_dir).data
+  tokenizer, params = make_tokenizer(_config(digits_dir).tokenizer, 32)
+  num_batches = 6  # 96 records over 40: two epoch boundaries.
+  for process_index in range(process_count):
+    make = lambda config, state=None: input_pipeline.create_train_iterator(
+        config, global_batch_size=16, seed=7, state=state, process_index=process_index,
+        process_count=process_count)
+    images, codes = make(images_config), make(tokens_config)
+    assert isinstance(codes, tokenized.TokenizedTrainIterator)
+    assert codes.num_classes == images.num_classes == 10
+    assert codes.num_local_examples == images.num_local_examples == 40 // process_count
+    assert codes.num_train_examples == 40 and codes.grid_size == (8, 8)
+    image_batches, states = [], []
+    for _ in range(num_batches):
+      image_batch, code_batch = next(images), next(codes)
+      assert set(code_batch) == {'tokens', 'label'}
+      assert code_batch['tokens'].shape == (16 // process_count, 8, 8)
+      assert code_batch['tokens'].dtype == np.int32 and code_batch['label'].dtype == np.int32
+      want = np.asarray(tokenizer.encode_to_indices(params, image_batch['image']))
+      np.testing.assert_array_equal(code_batch['tokens'], want)
+      np.testing.assert_array_equal(code_batch['label'], image_batch['label'])
+      assert codes.get_state() == images.get_state()
+      image_batches.append(image_batch)
+      states.append(codes.get_state())
+    # Resume from any batch, including across an epoch boundary (position 40 / process_count).
+    for k in (1, 2, 4):
+      state = json.loads(json.dumps(states[k - 1]))
+      resumed_codes, resumed_images = next(make(tokens_config, state)), next(
+          make(images_config, state))
+      np.testing.assert_array_equal(resumed_images['image'], image_batches[k]['image'])
+      np.testing.assert_array_equal(
+          resumed_codes['tokens'],
+          np.asarray(tokenizer.encode_to_indices(params, image_batches[k]['image'])))
+      np.testing.assert_array_equal(resumed_codes['label'], image_batches[k]['label'])
+
+  # The views really vary with the record.
+  variant = input_pipeline.variant_fn('ten_crop', 7, 0)
+  assert len({int(variant(tf.constant(r, tf.int64))) for r in range(64)}) == 10
+
+
+def _save(path, array, fmt):
+  Image.fromarray(array).save(path, format=fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
+
+
+def test_reader_skips_unreadable_images_like_the_image_pipeline(tmp_path):
+  root = tmp_path / 'images'
+  rng = np.random.default_rng(0)
+  for cls, name, shape in (('cat', 'a.png', (40, 60)), ('cat', 'b.jpg', (50, 50)),
+                           ('cat', 'c.png', (33, 20)), ('dog', 'd.jpeg', (64, 48)),
+                           ('dog', 'e.png', (16, 16)), ('dog', 'f.png', (70, 45))):
+    (root / 'train' / cls).mkdir(parents=True, exist_ok=True)
+    image = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    _save(root / 'train' / cls / name, image, 'JPEG' if name.endswith(('jpg', 'jpeg')) else 'PNG')
+  (root / 'train' / 'dog' / 'corrupt.jpg').write_bytes(rng.bytes(300))
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format='JPEG')
+  (root / 'train' / 'cat' / 'bad.jpg').write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+
+  config = _config(None, source='image_folder', folder=str(root), train_split='train',
+                   image_size=8, augment='flip')
+  out = tmp_path / 'tokens'
+  result = _tokenize(config, out, variants='flip', shard_size=3)
+  assert result['metadata']['num_examples'] == 8 and result['metadata']['num_skipped'] == 2
+  kept = np.concatenate([tokenized.load_shard(tokenized.shard_path(str(out), s))['source_index']
+                         for s in range(3)])
+  assert len(kept) == 6
+
+  tokenizer, params = make_tokenizer(config.tokenizer, 8)
+  config.data.tokenized_dir = str(out)
+  codes = input_pipeline.create_train_iterator(config.data, global_batch_size=4, seed=1)
+  config.data.tokenized_dir = None
+  images = input_pipeline.create_train_iterator(config.data, global_batch_size=4, seed=1)
+  for _ in range(5):
+    image_batch, code_batch = next(images), next(codes)
+    np.testing.assert_array_equal(code_batch['tokens'],
+                                  tokenizer.encode_to_indices(params, image_batch['image']))
+    np.testing.assert_array_equal(code_batch['label'], image_batch['label'])
+    assert codes.get_state() == images.get_state()
+  assert codes.get_state()['num_skipped'] >= 4  # Two broken records per epoch of 8.
