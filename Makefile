@@ -39,8 +39,11 @@ test: $(DEV_STAMP)
 test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
+# Two stages: the VQ tokenizer (reused if already trained in the workdir), then Heptapod on its codes.
 demo: $(STAMP)
-	$(PY) -m heptapod_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) -m heptapod_jax.main --config=configs/vq_demo.py --workdir=$(WORKDIR)/tokenizer
+	$(PY) -m heptapod_jax.main --config=configs/demo.py --workdir=$(WORKDIR) \
+	  --config.tokenizer.checkpoint=$(WORKDIR)/tokenizer/tokenizer
 
 params: $(STAMP)
 	$(PY) -m heptapod_jax.tools.param_count $(ARGS)

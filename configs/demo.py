@@ -1,25 +1,27 @@
 """The embedded default: Heptapod on the built-in digits, end to end on a CPU.
 
   make demo
-  # = python -m heptapod_jax.main --config=configs/demo.py --workdir=workdirs/demo
+  # = python -m heptapod_jax.main --config=configs/vq_demo.py --workdir=workdirs/demo/tokenizer
+  #   python -m heptapod_jax.main --config=configs/demo.py --workdir=workdirs/demo \
+  #       --config.tokenizer.checkpoint=workdirs/demo/tokenizer/tokenizer
 
 Data: scikit-learn's 1,797 handwritten digits (bundled with the package, no
 download), rendered as 32x32 RGB through the project's TFDS builder; 1,500
-train / 297 held-out. Tokenizer: gray levels of 4x4 patches, 16 levels, so
-each image is an 8x8 grid of tokens (N = 64). Model: the `tiny` preset
-(backbone 4 x 128, global 2D head 2 x 64), steps_per_image = 4, batch 32,
-1,200 steps (~26 epochs).
+train / 297 held-out. Tokenizer (`tokenizer=vq`, default): the small VQ
+autoencoder that configs/vq_demo.py trains first (stride 4, 64 codes), so each
+image is an 8x8 grid of tokens (N = 64); `tokenizer=pixel` instead uses gray
+levels of 4x4 patches (16 levels, no training stage). Model: the `tiny` preset
+(backbone 4 x 128, global 2D head 2 x 64), steps_per_image = 4, batch 32.
 
-Hardware: any CPU. Measured on a 2-core machine: 6 min 24 s for `make demo` from
-a fresh clone (48 s of it building the venv), 4.05 steps/s.
-Expected (measured, deterministic): held-out NLL 1.503 nats/token = 2.17 bits/token
-(a uniform model: log 16 = 2.77 nats), next-token accuracy 0.50; sample grids under
-workdirs/demo/samples/ with one column per digit 0..9.
+Hardware: any CPU; about 8 minutes for `make demo` on a 2-core machine (figures
+in README). Expected: a held-out NLL well below the uniform log(vocab) and
+sample grids under workdirs/demo/samples/ with one column per digit 0..9.
 
 Options (`--config=configs/demo.py:head=local,steps=500`):
-  head    global | local | next_token   the 2D head or the 1D baseline
-  steps   training steps
-  size    model size preset (tiny by default)
+  head       global | local | next_token   the 2D head or the 1D baseline
+  steps      training steps
+  size       model size preset (tiny by default)
+  tokenizer  vq | pixel
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from heptapod_jax import config_lib  # noqa: E402
 
 
 def get_config(arg: str | None = None):
-  opts = config_lib.parse_arg(arg, head='global', steps=1200, size='tiny')
+  opts = config_lib.parse_arg(arg, head='global', steps=1200, size='tiny', tokenizer='vq')
   c = common.base_config()
   common.apply_size(c, opts.size)
   c.seed = 0
@@ -43,12 +45,22 @@ def get_config(arg: str | None = None):
   c.data.augment = 'none'
   c.data.shuffle_buffer = 2000
 
-  c.tokenizer.kind = 'pixel'
-  c.tokenizer.patch = 4
-  c.tokenizer.levels = 16
+  if opts.tokenizer == 'vq':
+    c.tokenizer.kind = 'vq'
+    # Written by the first stage of `make demo` (configs/vq_demo.py); paths are relative to
+    # the repository root, where the README's commands run.
+    c.tokenizer.checkpoint = 'workdirs/demo/tokenizer/tokenizer'
+    vocab = 64
+  elif opts.tokenizer == 'pixel':
+    c.tokenizer.kind = 'pixel'
+    c.tokenizer.patch = 4
+    c.tokenizer.levels = 16
+    vocab = 16
+  else:
+    raise ValueError(f"configs/demo.py option tokenizer={opts.tokenizer!r} is not one of ['vq', 'pixel'].")
 
   m = c.model
-  m.vocab_size = 16
+  m.vocab_size = vocab
   m.grid_size = (8, 8)
   m.num_classes = 10
   m.head.kind = opts.head

@@ -272,7 +272,7 @@ def test_settings_mismatch_names_the_field(digits_dir, reference_dir, tmp_path):
 def test_cli(digits_dir, tmp_path):
   out = tmp_path / 'cli'
   command = [sys.executable, '-m', 'heptapod_jax.tools.tokenize_dataset',
-             '--config=configs/demo.py', f'--config.data.data_dir={digits_dir}',
+             '--config=configs/demo.py:tokenizer=pixel', f'--config.data.data_dir={digits_dir}',
              '--config.data.train_split=train[:12]', f'--out={out}', '--variants=center',
              '--shard_size=8', '--batch_size=8']
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')

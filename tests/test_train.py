@@ -28,7 +28,7 @@ def load_recipe(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def tiny_config(tmp_path, steps=4, mesh=(4, 2, 1)) -> ml_collections.ConfigDict:
-  c = load_recipe('demo', f'steps={steps}')
+  c = load_recipe('demo', f'steps={steps},tokenizer=pixel')
   c.data.data_dir = str(tmp_path / 'tfds')
   m = c.model
   m.backbone.width, m.backbone.depth, m.backbone.num_heads = 32, 2, 2
@@ -166,7 +166,7 @@ def test_checkpoint_restores_onto_a_smaller_mesh(tmp_path):
 
 
 def _parse_flags(*args):
-  argv = ['prog', f'--config={os.path.join(ROOT, "configs", "demo.py")}', *args]
+  argv = ['prog', f'--config={os.path.join(ROOT, "configs", "demo.py")}:tokenizer=pixel', *args]
   flag_values = flags.FlagValues()
   # sys_argv: config_flags registers the override flags it finds there.
   config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True,
@@ -184,21 +184,21 @@ def test_config_overrides_and_validation():
   with pytest.raises(Exception, match='lr'):
     _parse_flags('--config.optim.lr=fast')
   # validate() names unknown and ill-typed fields that reach it some other way.
-  c = load_recipe('demo')
+  c = load_recipe('demo', 'tokenizer=pixel')
   c.unlock()
   c.optim.lrr = 1.0
   with pytest.raises(ValueError, match=r'config\.optim\.lrr is not a known field'):
     config_lib.validate(c)
-  c = load_recipe('demo')
+  c = load_recipe('demo', 'tokenizer=pixel')
   with c.ignore_type():
     c.train.num_steps = 'many'
   with pytest.raises(ValueError, match=r'config\.train\.num_steps'):
     config_lib.validate(c)
-  c = load_recipe('demo')
+  c = load_recipe('demo', 'tokenizer=pixel')
   c.model.head.kind = 'diagonal'
   with pytest.raises(ValueError, match=r"model\.head\.kind='diagonal' is not one of \['global'"):
     config_lib.validate(c)
-  c = load_recipe('demo')
+  c = load_recipe('demo', 'tokenizer=pixel')
   c.model.vocab_size = 17
   with pytest.raises(ValueError, match='tokenizer.levels'):
     config_lib.validate(c)

@@ -16,11 +16,17 @@ builds the one the config names, with its (possibly empty) parameters:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from heptapod_jax.models.tokenizers.pixel import PixelTokenizer
 
 KINDS = ('pixel', 'vq')
+
+
+def _local_abspath(path: str) -> str:
+  """Orbax needs absolute local paths; URLs (gs://...) stay as given."""
+  return path if '://' in path else os.path.abspath(path)
 
 
 def stored_vq_config(tokenizer_config: Any):
@@ -31,7 +37,7 @@ def stored_vq_config(tokenizer_config: Any):
                      'checkpoint (train one with `python -m heptapod_jax.main '
                      '--config=configs/vq_*.py`, or import LlamaGen\'s with '
                      '`python -m heptapod_jax.tools.convert_llamagen_vq`).')
-  kind, config = io.read_tokenizer_config(tokenizer_config.checkpoint,
+  kind, config = io.read_tokenizer_config(_local_abspath(tokenizer_config.checkpoint),
                                          key=tokenizer_config.checkpoint_key)
   if kind != 'vq':
     raise ValueError(f'config.tokenizer.checkpoint={tokenizer_config.checkpoint} holds a {kind!r} '
@@ -47,7 +53,7 @@ def make_tokenizer(tokenizer_config: Any, image_size: int) -> tuple[Any, Any]:
   if tokenizer_config.kind == 'vq':
     from heptapod_jax.models.tokenizers import io
     config = dataclasses.replace(stored_vq_config(tokenizer_config), image_size=image_size)
-    params = io.load_tokenizer_params(tokenizer_config.checkpoint, config,
+    params = io.load_tokenizer_params(_local_abspath(tokenizer_config.checkpoint), config,
                                       key=tokenizer_config.checkpoint_key)
     return io.make_tokenizer('vq', config), params
   raise ValueError(f'config.tokenizer.kind={tokenizer_config.kind!r} is not one of {list(KINDS)}.')
