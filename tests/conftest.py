@@ -4,6 +4,13 @@ XLA reads XLA_FLAGS once, when the backend starts, so this must happen before
 anything imports jax. TensorFlow is kept off any accelerator and quiet.
 """
 import os
+import sys
+
+# TensorFlow and Triton (pulled in by torchvision -> torch._dynamo) each bundle their own
+# LLVM; loading Triton into a process that already holds TensorFlow segfaults. The tests use
+# PyTorch on the CPU only, so Triton is never needed: make `import triton` fail cleanly
+# (torch then reports it as absent).
+sys.modules.setdefault('triton', None)
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
