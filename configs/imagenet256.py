@@ -12,12 +12,16 @@ Options (`--config=configs/imagenet256.py:size=L,head=global`):
 Command (TPU pod; see launch/ for the pod scripts):
   python -m heptapod_jax.main --config=configs/imagenet256.py:size=H,head=global \
       --workdir=gs://BUCKET/heptapod-H --config.data.data_dir=gs://BUCKET/tfds \
-      --config.tokenizer.checkpoint=gs://BUCKET/vq16.ckpt
+      --config.tokenizer.checkpoint=gs://BUCKET/vq16/tokenizer
 
 Data: TFDS `imagenet2012` prepared from the manual download (ILSVRC2012_img_train.tar and
 ILSVRC2012_img_val.tar in <data_dir>/downloads/manual); ADM center crop to 256, random flip.
-Tokenizer: VQ-16 (16x16 grid of a 16384-entry codebook) -- NOT AVAILABLE YET: it lands with
-the Tokenizers issue, and until then `config_lib.validate` stops this recipe with that message.
+Tokenizer: VQ-16 (16x16 grid of a 16384-entry codebook): train it with
+configs/vq_imagenet256.py or import LlamaGen's vq_ds16_c2i.pt with
+heptapod_jax.tools.convert_llamagen_vq, and pass its directory as
+--config.tokenizer.checkpoint. At scale, tokenize the data set once
+(heptapod_jax.tools.tokenize_dataset, ten-crop + flip as LlamaGen) and train from codes with
+--config.data.tokenized_dir=DIR --config.data.augment=ten_crop.
 
 Hyperparameters: the paper's method section is not available to us, so these follow MAR's
 recipe for a bidirectional/causal generator of this size: AdamW (0.9, 0.95), weight decay 0.02,
