@@ -12,19 +12,12 @@ and reports head share = 1 - backbone / full. Each timing is the median of
 """
 from __future__ import annotations
 
-import dataclasses
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from heptapod_jax import presets
-from heptapod_jax.models.config import BackboneConfig, HeadConfig, ModelConfig
-from heptapod_jax.models.heptapod import Heptapod, compute_loss, init_params
-
-import flax.linen as nn
+from _util import build_model, median_time
+from heptapod_jax.models.heptapod import Heptapod, compute_loss
 
 _SIZE = flags.DEFINE_string('size', 'tiny', 'Size preset.')
 _GRID = flags.DEFINE_integer('grid', 8, 'Token grid side.')
@@ -35,26 +28,10 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repetitions (median reporte
 SETTINGS = (('global', 4), ('global', 16), ('local', 16), ('next_token', -1))
 
 
-def _median_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def bench(kind: str, steps_per_image: int) -> dict[str, float]:
-  s = presets.size_overrides(_SIZE.value)
-  cfg = ModelConfig(
-      vocab_size=_VOCAB.value, grid_size=(_GRID.value, _GRID.value), num_classes=10,
-      backbone=BackboneConfig(**s['backbone']),
-      head=dataclasses.replace(HeadConfig(**s['head']), kind=kind, window=8,
-                               steps_per_image=steps_per_image))
-  cfg.validate()
-  model = Heptapod(cfg)
-  params = nn.unbox(init_params(model, jax.random.key(0)))
+  model, params = build_model(_SIZE.value, grid=_GRID.value, vocab=_VOCAB.value, kind=kind,
+                              steps_per_image=steps_per_image)
+  cfg = model.config
   key = jax.random.key(1)
   tokens = jax.random.randint(key, (_BATCH.value, cfg.num_positions), 0, cfg.vocab_size)
   labels = jax.random.randint(key, (_BATCH.value,), 0, 10)
@@ -67,8 +44,8 @@ def bench(kind: str, steps_per_image: int) -> dict[str, float]:
     return jnp.mean(states * probe)
 
   backbone = jax.jit(jax.grad(backbone_loss))
-  t_full = _median_time(full, params, repeats=_REPEATS.value)
-  t_backbone = _median_time(backbone, params, repeats=_REPEATS.value)
+  t_full = median_time(full, params, repeats=_REPEATS.value)
+  t_backbone = median_time(backbone, params, repeats=_REPEATS.value)
   return dict(full=t_full, backbone=t_backbone, head_share=1.0 - t_backbone / t_full)
 
 

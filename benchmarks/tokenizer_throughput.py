@@ -9,15 +9,13 @@ whatever devices JAX sees (all of them, batch split over a 1-D mesh).
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from _util import median_time
 from heptapod_jax.models.tokenizers import kl, vq
 
 _KINDS = flags.DEFINE_list('kinds', ['vq', 'kl'], 'Which tokenizers: vq, kl.')
@@ -27,13 +25,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls (median reported).')
 
 
 def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return median_time(fn, *args, repeats=_REPEATS.value)
 
 
 def main(argv):

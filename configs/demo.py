@@ -86,5 +86,16 @@ def get_config(arg: str | None = None):
   c.train.eval_every = 600
   c.train.num_sample_images = 40
 
+  # Generative metrics at the end: a small CNN trained on the train split (workdirs/demo/
+  # feature_net) gives the feature space; 300 class-balanced samples (about the size of the
+  # 297-image held-out split, which is scored the same way as the reference point).
+  c.evaluator.features = 'feature_net'
+  c.evaluator.at_end = True
+  c.evaluator.real_baseline = True
+  c.evaluator.num_samples = 300
+  c.evaluator.reference_split = 'train'
+  c.sample.num_per_class = 30
+  c.sample.chunk_size = 100
+
   c.mesh.shape = (-1, 1, 1)
   return c

@@ -366,6 +366,34 @@ def _top_keys(tree: Any) -> list[str]:
   return sorted(k for k in vars(tree) if not k.startswith('_')) if hasattr(tree, '__dict__') else []
 
 
+def _read_only_manager(path: epath.Path) -> ocp.CheckpointManager:
+  # Read-only, and PyTree (not Standard) handler since only it supports
+  # partial restore; the on-disk format is the same.
+  return ocp.CheckpointManager(
+      path,
+      item_names=_ITEM_NAMES,
+      # The JSON handlers only keep Orbax from warning about unknown items.
+      item_handlers={
+          STATE: ocp.PyTreeCheckpointHandler(),
+          DATA: ocp.JsonCheckpointHandler(),
+          CONFIG: ocp.JsonCheckpointHandler(),
+      },
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+
+
+def checkpoint_steps(checkpoint_dir: str) -> list[int]:
+  """The finished steps in a checkpoint directory, ascending (read-only; [] if none)."""
+  path = epath.Path(checkpoint_dir)
+  if not path.exists():
+    return []
+  manager = _read_only_manager(path)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
 def load_params(
     checkpoint_dir: str,
     abstract_params: PyTree,
@@ -401,19 +429,7 @@ def load_params(
   abstract_params = _with_sharding_check(_to_abstract(abstract_params))
   if not path.exists():
     raise FileNotFoundError(f'checkpoint directory {path} does not exist')
-  # Read-only, and PyTree (not Standard) handler since only it supports
-  # partial restore; the on-disk format is the same.
-  manager = ocp.CheckpointManager(
-      path,
-      item_names=_ITEM_NAMES,
-      # The JSON handlers only keep Orbax from warning about unknown items.
-      item_handlers={
-          STATE: ocp.PyTreeCheckpointHandler(),
-          DATA: ocp.JsonCheckpointHandler(),
-          CONFIG: ocp.JsonCheckpointHandler(),
-      },
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-  )
+  manager = _read_only_manager(path)
   try:
     steps = sorted(manager.all_steps())
     if step is None:

@@ -89,6 +89,40 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0))
+
+  # Generative metrics (FID, sFID, IS, precision/recall, class accuracy): used by sample mode
+  # (`main --mode=sample`) and, when every_steps / at_end ask for it, during training.
+  c.evaluator = ml_collections.ConfigDict(dict(
+      features='',  # '' (off) | inception (ImageNet: FID-Inception) | feature_net (small data).
+      inception_weights='',  # features=inception: the file tools/convert_inception.py writes.
+      # features=feature_net: '' = <workdir>/feature_net, trained on data.train_split if missing.
+      feature_net_dir='',
+      feature_net_steps=150,  # Short on purpose: a longer-trained net memorises the train split.
+      # '' = statistics of data split `reference_split`, computed once and cached; or a file:
+      # ADM's VIRTUAL_imagenet256_labeled.npz or a reference .npz written by the project.
+      reference='',
+      reference_split='train',
+      num_samples=5000,  # Class-balanced samples per evaluation during training.
+      every_steps=0,  # During training; 0 = off.
+      at_end=False,  # Also once at the end of training.
+      # Also score held-out real images (data.eval_split), raw and through the tokenizer, against
+      # the same reference: the numbers a perfect model would get.
+      real_baseline=False,
+      batch_size=200,  # Feature-extraction batch.
+      is_split_size=5000,  # Inception Score over splits of this many samples (ADM).
+  ))
+
+  # Sample mode: `python -m heptapod_jax.main --mode=sample --config=... --workdir=RUN`.
+  c.sample = ml_collections.ConfigDict(dict(
+      num_per_class=50,  # ADM protocol: 50 per class = 50,000 for ImageNet.
+      num_samples=0,  # 0 = num_per_class * model.num_classes; labels cycle through the classes.
+      chunk_size=0,  # Samples per chunk (one jitted call, one file on disk); 0 = train batch.
+      seed=0,
+      out_dir='',  # '' = <workdir>/samples_<step>_seed<seed>.
+      num_png=0,  # Also write the first num_png samples as PNG files; -1 = all.
+      evaluate=True,  # Run config.evaluator on them (when evaluator.features is set).
+      checkpoint_step=-1,  # -1 = the latest checkpoint of the workdir.
+  ))
   return c
 
 
@@ -259,6 +293,28 @@ def validate_tokenizer(config: ml_collections.ConfigDict):
   return model
 
 
+def _validate_evaluator(config: ml_collections.ConfigDict) -> None:
+  e, s = config.evaluator, config.sample
+  _choice('config.evaluator.features', e.features, ('', 'inception', 'feature_net'))
+  if e.features == 'inception' and not e.inception_weights:
+    raise ValueError('config.evaluator.features=inception needs config.evaluator.inception_weights: '
+                     'the file written by `python -m heptapod_jax.tools.convert_inception` from '
+                     "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+  if (e.every_steps or e.at_end) and not e.features:
+    raise ValueError('config.evaluator.every_steps / at_end need config.evaluator.features '
+                     "('inception' or 'feature_net').")
+  for name in ('every_steps', 'feature_net_steps'):
+    _positive(f'config.evaluator.{name}', e[name], allow_zero=True)
+  for name in ('num_samples', 'batch_size', 'is_split_size'):
+    _positive(f'config.evaluator.{name}', e[name])
+  for name in ('num_per_class', 'num_samples', 'chunk_size', 'seed'):
+    _positive(f'config.sample.{name}', s[name], allow_zero=True)
+  if s.num_png < -1:
+    raise ValueError(f'config.sample.num_png={s.num_png}: must be >= 0, or -1 for all.')
+  if s.num_samples == 0 and s.num_per_class == 0:
+    raise ValueError('config.sample: num_samples or num_per_class must be > 0.')
+
+
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   """Checks the whole experiment config once, at start-up; returns the typed ModelConfig.
 
@@ -298,6 +354,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   t = config.train
   for name in ('sample_every', 'eval_every', 'eval_batches', 'num_sample_images'):
     _positive(f'config.train.{name}', t[name], allow_zero=True)
+  _validate_evaluator(config)
   s = config.sampling
   if s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1:
     raise ValueError(f'config.sampling: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 needed; '

@@ -23,6 +23,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:options]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample'],
+                          'train: train (resuming) and evaluate; sample: generate config.sample\'s '
+                          'samples from the workdir\'s checkpoint, write the .npz, evaluate.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                                  'Call jax.distributed.initialize(): auto = when a multi-host '
                                  'environment is detected.')
@@ -72,6 +75,9 @@ def main(argv):
                jax.devices()[0].platform)
 
   config = _CONFIG.value
+  if _MODE.value == 'sample' and config.trainer != 'ar':
+    raise app.UsageError(f'--mode=sample needs an AR config (config.trainer=ar), got '
+                         f'config.trainer={config.trainer!r}.')
   if config.trainer == 'tokenizer':
     from heptapod_jax import train_tokenizer
     summary = train_tokenizer.train_and_evaluate(config, _WORKDIR.value)
@@ -80,6 +86,12 @@ def main(argv):
     return
   if config.trainer != 'ar':
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one of ['ar', 'tokenizer'].")
+  if _MODE.value == 'sample':
+    from heptapod_jax import sample
+    summary = sample.sample_and_evaluate(config, _WORKDIR.value)
+    if jax.process_index() == 0:
+      _print_sample_summary(summary)
+    return
   from heptapod_jax import train
   summary = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:
@@ -113,7 +125,42 @@ def _print_summary(summary) -> None:
     lines.append(f'  samples (one column per class): {path}')
   if summary.get('reference'):
     lines.append(f'  real held-out images through the tokenizer, same layout: {summary["reference"]}')
+  lines += _generative_lines(summary)
   lines.append(f'  TensorBoard: tensorboard --logdir {summary["workdir"]}')
+  print('\n'.join(lines), flush=True)
+
+
+def _generative_lines(summary) -> list[str]:
+  from heptapod_jax.evaluators.generative import format_metrics
+  lines = []
+  info = summary.get('generative_info') or summary.get('evaluator') or {}
+  if info:
+    acc = info.get('feature_net_eval_accuracy')
+    lines.append(f'  generative metrics: features of {info.get("features")}'
+                 + (f' (held-out accuracy {acc:.3f})' if acc is not None else '')
+                 + f', reference {info.get("reference")}')
+  gen = summary.get('generative') or summary.get('metrics')
+  if gen:
+    lines.append(f'    samples ({int(gen["num_images"])}):{" " * 19}{format_metrics(gen)}')
+  real = summary.get('generative_real') or {}
+  if 'real' in real:
+    lines.append(f'    held-out real images ({int(real["real"]["num_images"])}):  '
+                 f'{format_metrics(real["real"])}')
+  if 'real_tokenized' in real:
+    lines.append(f'    same through the tokenizer: {format_metrics(real["real_tokenized"])}')
+  return lines
+
+
+def _print_sample_summary(summary) -> None:
+  lines = [f'\nDone: {summary["num_samples"]} samples of step {summary["step"]} in '
+           f'{summary["seconds"]:.0f} s ({summary["num_samples"] / max(summary["seconds"], 1e-9):.2f} '
+           f'img/s this run)',
+           f'  ADM-format samples (arr_0 images, arr_1 labels): {summary["npz"]}']
+  if summary.get('grid'):
+    lines.append(f'  first rows, one column per class: {summary["grid"]}')
+  if summary.get('png'):
+    lines.append(f'  {summary["png"]} PNG files in {summary["out_dir"]}/png')
+  lines += _generative_lines(summary)
   print('\n'.join(lines), flush=True)
 
 

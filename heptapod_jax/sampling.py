@@ -77,11 +77,34 @@ def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
 
 
 def sample_logits(rng: Array, logits: Array, config: SamplingConfig) -> Array:
-  """int32[B] tokens from float[B, V] logits."""
+  """int32[B] tokens from float[B, V] logits.
+
+  `rng` is one key for the whole batch, or a batch of keys [B] (one per row:
+  then row i depends only on its own key, not on the batch it is part of).
+  """
   if config.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits.astype(jnp.float32) / config.temperature, config.top_k, config.top_p)
+  if rng.ndim == 1:
+    return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def fold_in(rng: Array, data: Array | int) -> Array:
+  """`jax.random.fold_in` for one key or a batch of keys [B] (folds `data` into each)."""
+  if rng.ndim == 1:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, data)
+  return jax.random.fold_in(rng, data)
+
+
+def example_keys(seed: int | Array, indices: Array) -> Array:
+  """One key per sample, from the run seed and the sample's global index: int[B] -> key[B].
+
+  Samples drawn with these keys do not depend on the batch size, the chunking
+  or the number of devices and hosts -- only on (seed, index).
+  """
+  base = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices.astype(jnp.uint32))
 
 
 def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
@@ -89,7 +112,8 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
   """Generates token grids for `labels`: int32[B] -> int32[B, N] (raster order).
 
   Jit it with `config` static (functools.partial); shard `labels` over the
-  data axes and `params` with their logical shardings.
+  data axes and `params` with their logical shardings. `rng` is one key, or one
+  key per sample (key[B], e.g. from `example_keys`) for batch-independent samples.
   """
   mcfg = model.config
   config.validate()
@@ -111,7 +135,7 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
     if use_cfg:
       cond, uncond = jnp.split(logits, 2)
       logits = uncond + config.cfg_scale * (cond - uncond)
-    token = sample_logits(jax.random.fold_in(state.rng, t), logits, config)
+    token = sample_logits(fold_in(state.rng, t), logits, config)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, t))
     tokens = layers.constrain(tokens, ('batch', None))
     return state.replace(tokens=tokens), token

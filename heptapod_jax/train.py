@@ -24,9 +24,11 @@ from clu import metric_writers, periodic_actions
 
 from heptapod_jax import checkpoint as ckpt_lib
 from heptapod_jax import config_lib, images, optim, sampling, sharding, trainlib
+from heptapod_jax import sample as sample_lib
 from heptapod_jax.trainlib import NonFiniteError, ema_decay_at  # noqa: F401  (public API)
 from heptapod_jax.data import input_pipeline
 from heptapod_jax.data import tokenized as tokenized_lib
+from heptapod_jax.evaluators import generative
 from heptapod_jax.models import objective
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, compute_loss, init_params
@@ -164,23 +166,37 @@ class Trainer:
     return state, None
 
   # ------------------------------------------------------------------ sampling
-  def sample_images(self, params: Any, labels: np.ndarray, seed: int) -> np.ndarray:
-    """uint8[B, S, S, 3] images for class `labels` (sharded over the data axes)."""
+  def sample_images(self, params: Any, labels: np.ndarray, seed: int, start_index: int = 0,
+                    pad_to: int | None = None) -> np.ndarray:
+    """uint8[B, S, S, 3] images for class `labels` (sharded over the data axes).
+
+    Sample i is drawn with its own key, `sampling.example_keys(seed, start_index + i)`,
+    so it depends only on (seed, its global index) and not on the batch or mesh.
+    The batch is padded to `pad_to` rows (and to a multiple of the data-parallel
+    size) so that chunks of one run share one compiled program.
+    """
     dp = sharding.data_parallel_size(self.mesh, self.rules)
     n = len(labels)
-    padded = np.concatenate([labels, np.zeros((-n) % dp, labels.dtype)]).astype(np.int32)
-    label_sharding = sharding.batch_sharding(self.mesh, self.rules, 1)
-    labels_arr = jax.make_array_from_callback(padded.shape, label_sharding, lambda idx: padded[idx])
-    out = self._generate_fn(params, self.tokenizer_params, labels_arr, jax.random.key(seed))
+    rows = max(n, pad_to or 0)
+    rows += (-rows) % dp
+    padded = np.zeros((rows,), np.int32)
+    padded[:n] = labels
+    indices = (start_index + np.arange(rows)).astype(np.int32)
+    spec = sharding.batch_sharding(self.mesh, self.rules, 1)
+    labels_arr = jax.make_array_from_callback(padded.shape, spec, lambda idx: padded[idx])
+    indices_arr = jax.make_array_from_callback(indices.shape, spec, lambda idx: indices[idx])
+    out = self._generate_fn(params, self.tokenizer_params, labels_arr, indices_arr,
+                            jnp.asarray(seed, jnp.uint32))
     return images.to_uint8(np.asarray(jax.device_get(out))[:n])
 
   @functools.cached_property
   def _generate_fn(self):
-    """Jitted (params, labels, rng) -> decoded images in [-1, 1], compiled once per batch shape."""
+    """Jitted (params, tokenizer params, labels, indices, seed) -> decoded images in [-1, 1]."""
     scfg = sampling.SamplingConfig(**self.config.sampling.to_dict())
 
-    def generate(params, tokenizer_params, labels, rng):
-      tokens = sampling.sample(self.model, params, labels, rng, scfg)
+    def generate(params, tokenizer_params, labels, indices, seed):
+      keys = sampling.example_keys(seed, indices)
+      tokens = sampling.sample(self.model, params, labels, keys, scfg)
       grid = tokens.reshape(tokens.shape[0], *self.model_config.grid_size)
       return self.tokenizer.decode_from_indices(tokenizer_params, grid)
 
@@ -263,6 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step == 0 and trainer.is_chief:
       writer.write_hparams({k: v for k, v in config_lib.to_flat_dict(config).items()
                             if isinstance(v, (int, float, str, bool))})
+    ecfg = cfg.evaluator
+    # Built on first use (it may train the feature net and compute reference statistics).
+    evaluator = functools.lru_cache(maxsize=1)(
+        lambda: generative.GenerativeEvaluator(config, workdir))
     report = periodic_actions.ReportProgress(num_train_steps=tcfg.num_steps, writer=writer,
                                              every_steps=tcfg.log_every)
     pending: list[dict[str, Array]] = []
@@ -302,12 +322,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _evaluate(trainer, state, writer, step)
       if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.num_steps:
         summary['samples'].append(_write_samples(trainer, state, writer, step))
+      if ecfg.every_steps and step % ecfg.every_steps == 0 and step < tcfg.num_steps:
+        summary['generative'] = _generative_eval(trainer, evaluator(), state, writer, step)
 
     summary['step'] = step
     if tcfg.eval_at_end:
       summary['eval'] = _evaluate(trainer, state, writer, step)
     if tcfg.sample_at_end and tcfg.num_sample_images:
       summary['samples'].append(_write_samples(trainer, state, writer, step))
+    if ecfg.at_end:
+      summary['generative'] = _generative_eval(trainer, evaluator(), state, writer, step)
+    if ecfg.real_baseline and ecfg.features:
+      real = evaluator().real_baseline(trainer.tokenizer, trainer.tokenizer_params)
+      for name, metrics in real.items():
+        writer.write_scalars(step, {f'generative_{name}/{k}': v for k, v in metrics.items()})
+      summary['generative_real'] = real
+    if ecfg.features and evaluator.cache_info().currsize:
+      summary['generative_info'] = evaluator().info
     checkpointer.wait_until_finished()
     checkpointer.close()
   writer.flush()
@@ -337,6 +368,25 @@ def _evaluate(trainer: Trainer, state: TrainState, writer, step: int) -> dict[st
   writer.write_scalars(step, {f'eval/{k}': v for k, v in scalars.items()})
   logging.info('eval at step %d: %s', step, scalars)
   return scalars
+
+
+def _generative_eval(trainer: Trainer, evaluator, state: TrainState, writer,
+                     step: int) -> dict[str, float]:
+  """FID & co. of `config.evaluator.num_samples` class-balanced samples (in memory, seeded with
+  config.sample.seed at every evaluation, so that runs and steps compare on the same noise)."""
+  cfg = trainer.config
+  t0 = time.time()
+  imgs, labels = sample_lib.generate(
+      trainer, _eval_params(trainer, state), num_samples=cfg.evaluator.num_samples,
+      seed=cfg.sample.seed, chunk_size=cfg.sample.chunk_size or cfg.train.global_batch_size,
+      progress=False)
+  seconds = time.time() - t0
+  metrics = evaluator.evaluate(imgs, labels)
+  metrics['sampling_images_per_sec'] = len(imgs) / max(seconds, 1e-9)
+  writer.write_scalars(step, {f'generative/{k}': v for k, v in metrics.items()})
+  logging.info('generative eval at step %d (%d samples, %.0f s sampling): %s', step, len(imgs),
+               seconds, generative.format_metrics(metrics))
+  return metrics
 
 
 def _write_reference(trainer: Trainer, writer) -> str | None:

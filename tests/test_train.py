@@ -41,6 +41,7 @@ def tiny_config(tmp_path, steps=4, mesh=(4, 2, 1)) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 2
   c.train.sample_every = c.train.eval_every = 0
   c.train.eval_at_end = c.train.sample_at_end = False
+  c.evaluator.at_end = c.evaluator.real_baseline = False
   c.mesh.shape = mesh
   return c
 

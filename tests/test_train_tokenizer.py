@@ -71,6 +71,7 @@ def test_vq_with_lpips_and_gan_trains_exports_and_feeds_the_ar_trainer(tmp_path)
   ar.train.log_every = 1
   ar.train.eval_batches = 1
   ar.train.num_sample_images = 4
+  ar.evaluator.at_end = ar.evaluator.real_baseline = False  # tests/test_sample.py covers them.
   out = train.train_and_evaluate(ar, str(tmp_path / 'ar'))
   assert out['step'] == 2 and np.isfinite(out['eval']['nll'])
   assert os.path.exists(out['samples'][-1])
