@@ -13,9 +13,16 @@ image is an 8x8 grid of tokens (N = 64); `tokenizer=pixel` instead uses gray
 levels of 4x4 patches (16 levels, no training stage). Model: the `tiny` preset
 (backbone 4 x 128, global 2D head 2 x 64), steps_per_image = 4, batch 32.
 
-Hardware: any CPU; about 8 minutes for `make demo` on a 2-core machine (figures
-in README). Expected: a held-out NLL well below the uniform log(vocab) and
-sample grids under workdirs/demo/samples/ with one column per digit 0..9.
+At the end: generative metrics (config.evaluator) -- a small CNN trained on the train split
+(workdirs/demo/feature_net) gives the features; 300 class-balanced samples and the 297
+held-out real digits (raw and through the tokenizer) are scored against the train split.
+
+Hardware: any CPU; `make demo` from a fresh clone takes 9 min 10 s on a 2-core machine
+(venv 70 s, tokenizer 1 min 35 s, this stage 6 min 15 s at 3.66 steps/s). Measured
+(deterministic): held-out NLL 1.573 nats/token (uniform: log 64 = 4.16), next-token accuracy
+0.493; samples FID 21.83 / precision 0.773 / recall 0.697 / class accuracy 0.973, held-out real
+digits FID 34.99 / 0.747 / 0.763 / 0.960 (see README on reading these); sample grids under
+workdirs/demo/samples/ with one column per digit 0..9.
 
 Options (`--config=configs/demo.py:head=local,steps=500`):
   head       global | local | next_token   the 2D head or the 1D baseline

@@ -39,6 +39,17 @@ and optimizer excluded) and converts 800 epochs at an assumed 40% MFU on a TPU v
   H     global         2.25        1.3      (next_token 1.39)
 The global head is ~40% of H's step at steps_per_image 8 and scales linearly with it.
 
+Evaluation (ADM protocol: 50 samples per class, no guidance, against ADM's reference batch):
+  python -m heptapod_jax.tools.convert_inception --src pt_inception-2015-12-05-6726825d.pth \
+      --dst inception_fid.npz
+  python -m heptapod_jax.main --mode=sample --config=configs/imagenet256.py:size=H \
+      --workdir=gs://BUCKET/heptapod-H --config.tokenizer.checkpoint=gs://BUCKET/vq16/tokenizer \
+      --config.evaluator.features=inception --config.evaluator.inception_weights=inception_fid.npz \
+      --config.evaluator.reference=VIRTUAL_imagenet256_labeled.npz
+writes <workdir>/samples_<step>_seed0/samples_50000x256x256x3.npz (ADM's format, also readable
+by ADM's own evaluator) and metrics.json. During training, --config.evaluator.every_steps=K
+(with features/weights/reference as above) logs FID on config.evaluator.num_samples (5,000).
+
 Expected numbers (the paper's, not reproduced here): Heptapod-H (941M parameters), FID 2.70,
 IS 229.8 on ImageNet 256 without classifier-free guidance.
 """
