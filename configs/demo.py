@@ -28,7 +28,8 @@ Options (`--config=configs/demo.py:head=local,steps=500`):
   head       global | local | next_token   the 2D head or the 1D baseline
   steps      training steps
   size       model size preset (tiny by default)
-  tokenizer  vq | pixel
+  tokenizer  vq | kl | pixel   kl = continuous tokens with the diffusion loss: train its
+             tokenizer first with configs/vq_demo.py:kind=kl --workdir=workdirs/demo_kl/tokenizer
 """
 from __future__ import annotations
 
@@ -58,13 +59,21 @@ def get_config(arg: str | None = None):
     # the repository root, where the README's commands run.
     c.tokenizer.checkpoint = 'workdirs/demo/tokenizer/tokenizer'
     vocab = 64
+  elif opts.tokenizer == 'kl':
+    # Continuous tokens: the KL autoencoder of configs/vq_demo.py:kind=kl (4 channels per
+    # position) and the diffusion loss on the 2D head.
+    c.tokenizer.kind = 'kl'
+    c.tokenizer.checkpoint = 'workdirs/demo_kl/tokenizer/tokenizer'
+    c.tokenizer.latent_scale = 1.0  # Its latents' std on the digits is ~1.15 already.
+    vocab = 64  # Unused with continuous tokens.
   elif opts.tokenizer == 'pixel':
     c.tokenizer.kind = 'pixel'
     c.tokenizer.patch = 4
     c.tokenizer.levels = 16
     vocab = 16
   else:
-    raise ValueError(f"configs/demo.py option tokenizer={opts.tokenizer!r} is not one of ['vq', 'pixel'].")
+    raise ValueError(f"configs/demo.py option tokenizer={opts.tokenizer!r} is not one of "
+                     "['vq', 'kl', 'pixel'].")
 
   m = c.model
   m.vocab_size = vocab
@@ -76,6 +85,17 @@ def get_config(arg: str | None = None):
   m.head.window = 8
   m.backbone.dropout = 0.1
   m.head.dropout = 0.1
+  if opts.tokenizer == 'kl':
+    m.tokens = 'kl'
+    m.token_dim = 4
+    m.diffusion.width = 128
+    m.diffusion.depth = 2
+    m.diffusion.batch_mul = 2
+    m.diffusion.num_sampling_steps = 50
+    # MAR's cosine schedule amplifies the denoiser's error at the noisiest step ~300x when
+    # sampling (abar_T ~ 2e-9); a head trained for minutes is not accurate enough for that,
+    # the linear schedule has no such step.
+    m.diffusion.schedule = 'linear'
 
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100

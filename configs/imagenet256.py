@@ -7,6 +7,9 @@ Options (`--config=configs/imagenet256.py:size=L,head=global`):
   window           prediction window of the local head
   epochs           training length in ImageNet epochs (paper: 800)
   batch            global batch size
+  tokens           vq | kl   discrete VQ-16 codes (cross-entropy) or continuous KL-16 latents
+                   (MAR's diffusion loss on the 2D head; tokenizer: convert_mar_kl or
+                   configs/vq_imagenet256.py:kind=kl)
   runlocal         a few tiny steps, to check a machine's set-up
 
 Command (TPU pod; see launch/ for the pod scripts):
@@ -68,7 +71,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 def get_config(arg: str | None = None):
   opts = config_lib.parse_arg(arg, size='B', head='global', steps_per_image=8, window=32,
-                              epochs=800, batch=2048, runlocal=False)
+                              tokens='vq', epochs=800, batch=2048, runlocal=False)
   c = common.base_config()
   common.apply_size(c, 'tiny' if opts.runlocal else opts.size)
   c.seed = 0
@@ -80,7 +83,9 @@ def get_config(arg: str | None = None):
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
 
-  c.tokenizer.kind = 'vq'
+  if opts.tokens not in ('vq', 'kl'):
+    raise ValueError(f"configs/imagenet256.py option tokens={opts.tokens!r} is not one of ['vq', 'kl'].")
+  c.tokenizer.kind = opts.tokens
 
   m = c.model
   m.vocab_size = 16384
@@ -97,6 +102,17 @@ def get_config(arg: str | None = None):
   m.dtype = 'bfloat16'
   m.param_dtype = 'float32'
   m.remat_policy = 'dots_no_batch' if opts.size in ('XL', 'H') else 'none'
+  if opts.tokens == 'kl':
+    # MAR's continuous setting: KL-16 latents (16 channels, scaled by 0.2325), a diffusion MLP
+    # of 3 adaLN blocks (MAR: width 1024 for B/L, 1280 for H), 4 noise draws per target,
+    # 100 DDPM steps at sampling.
+    m.tokens = 'kl'
+    m.token_dim = 16
+    m.diffusion.width = 1280 if opts.size in ('XL', 'H') else 1024
+    m.diffusion.depth = 3
+    m.diffusion.batch_mul = 4
+    m.diffusion.num_sampling_steps = 100
+    c.tokenizer.latent_scale = 0.2325
 
   batch = 8 if opts.runlocal else opts.batch
   steps_per_epoch = IMAGENET_TRAIN_IMAGES // batch

@@ -43,12 +43,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(_dataclass_to_dict(ModelConfig()))
 
   c.tokenizer = ml_collections.ConfigDict(dict(
-      kind='pixel',  # pixel: grayscale levels of image patches (tiny data); vq: learned codebook.
+      # pixel: grayscale levels of image patches (tiny data); vq: learned codebook (discrete
+      # tokens); kl: KL autoencoder latents (continuous tokens, needs model.tokens='kl').
+      kind='pixel',
       # pixel: the image is average-pooled by `patch` and its gray level quantised to `levels`.
       patch=4,
       levels=16,
-      checkpoint='',  # vq: path of the tokenizer checkpoint directory.
-      checkpoint_key='ema_params',  # vq: which parameter tree of it: ema_params | params.
+      checkpoint='',  # vq / kl: path of the tokenizer checkpoint directory.
+      checkpoint_key='ema_params',  # vq / kl: which parameter tree of it: ema_params | params.
+      latent_scale=0.2325,  # kl: tokens = latents * this (MAR's factor for KL-16).
+      sample_posterior=True,  # kl: train on posterior samples (MAR) rather than the means.
   ))
 
   c.data = input_pipeline.default_data_config()
@@ -88,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
       sample_at_end=True,
   ))
 
+  # Discrete tokens. Continuous tokens are drawn by the diffusion head: model.diffusion's
+  # num_sampling_steps and temperature.
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0))
 
   # Generative metrics (FID, sFID, IS, precision/recall, class accuracy): used by sample mode
@@ -95,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluator = ml_collections.ConfigDict(dict(
       features='',  # '' (off) | inception (ImageNet: FID-Inception) | feature_net (small data).
       inception_weights='',  # features=inception: the file tools/convert_inception.py writes.
+      # adm: the TF graph's input pipeline (legacy bilinear resize, (x - 128) / 128), to compare
+      # with ADM's reference statistics; pytorch_fid: pytorch-fid's (numbers as pytorch-fid).
+      inception_preprocessing='adm',
       # features=feature_net: '' = <workdir>/feature_net, trained on data.train_split if missing.
       feature_net_dir='',
       feature_net_steps=150,  # Short on purpose: a longer-trained net memorises the train split.
@@ -296,6 +305,8 @@ def validate_tokenizer(config: ml_collections.ConfigDict):
 def _validate_evaluator(config: ml_collections.ConfigDict) -> None:
   e, s = config.evaluator, config.sample
   _choice('config.evaluator.features', e.features, ('', 'inception', 'feature_net'))
+  _choice('config.evaluator.inception_preprocessing', e.inception_preprocessing,
+          ('adm', 'pytorch_fid'))
   if e.features == 'inception' and not e.inception_weights:
     raise ValueError('config.evaluator.features=inception needs config.evaluator.inception_weights: '
                      'the file written by `python -m heptapod_jax.tools.convert_inception` from '
@@ -325,6 +336,9 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   model = ModelConfig.from_dict(config.model.to_dict())
   tok = config.tokenizer
   _choice('config.tokenizer.kind', tok.kind, tokenizers.KINDS)
+  if model.continuous and tok.kind != 'kl':
+    raise ValueError(f'config.model.tokens="kl" (continuous) needs config.tokenizer.kind="kl"; '
+                     f'got {tok.kind!r}.')
   if tok.kind == 'pixel':
     size = config.data.image_size
     if size % tok.patch:
@@ -337,6 +351,20 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     if model.vocab_size != tok.levels:
       raise ValueError(f'config.model.vocab_size={model.vocab_size} must equal '
                        f'config.tokenizer.levels={tok.levels} for the pixel tokenizer.')
+  elif tok.kind == 'kl':
+    klc = tokenizers.stored_config(tok, 'kl')
+    size = config.data.image_size
+    if size % klc.downsample_factor:
+      raise ValueError(f'config.data.image_size={size} is not a multiple of the KL tokenizer\'s '
+                       f'stride {klc.downsample_factor} ({tok.checkpoint}).')
+    grid = (size // klc.downsample_factor,) * 2
+    if tuple(model.grid_size) != grid:
+      raise ValueError(f'config.model.grid_size={tuple(model.grid_size)} does not match the KL '
+                       f'tokenizer grid {grid} (data.image_size={size} / stride {klc.downsample_factor}).')
+    if not model.continuous or model.token_dim != klc.embed_dim:
+      raise ValueError(f'config.tokenizer.kind="kl" needs config.model.tokens="kl" and '
+                       f'config.model.token_dim={klc.embed_dim} (the latent channels of '
+                       f'{tok.checkpoint}); got tokens={model.tokens!r}, token_dim={model.token_dim}.')
   elif tok.kind == 'vq':
     vq = tokenizers.stored_vq_config(tok)
     size = config.data.image_size

@@ -118,9 +118,11 @@ def _print_summary(summary) -> None:
     lines.append(f'  train: loss {train.get("loss", float("nan")):.4f}, '
                  f'{train.get("steps_per_sec", 0):.2f} steps/s')
   ev = summary.get('eval') or {}
-  if ev:
+  if ev and 'nll' in ev:
     lines.append(f'  eval (held-out split): NLL {ev["nll"]:.4f} nats/token = '
                  f'{ev["bits_per_token"]:.4f} bits/token, next-token accuracy {ev["accuracy"]:.3f}')
+  elif ev and 'mse' in ev:
+    lines.append(f'  eval (held-out split): diffusion loss (noise-prediction MSE) {ev["mse"]:.4f}')
   for path in summary.get('samples', [])[-1:]:
     lines.append(f'  samples (one column per class): {path}')
   if summary.get('reference'):

@@ -44,7 +44,7 @@ class SamplingConfig:
 @flax.struct.dataclass
 class DecodeState:
   """Loop carry. `states[:, t]` holds h_t once x_{t-1} has been fed."""
-  tokens: Array  # int32[B, N]
+  tokens: Array  # int32[B, N] (continuous: float32[B, N, C])
   states: Array  # [B', N, E]  (B' = 2B with CFG)
   cache: KVCache
   rng: Array
@@ -107,9 +107,21 @@ def example_keys(seed: int | Array, indices: Array) -> Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices.astype(jnp.uint32))
 
 
+def _sample_continuous(model: Heptapod, variables: Any, z: Array, rng: Array) -> Array:
+  """One continuous token per row from the diffusion head: z [B, Wz] -> float32[B, C].
+
+  With one key per row (key[B]) each row is sampled with its own key, as for discrete tokens.
+  """
+  if rng.ndim == 1:
+    one = lambda k, zz: model.apply(variables, zz[None], k, method=Heptapod.diffusion_sample)[0]
+    return jax.vmap(one)(rng, z)
+  return model.apply(variables, z, rng, method=Heptapod.diffusion_sample)
+
+
 def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
            config: SamplingConfig = SamplingConfig()) -> Array:
-  """Generates token grids for `labels`: int32[B] -> int32[B, N] (raster order).
+  """Generates token grids for `labels`: int32[B] -> int32[B, N] (raster order;
+  continuous tokens: float32[B, N, C], each drawn by the diffusion head's DDPM sampler).
 
   Jit it with `config` static (functools.partial); shard `labels` over the
   data axes and `params` with their logical shardings. `rng` is one key, or one
@@ -120,18 +132,29 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
   check_inputs(mcfg, None, labels)
   n, batch = mcfg.num_positions, labels.shape[0]
   use_cfg = config.cfg_scale != 1.0
+  if use_cfg and mcfg.continuous:
+    raise ValueError('sampling.cfg_scale != 1 is not supported for continuous tokens (model.tokens="kl").')
   if use_cfg:
     labels = jnp.concatenate([labels, jnp.full_like(labels, mcfg.num_classes)])
   variables = {'params': params}
   cache = init_cache(mcfg, labels.shape[0])
   h0, cache = model.apply(variables, labels, cache, method=Heptapod.prefill)
   states = jnp.zeros((labels.shape[0], n, h0.shape[-1]), h0.dtype).at[:, 0].set(h0)
-  state = DecodeState(tokens=jnp.zeros((batch, n), jnp.int32), states=states, cache=cache, rng=rng)
+  if mcfg.continuous:
+    init_tokens = jnp.zeros((batch, n, mcfg.token_dim), jnp.float32)
+  else:
+    init_tokens = jnp.zeros((batch, n), jnp.int32)
+  state = DecodeState(tokens=init_tokens, states=states, cache=cache, rng=rng)
 
   def pick(state: DecodeState, t: Array) -> tuple[DecodeState, Array]:
     steps = jnp.full((state.states.shape[0], 1), t, jnp.int32)
     logits = model.apply(variables, state.states, steps, steps[..., None],
                          method=Heptapod.head_logits)[:, 0, 0]
+    if mcfg.continuous:
+      # DDPM steps and temperature: model.diffusion.num_sampling_steps / temperature.
+      token = _sample_continuous(model, variables, logits, fold_in(state.rng, t))
+      tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, t, 0))
+      return state.replace(tokens=layers.constrain(tokens, ('batch', None, None))), token
     if use_cfg:
       cond, uncond = jnp.split(logits, 2)
       logits = uncond + config.cfg_scale * (cond - uncond)

@@ -31,8 +31,8 @@ from heptapod_jax.data import tokenized as tokenized_lib
 from heptapod_jax.evaluators import generative
 from heptapod_jax.models import objective
 from heptapod_jax.models.config import ModelConfig
-from heptapod_jax.models.heptapod import Heptapod, compute_loss, init_params
-from heptapod_jax.models.tokenizers import make_tokenizer
+from heptapod_jax.models.heptapod import Heptapod, compute_loss, continuous_pair_loss, init_params
+from heptapod_jax.models.tokenizers import decode_tokens, encode_images, make_tokenizer
 
 Array = jax.Array
 
@@ -46,12 +46,16 @@ class TrainState:
   rng: Array  # Typed PRNG key; each step folds in the step number.
 
 
-def batch_tokens(batch: dict[str, Array], tokenizer: Any, tokenizer_params: Any) -> Array:
-  """int32[B, N] codes of a batch: pre-tokenized ('tokens') or encoded on the fly ('image')."""
+def batch_tokens(batch: dict[str, Array], tokenizer: Any, tokenizer_params: Any,
+                 rng: Array | None = None) -> Array:
+  """int32[B, N] codes of a batch: pre-tokenized ('tokens') or encoded on the fly ('image').
+  Continuous tokenizers give float32[B, N, C] latents (posterior samples drawn with `rng`)."""
   if 'tokens' in batch:
     tokens = batch['tokens'].astype(jnp.int32)
   else:
-    tokens = jax.lax.stop_gradient(tokenizer.encode_to_indices(tokenizer_params, batch['image']))
+    tokens = jax.lax.stop_gradient(encode_images(tokenizer, tokenizer_params, batch['image'], rng))
+  if tokens.ndim == 4:  # [B, h, w, C] latents.
+    return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
   return tokens.reshape(tokens.shape[0], -1)
 
 
@@ -60,7 +64,7 @@ def train_step(state: TrainState, batch: dict[str, Array], tokenizer_params: Any
   """One update. Pure: (state, batch, frozen tokenizer params) -> (state, metrics). A
   non-finite loss or gradient norm leaves the state unchanged (metrics['finite'] = False)."""
   rng = jax.random.fold_in(state.rng, state.step)
-  tokens = batch_tokens(batch, tokenizer, tokenizer_params)
+  tokens = batch_tokens(batch, tokenizer, tokenizer_params, jax.random.fold_in(rng, 7))
   labels = batch['label']
 
   def loss_fn(params):
@@ -89,9 +93,16 @@ def eval_step(params: Any, batch: dict[str, Array], tokenizer_params: Any, *, mo
   across head kinds. Returns (sum, count) pairs honouring batch['mask'].
   """
   tokens = batch_tokens(batch, tokenizer, tokenizer_params)
-  b, n = tokens.shape
+  b, n = tokens.shape[:2]
   steps = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
   logits = model.apply({'params': params}, tokens, batch['label'], steps, steps[..., None])
+  if model.config.continuous:
+    # No exact likelihood: the diffusion loss of x_t given step t, every t, at fixed noise
+    # (the same draws at every evaluation, so the numbers compare across steps and runs).
+    valid = batch['mask'][:, None, None] & jnp.ones_like(steps[..., None], bool)
+    _, metrics = continuous_pair_loss(model, params, logits, tokens, steps, steps[..., None], valid,
+                                      jax.random.key(0))
+    return {'mse': jnp.stack(metrics['mse'])}
   onehot = jax.nn.one_hot(tokens, model.config.vocab_size)
   _, nll = objective.token_loss(logits[:, :, 0], onehot)
   weight = batch['mask'].astype(jnp.float32)[:, None] * jnp.ones_like(nll)
@@ -197,8 +208,8 @@ class Trainer:
     def generate(params, tokenizer_params, labels, indices, seed):
       keys = sampling.example_keys(seed, indices)
       tokens = sampling.sample(self.model, params, labels, keys, scfg)
-      grid = tokens.reshape(tokens.shape[0], *self.model_config.grid_size)
-      return self.tokenizer.decode_from_indices(tokenizer_params, grid)
+      grid = tokens.reshape(tokens.shape[0], *self.model_config.grid_size, *tokens.shape[2:])
+      return decode_tokens(self.tokenizer, tokenizer_params, grid)
 
     return jax.jit(generate, out_shardings=sharding.replicated(self.mesh))
 
@@ -364,7 +375,8 @@ def _evaluate(trainer: Trainer, state: TrainState, writer, step: int) -> dict[st
   if not results:
     return {}
   scalars = trainlib.reduce_metrics(results)
-  scalars['bits_per_token'] = scalars['nll'] / np.log(2.0)
+  if 'nll' in scalars:
+    scalars['bits_per_token'] = scalars['nll'] / np.log(2.0)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in scalars.items()})
   logging.info('eval at step %d: %s', step, scalars)
   return scalars
@@ -406,9 +418,9 @@ def _write_reference(trainer: Trainer, writer) -> str | None:
   if not all(len(found[c]) == wanted[c] for c in wanted):
     return None
   picked = np.stack([found[int(c)].pop(0) for c in labels])
-  tokens = trainer.tokenizer.encode_to_indices(trainer.tokenizer_params, picked)
-  recon = images.to_uint8(np.asarray(trainer.tokenizer.decode_from_indices(trainer.tokenizer_params,
-                                                                           tokens)))
+  tokens = encode_images(trainer.tokenizer, trainer.tokenizer_params, picked)
+  recon = images.to_uint8(np.asarray(decode_tokens(trainer.tokenizer, trainer.tokenizer_params,
+                                                   tokens)))
   grid = images.make_grid(recon, ncols=len(wanted))
   path = os.path.join(trainer.workdir, 'samples', 'reference_real_tokenized.png')
   if trainer.is_chief:

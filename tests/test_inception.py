@@ -164,6 +164,91 @@ def test_resize_matches_torch_interpolate(shape):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope='module')
+def tf_resize_bilinear_v1():
+  """TF1's legacy `ResizeBilinear` (align_corners=False, half_pixel_centers=False), on the CPU."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  tf = pytest.importorskip('tensorflow')
+  try:  # Only possible before TF initialises its devices; the explicit tf.device below suffices.
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.threading.set_intra_op_parallelism_threads(2)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+  except RuntimeError:
+    pass
+
+  def resize(images: np.ndarray) -> np.ndarray:
+    with tf.device('/CPU:0'):
+      return tf.compat.v1.image.resize_bilinear(images, [299, 299], align_corners=False,
+                                                half_pixel_centers=False).numpy()
+  return resize
+
+
+@pytest.mark.parametrize('shape', [(1, 37, 50, 3), (1, 256, 256, 3), (2, 333, 310, 3), (1, 299, 299, 3)])
+def test_adm_preprocessing_matches_tf_legacy_resize(shape, tf_resize_bilinear_v1):
+  # Upsampling (non-square and ADM's 256 -> 299), downsampling, and the identity at 299.
+  images = np.random.default_rng(3).uniform(0, 255, shape).astype(np.float32)
+  want = tf_resize_bilinear_v1(images)
+  got = np.asarray(jax.jit(inception.tf_legacy_resize_bilinear)(images))
+  assert got.shape == want.shape == (shape[0], 299, 299, 3) and got.dtype == np.float32
+  diff = float(np.abs(got - want).max())
+  print(f'{shape}: resize max abs diff {diff:.3g} (values in [0, 255])')
+  assert diff < 1e-4, diff
+
+  # The full 'adm' pipeline: the graph's ResizeBilinear, then Sub 128 and Mul 1/128.
+  pre = np.asarray(jax.jit(lambda x: inception.preprocess(x, preprocessing='adm'))(images))
+  pre_diff = float(np.abs(pre - (want - 128.0) / 128.0).max())
+  print(f'{shape}: adm preprocess max abs diff {pre_diff:.3g}')
+  assert pre_diff < 1e-6, pre_diff
+
+  # uint8 input (what ADM's npz batches hold) goes through the same path.
+  images_u8 = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
+  got_u8 = np.asarray(inception.preprocess(images_u8, preprocessing='adm'))
+  np.testing.assert_allclose(got_u8, (tf_resize_bilinear_v1(images_u8) - 128.0) / 128.0, atol=1e-6, rtol=0)
+
+  # The two modes really differ: legacy TF taps are shifted by up to half a source pixel.
+  if shape[1:3] != (299, 299):
+    assert float(np.abs(pre - np.asarray(inception.preprocess(images))).max()) > 0.1
+
+
+def test_pytorch_fid_is_the_default():
+  images = np.random.default_rng(5).integers(0, 256, (1, 37, 50, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(np.asarray(inception.preprocess(images)),
+                                np.asarray(inception.preprocess(images, preprocessing='pytorch_fid')))
+  assert inception.FIDInceptionV3().preprocessing == 'pytorch_fid'
+
+
+def test_preprocessing_reaches_the_network(weight_file, monkeypatch):
+  """InceptionFeatures -> load_inception -> FIDInceptionV3 -> preprocess, traced without running it."""
+  seen = []
+  original = inception.preprocess
+
+  def recording_preprocess(images, resize=True, preprocessing='pytorch_fid'):
+    seen.append(preprocessing)
+    return original(images, resize=resize, preprocessing=preprocessing)
+
+  monkeypatch.setattr(inception, 'preprocess', recording_preprocess)
+  images = jax.ShapeDtypeStruct((1, 37, 50, 3), np.uint8)
+  for mode in inception.PREPROCESSING_CHOICES:
+    features = inception.InceptionFeatures(weight_file, batch_size=1, preprocessing=mode)
+    assert features.preprocessing == features.module.preprocessing == mode
+    assert inception.load_inception(weight_file, preprocessing=mode)[0].preprocessing == mode
+    out = jax.eval_shape(features.module.apply, features.variables, images)
+    assert out['spatial'].shape == (1, 2023)
+  assert seen == list(inception.PREPROCESSING_CHOICES), seen
+
+
+def test_invalid_preprocessing_raises(weight_file):
+  msg = r"preprocessing must be one of 'pytorch_fid', 'adm'; got 'tf'"
+  with pytest.raises(ValueError, match=msg):
+    inception.preprocess(np.zeros((1, 8, 8, 3), np.uint8), preprocessing='tf')
+  with pytest.raises(ValueError, match=msg):
+    inception.FIDInceptionV3(preprocessing='tf')
+  with pytest.raises(ValueError, match=msg):
+    inception.load_inception(weight_file, preprocessing='tf')
+  with pytest.raises(ValueError, match=msg):
+    inception.InceptionFeatures(weight_file, preprocessing='tf')
+
+
 def test_converter_rejects_missing_and_unknown_keys(torch_model):
   state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   missing = dict(state_dict)

@@ -124,3 +124,32 @@ def test_sample_mode_errors(trained_run, tmp_path):
   bad.evaluator.features = 'inception'
   with pytest.raises(ValueError, match='inception_weights'):
     config_lib.validate(bad)
+
+
+def test_inception_evaluator_against_an_adm_style_reference(tmp_path):
+  """The ImageNet path end to end on random weights: Inception file -> ADM npz reference ->
+  fid, sfid, inception_score, precision, recall (no class accuracy: Inception's labels differ)."""
+  from heptapod_jax.evaluators import generative, inception
+  variables = inception.FIDInceptionV3().init(jax.random.key(0), np.zeros((1, 75, 75, 3), np.uint8))
+  weights = str(tmp_path / 'inception.npz')
+  inception.save_variables(weights, variables)
+  rng = np.random.default_rng(0)
+  ref_images = rng.integers(0, 256, (12, 48, 48, 3), dtype=np.uint8)
+  adm = str(tmp_path / 'VIRTUAL_tiny.npz')
+  np.savez(adm, arr_0=ref_images, mu=np.zeros(2048), sigma=np.eye(2048),
+           mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+  c = tiny_config(tmp_path)
+  c.evaluator.features = 'inception'
+  c.evaluator.inception_weights = weights
+  c.evaluator.reference = adm
+  c.evaluator.batch_size = 8
+  c.evaluator.is_split_size = 5
+  config_lib.validate(c)
+  ev = generative.GenerativeEvaluator(c, str(tmp_path / 'wd'))
+  metrics = ev.evaluate(rng.integers(0, 256, (10, 48, 48, 3), dtype=np.uint8), np.arange(10) % 10)
+  assert {'fid', 'sfid', 'inception_score', 'precision', 'recall'} <= set(metrics)
+  assert 'class_accuracy' not in metrics
+  assert all(np.isfinite(v) for v in metrics.values())
+  assert 'adm preprocessing' in ev.info['features']
+  # The reference images' pool features (for precision/recall) were cached beside the file.
+  assert os.path.exists(str(tmp_path / 'VIRTUAL_tiny.adm.features.npz'))

@@ -55,8 +55,10 @@ class GenerativeEvaluator:
       e = self.config.evaluator
       if self.kind == 'inception':
         from heptapod_jax.evaluators import inception
-        self._extractor = inception.InceptionFeatures(e.inception_weights, batch_size=e.batch_size)
-        self.info['features'] = f'FID-Inception ({e.inception_weights})'
+        self._extractor = inception.InceptionFeatures(e.inception_weights, batch_size=e.batch_size,
+                                                      preprocessing=e.inception_preprocessing)
+        self.info['features'] = (f'FID-Inception ({e.inception_weights}, '
+                                 f'{e.inception_preprocessing} preprocessing)')
       else:
         directory = feature_net_dir(self.config, self.workdir)
         net, meta = feature_net_lib.load_or_train(self.config.data, directory,
@@ -73,14 +75,15 @@ class GenerativeEvaluator:
     if self.kind == 'feature_net':  # Belongs to that network: lives (and goes) with it.
       return os.path.join(feature_net_dir(self.config, self.workdir), name)
     weights = os.path.splitext(os.path.basename(e.inception_weights))[0]
-    return os.path.join(self.workdir, 'eval', f'{weights}_{name}')
+    return os.path.join(self.workdir, 'eval', f'{weights}_{e.inception_preprocessing}_{name}')
 
   @property
   def reference(self) -> fid.Reference:
     if self._reference is None:
       e = self.config.evaluator
       if e.reference:
-        self._reference = load_reference_file(e.reference, self.extractor, e.batch_size)
+        self._reference = load_reference_file(e.reference, self.extractor, e.batch_size,
+                                              e.inception_preprocessing)
         self.info['reference'] = e.reference
       else:
         cache = self._reference_cache()
@@ -117,8 +120,8 @@ class GenerativeEvaluator:
     images, labels = feature_net_lib.read_split(self.config.data, self.config.data.eval_split)
     out = {'real': self.evaluate(images, labels)}
     if tokenizer is not None:
-      roundtrip = jax.jit(lambda p, x: tokenizer.decode_from_indices(
-          p, tokenizer.encode_to_indices(p, x)))
+      from heptapod_jax.models.tokenizers import decode_tokens, encode_images
+      roundtrip = jax.jit(lambda p, x: decode_tokens(tokenizer, p, encode_images(tokenizer, p, x)))
       recon = []
       for start in range(0, len(images), 64):
         x = images[start:start + 64].astype(np.float32) / 127.5 - 1.0
@@ -128,7 +131,8 @@ class GenerativeEvaluator:
     return out
 
 
-def load_reference_file(path: str, extractor: Extractor, batch_size: int) -> fid.Reference:
+def load_reference_file(path: str, extractor: Extractor, batch_size: int,
+                        preprocessing: str = 'adm') -> fid.Reference:
   """ADM's reference batch (keys mu, sigma, mu_s, sigma_s, arr_0) or a project reference file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'config.evaluator.reference={path} does not exist.')
@@ -137,7 +141,7 @@ def load_reference_file(path: str, extractor: Extractor, batch_size: int) -> fid
   if 'arr_0' in keys:
     # Pool features of ADM's 10k reference images (for precision/recall) are computed once
     # and cached beside it when the directory is writable.
-    cache = os.path.splitext(path)[0] + '.features.npz'
+    cache = os.path.splitext(path)[0] + f'.{preprocessing}.features.npz'
     if os.path.exists(cache):
       return fid.Reference.load(cache)
     ref = fid.load_adm_reference(path, extractor=extractor, batch_size=batch_size)

@@ -16,9 +16,31 @@ so `heptapod_jax.tools.convert_inception` maps pytorch-fid's weight file
 (pt_inception-2015-12-05-6726825d.pth) key by key.
 
 Input: images [B, H, W, 3], NHWC, RGB, uint8 or float with values in [0, 255].
-They are converted to float32 in [0, 1], bilinearly resized to 299x299 exactly as
-pytorch-fid does (`F.interpolate(mode='bilinear', align_corners=False)`, no
-antialiasing, also when downsampling) and scaled to [-1, 1].
+How they become the network's 299x299 input in [-1, 1] is the `preprocessing`
+choice (of `preprocess`, `FIDInceptionV3`, `load_inception`, `InceptionFeatures`):
+
+  * 'pytorch_fid' (default): as pytorch-fid: x / 255, bilinear resize to 299x299
+    with half-pixel centres (`F.interpolate(mode='bilinear', align_corners=False)`,
+    no antialiasing, also when downsampling), then 2x - 1.
+  * 'adm': as the TF 2015-12-05 graph that the ADM evaluator (openai/guided-diffusion
+    `evaluations/evaluator.py`) runs. ADM feeds float images in [0, 255] at the
+    graph's `ExpandDims:0`; the graph then applies TF1's legacy `ResizeBilinear` to
+    299x299 (align_corners=False, half_pixel_centers=False: source coordinate
+    dst * in_size / out_size, upper neighbour clamped to the last row / column, no
+    antialiasing) and `Sub 128`, `Mul 1/128`, i.e. (x - 128) / 128.
+    `tf_legacy_resize_bilinear` reimplements that resize in JAX.
+
+Which one to use:
+  * 'adm' to compare against the ADM evaluator's reference batches (e.g.
+    VIRTUAL_imagenet256_labeled.npz: mu, sigma, mu_s, sigma_s), whose statistics
+    were made by the TF graph. The legacy resize samples up to half a source pixel
+    away from the half-pixel one, so the network sees different pixels and FID /
+    sFID against those statistics shift with 'pytorch_fid'.
+  * 'pytorch_fid' to reproduce numbers computed with pytorch-fid.
+  * Either is consistent when the reference and the sample statistics are both
+    computed here with the same choice.
+The weights are the same in both modes (pytorch-fid's weights are a port of the TF
+graph's); only the input pipeline differs.
 
 Output: a dict of float32 arrays
   'pool':    [B, 2048]  pool3 features (global average pool after Mixed_7c), for FID;
@@ -57,25 +79,87 @@ BN_EPSILON = 1e-3
 OUTPUT_KEYS = ('pool', 'spatial', 'logits')
 COLLECTIONS = ('params', 'batch_stats')
 
+PREPROCESSING_CHOICES = ('pytorch_fid', 'adm')
+
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_preprocessing(preprocessing: str) -> str:
+  if not isinstance(preprocessing, str) or preprocessing not in PREPROCESSING_CHOICES:
+    choices = ', '.join(repr(c) for c in PREPROCESSING_CHOICES)
+    raise ValueError(f'preprocessing must be one of {choices}; got {preprocessing!r}.')
+  return preprocessing
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def preprocess(images: Array, resize: bool = True) -> Array:
-  """[B, H, W, 3] uint8/float in [0, 255] -> float32 [B, 299, 299, 3] in [-1, 1], as pytorch-fid.
+def _legacy_interpolation(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(lower, upper, lerp) of TF's legacy bilinear resize along one axis, in TF's float32 arithmetic.
 
-  pytorch-fid divides by 255, resizes with `F.interpolate(size=(299, 299),
-  mode='bilinear', align_corners=False)` and maps x -> 2x - 1. `jax.image.resize`
-  with `antialias=False` uses the same half-pixel-centred taps (edge taps
-  renormalised, which equals torch's clamping), also when downsampling.
+  TF (`image_resizer_state.h`, `resize_bilinear_op.cc`, align_corners=False,
+  half_pixel_centers=False): scale = float(in_size) / float(out_size); for each
+  output index i, in = float(i) * scale, lower = floor(in), upper =
+  min(ceil(in), in_size - 1), lerp = in - floor(in).
   """
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.arange(out_size, dtype=np.float32) * scale
+  src_floor = np.floor(src)
+  lower = np.maximum(src_floor.astype(np.int64), 0)
+  upper = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
+  lerp = (src - src_floor).astype(np.float32)
+  return lower.astype(np.int32), upper.astype(np.int32), lerp
+
+
+def tf_legacy_resize_bilinear(images: Array, size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)) -> Array:
+  """[B, H, W, C] -> float32 [B, *size, C], as TF1's `ResizeBilinear` (align_corners=False, half_pixel_centers=False).
+
+  Equals `tf.compat.v1.image.resize_bilinear(images, size)`: the source coordinate of
+  output pixel i is i * in_size / out_size (no half-pixel offset), its two
+  neighbours are floor / ceil of it with the upper one clamped to the last pixel,
+  no antialiasing when downsampling. Separable, in TF's order: gather + lerp along
+  the width (top = left + (right - left) * x_lerp), then along the height.
+  """
+  if images.ndim != 4:
+    raise ValueError(f'tf_legacy_resize_bilinear expects [B, H, W, C]; got {images.shape}.')
+  x = images.astype(jnp.float32)
+  out_h, out_w = size
+  lo, hi, lerp = _legacy_interpolation(x.shape[2], out_w)
+  left, right = jnp.take(x, lo, axis=2), jnp.take(x, hi, axis=2)
+  x = left + (right - left) * lerp[None, None, :, None]
+  lo, hi, lerp = _legacy_interpolation(x.shape[1], out_h)
+  top, bottom = jnp.take(x, lo, axis=1), jnp.take(x, hi, axis=1)
+  return top + (bottom - top) * lerp[None, :, None, None]
+
+
+def preprocess(images: Array, resize: bool = True, preprocessing: str = 'pytorch_fid') -> Array:
+  """[B, H, W, 3] uint8/float in [0, 255] -> float32 [B, 299, 299, 3] in [-1, 1].
+
+  preprocessing='pytorch_fid': pytorch-fid divides by 255, resizes with
+  `F.interpolate(size=(299, 299), mode='bilinear', align_corners=False)` and maps
+  x -> 2x - 1. `jax.image.resize` with `antialias=False` uses the same
+  half-pixel-centred taps (edge taps renormalised, which equals torch's clamping),
+  also when downsampling.
+
+  preprocessing='adm': the TF 2015-12-05 graph behind the ADM evaluator resizes
+  the [0, 255] floats with TF1's legacy `ResizeBilinear` (`tf_legacy_resize_bilinear`)
+  and maps x -> (x - 128) / 128 (its `Sub` and `Mul` nodes).
+
+  With resize=False the images keep their size; only the value mapping applies.
+  """
+  _check_preprocessing(preprocessing)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'Inception expects images of shape [B, H, W, 3] (NHWC, RGB); got {images.shape}.')
+  # At 299x299 both resizes are the identity (legacy: scale 1, lerp 0), so skipping them is exact.
+  needs_resize = resize and images.shape[1:3] != (INPUT_SIZE, INPUT_SIZE)
+  if preprocessing == 'adm':
+    x = images.astype(jnp.float32)
+    if needs_resize:
+      x = tf_legacy_resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
+    return (x - 128.0) * (1.0 / 128.0)  # 1/128 is exact: equals (x - 128) / 128.
   x = images.astype(jnp.float32) / 255.0
-  if resize and x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
+  if needs_resize:
     x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3), method='bilinear',
                          antialias=False, precision=_HIGHEST)
   return 2.0 * x - 1.0
@@ -198,13 +282,20 @@ class FIDInceptionV3(nn.Module):
   Attributes:
     resize_input: resize to 299x299 (pytorch-fid's default). Without it the
       network runs at the input's size; 'spatial' is then not 2023-dimensional.
+    preprocessing: 'pytorch_fid' (default) or 'adm'; see the module docstring
+      and `preprocess`. The parameters do not depend on it.
   """
   resize_input: bool = True
+  preprocessing: str = 'pytorch_fid'
+
+  def __post_init__(self):
+    _check_preprocessing(self.preprocessing)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, images: Array) -> dict[str, Array]:
     """images [B, H, W, 3] uint8/float in [0, 255] -> {'pool', 'spatial', 'logits'} (float32)."""
-    x = preprocess(images, resize=self.resize_input)
+    x = preprocess(images, resize=self.resize_input, preprocessing=self.preprocessing)
     x = BasicConv2d(32, 3, strides=2, name='Conv2d_1a_3x3')(x)  # 149x149
     x = BasicConv2d(32, 3, name='Conv2d_2a_3x3')(x)  # 147x147
     x = BasicConv2d(64, 3, padding=1, name='Conv2d_2b_3x3')(x)
@@ -329,9 +420,15 @@ def load_variables(path: str | os.PathLike[str]) -> dict[str, Any]:
   return _unflatten(validate_variables(flat, source=path))
 
 
-def load_inception(path: str | os.PathLike[str]) -> tuple[FIDInceptionV3, dict[str, Any]]:
-  """-> (module, variables) for `module.apply(variables, images)`; see the module docstring."""
-  return FIDInceptionV3(), load_variables(path)
+def load_inception(path: str | os.PathLike[str],
+                   preprocessing: str = 'pytorch_fid') -> tuple[FIDInceptionV3, dict[str, Any]]:
+  """-> (module, variables) for `module.apply(variables, images)`; see the module docstring.
+
+  `preprocessing` ('pytorch_fid' or 'adm') selects the input pipeline; the
+  variables are the same for both.
+  """
+  module = FIDInceptionV3(preprocessing=_check_preprocessing(preprocessing))
+  return module, load_variables(path)
 
 
 class InceptionFeatures:
@@ -344,14 +441,20 @@ class InceptionFeatures:
 
   Images are processed in chunks of `batch_size`; the last chunk is padded to
   `batch_size` so that one compilation per input (H, W, dtype) serves every call.
+
+  `preprocessing='adm'` matches the ADM evaluator's TF graph (use it against ADM's
+  reference batches); the default 'pytorch_fid' matches pytorch-fid. See the
+  module docstring.
   """
 
-  def __init__(self, path: str | os.PathLike[str], batch_size: int = 64):
+  def __init__(self, path: str | os.PathLike[str], batch_size: int = 64,
+               preprocessing: str = 'pytorch_fid'):
     if batch_size < 1:
       raise ValueError(f'batch_size must be >= 1; got {batch_size}.')
+    self.preprocessing = _check_preprocessing(preprocessing)
     self.path = os.fspath(path)
     self.batch_size = int(batch_size)
-    self.module, variables = load_inception(self.path)
+    self.module, variables = load_inception(self.path, preprocessing=self.preprocessing)
     self.variables = jax.device_put(variables)
     self._apply = jax.jit(self.module.apply)
 

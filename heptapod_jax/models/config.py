@@ -13,8 +13,10 @@ import math
 import typing
 from typing import Any, Mapping
 
+from heptapod_jax.models.diffusion import DiffusionConfig
+
 HEAD_KINDS = ('global', 'local', 'next_token')
-TOKEN_KINDS = ('vq',)
+TOKEN_KINDS = ('vq', 'kl')  # Discrete codes (cross-entropy) | continuous latents (diffusion loss).
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_attention_out')
 ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -90,8 +92,12 @@ class ModelConfig:
   grid_size: tuple[int, int] = (16, 16)
   num_classes: int = 1000
   tokens: str = 'vq'
+  # tokens='kl': channels of a continuous token (KL-16: 16); vocab_size is then unused.
+  token_dim: int = 16
   backbone: BackboneConfig = BackboneConfig()
   head: HeadConfig = HeadConfig()
+  # tokens='kl': the per-position diffusion head (MAR's diffusion loss) on the 2D head's output.
+  diffusion: DiffusionConfig = DiffusionConfig()
   dtype: str = 'float32'  # Compute dtype of matmuls.
   param_dtype: str = 'float32'
   remat_policy: str = 'none'
@@ -112,6 +118,11 @@ class ModelConfig:
     return self.backbone.class_prefix_len + self.num_positions - 1
 
   @property
+  def continuous(self) -> bool:
+    """True for continuous tokens (float latents, diffusion loss), False for codebook indices."""
+    return self.tokens == 'kl'
+
+  @property
   def position_shift(self) -> int:
     """0: token x_i carries its own grid position (2D heads); 1: the next one (1D baseline)."""
     return 1 if self.head.kind == 'next_token' else 0
@@ -122,13 +133,14 @@ class ModelConfig:
     d = dict(d)
     backbone = _build(BackboneConfig, d.pop('backbone', {}), 'model.backbone')
     head = _build(HeadConfig, d.pop('head', {}), 'model.head')
+    diffusion = _build(DiffusionConfig, d.pop('diffusion', {}), 'model.diffusion')
     head = dataclasses.replace(
         head,
         steps_per_image=_parse_all(head.steps_per_image, 'model.head.steps_per_image'),
         targets_per_step=_parse_all(head.targets_per_step, 'model.head.targets_per_step'))
     if 'grid_size' in d:
       d['grid_size'] = tuple(int(x) for x in d['grid_size'])
-    config = _build(cls, dict(d, backbone=backbone, head=head), 'model')
+    config = _build(cls, dict(d, backbone=backbone, head=head, diffusion=diffusion), 'model')
     config.validate()
     return config
 
@@ -181,6 +193,10 @@ class ModelConfig:
     if b.attention_dropout > 0 and self.attention_impl != 'einsum':
       raise ValueError('model.backbone.attention_dropout > 0 needs model.attention_impl="einsum" '
                        f'(got {self.attention_impl!r}: jax.nn.dot_product_attention has no dropout).')
+    if self.continuous:
+      if self.token_dim < 1:
+        raise ValueError(f'model.token_dim={self.token_dim}: must be >= 1 for tokens="kl".')
+      self.diffusion.validate()
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f'model.label_smoothing={self.label_smoothing}: must be in [0, 1).')
 

@@ -3,7 +3,7 @@
 All heads share one interface (DESIGN.md section 3):
 
   head(states: [B, N, E], steps: int32[B, S], targets: int32[B, S, K])
-      -> logits: float32[B, S, K, V]
+      -> logits: float32[B, S, K, V]   (continuous tokens: features z: float32[B, S, K, Wz])
 
 `states[:, t]` is h_t, the backbone state that has seen x_0..x_{t-1}; a step
 t predicts grid positions >= t (0-indexed raster order), and `targets` holds
@@ -56,9 +56,12 @@ class _HeadBase(nn.Module):
     return pos.reshape(rows * cols, width).astype(layers.dtype_of(self.config.dtype))
 
   def _logits(self, y: Array) -> Array:
-    """Final norm and vocabulary projection, float32 logits."""
+    """Final norm and vocabulary projection, float32 logits; for continuous tokens the
+    normed features z_j themselves (the diffusion head's condition)."""
     kw = self._kw()
     y = layers.RMSNorm(self.config.backbone.norm_eps, name='out_norm', **kw)(y)
+    if self.config.continuous:
+      return layers.constrain(y.astype(jnp.float32), ('batch', None, None, 'act_embed'))
     logits = layers.Dense(self.config.vocab_size, ('embed', 'vocab'), name='logits', **kw)(y)
     return layers.constrain(logits.astype(jnp.float32), ('batch', None, None, 'act_vocab'))
 
@@ -153,6 +156,8 @@ class NextTokenHead(_HeadBase):
     del deterministic
     y = _take_steps(states, steps)[:, :, None, :]  # [B, S, 1, E]
     y = jnp.broadcast_to(y, (*targets.shape, y.shape[-1]))
+    if self.config.continuous:  # z_t = h_t conditions the diffusion head (MAR's setting).
+      return layers.constrain(y.astype(jnp.float32), ('batch', None, None, 'act_embed'))
     kw = self._kw()
     logits = layers.Dense(self.config.vocab_size, ('embed', 'vocab'), name='logits', **kw)(y)
     return layers.constrain(logits.astype(jnp.float32), ('batch', None, None, 'act_vocab'))

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heptapod_jax.models import objective
+from heptapod_jax.models import diffusion as diffusion_lib
+from heptapod_jax.models import layers, objective
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heads import make_head
 from heptapod_jax.models.transformer import CausalTransformer, KVCache
@@ -36,12 +37,31 @@ class Heptapod(nn.Module):
   def setup(self):
     self.backbone = CausalTransformer(self.config, name='backbone')
     self.head = make_head(self.config, name='head')
+    if self.config.continuous:
+      self.diffusion = diffusion_lib.DenoiserMLP(
+          self.config.diffusion, self.config.token_dim, dtype=layers.dtype_of(self.config.dtype),
+          param_dtype=layers.dtype_of(self.config.param_dtype), name='diffusion')
 
   def __call__(self, tokens: Array, labels: Array, steps: Array, targets: Array, *,
                deterministic: bool = True) -> Array:
-    """Teacher-forced logits for the (step, target) pairs: float32[B, S, K, V]."""
+    """Teacher-forced logits for the (step, target) pairs: float32[B, S, K, V]
+    (continuous tokens: the diffusion head's conditions z, float32[B, S, K, Wz])."""
     states = self.states(tokens, labels, deterministic=deterministic)
-    return self.head(states, steps, targets, deterministic=deterministic)
+    out = self.head(states, steps, targets, deterministic=deterministic)
+    if self.config.continuous and self.is_initializing():
+      z = out.reshape(-1, out.shape[-1])[:1]
+      self.diffusion(jnp.zeros((1, self.config.token_dim)), jnp.zeros((1,), jnp.int32), z)
+    return out
+
+  def diffusion_loss(self, z: Array, x0: Array, rng: Array) -> Array:
+    """MAR's diffusion loss of targets x0 [M, C] given conditions z [M, Wz]: float32[M]."""
+    return diffusion_lib.training_loss(self.diffusion, x0, z, rng, self.config.diffusion)
+
+  def diffusion_sample(self, z: Array, rng: Array, temperature: float | None = None) -> Array:
+    """DDPM samples of tokens [M, C] given conditions z [M, Wz] (one key for the batch);
+    temperature None = model.diffusion.temperature."""
+    return diffusion_lib.sample(self.diffusion, z, rng, self.config.diffusion, temperature,
+                                token_dim=self.config.token_dim)
 
   def states(self, tokens: Array, labels: Array, *, deterministic: bool = True) -> Array:
     """Causal states h_0..h_{N-1}: [B, N, E] (h_t has seen x_0..x_{t-1})."""
@@ -54,7 +74,7 @@ class Heptapod(nn.Module):
     return h[:, -1], cache
 
   def decode(self, token: Array, index: Array, cache: KVCache) -> tuple[Array, KVCache]:
-    """Feeds grid token x_index: int32[B]; returns h_{index+1}: [B, E]."""
+    """Feeds grid token x_index: int32[B] (continuous: float[B, C]); returns h_{index+1}: [B, E]."""
     offset = self.config.backbone.class_prefix_len + index
     h, cache = self.backbone(None, token[:, None], offset=offset, cache=cache)
     return h[:, 0], cache
@@ -67,16 +87,28 @@ class Heptapod(nn.Module):
 def init_params(model: Heptapod, rng: Array, batch_size: int = 1) -> Any:
   """Initialises the parameters (boxed with their logical partitioning metadata)."""
   cfg = model.config
-  tokens = jnp.zeros((batch_size, cfg.num_positions), jnp.int32)
+  if cfg.continuous:
+    tokens = jnp.zeros((batch_size, cfg.num_positions, cfg.token_dim), jnp.float32)
+  else:
+    tokens = jnp.zeros((batch_size, cfg.num_positions), jnp.int32)
   labels = jnp.zeros((batch_size,), jnp.int32)
   steps, targets, _ = objective.draw_pairs(jax.random.key(0), cfg, batch_size)
   return model.init({'params': rng}, tokens, labels, steps, targets)['params']
 
 
 def flatten_tokens(config: ModelConfig, tokens: Any) -> Any:
-  """int[B, H, W] or int[B, N] -> int[B, N], checking the grid against `model.grid_size`."""
+  """int[B, H, W] or int[B, N] -> int[B, N], checking the grid against `model.grid_size`
+  (continuous tokens: float[B, H, W, C] or [B, N, C] -> [B, N, C])."""
   shape = tuple(tokens.shape)
   h, w = config.grid_size
+  if config.continuous:
+    c = config.token_dim
+    if len(shape) == 4 and shape[1:] == (h, w, c):
+      return tokens.reshape(shape[0], h * w, c)
+    if len(shape) == 3 and shape[1:] == (h * w, c):
+      return tokens
+    raise ValueError(f'continuous tokens must be float[B, {h}, {w}, {c}] or [B, {h * w}, {c}] '
+                     f'(model.grid_size={(h, w)}, model.token_dim={c}); got shape {shape}.')
   if len(shape) == 3:
     if shape[1:] != (h, w):
       raise ValueError(f'token grid shape {shape[1:]} does not match model.grid_size={(h, w)}.')
@@ -96,7 +128,11 @@ def check_inputs(config: ModelConfig, tokens: Any | None, labels: Any | None,
   Shapes and dtypes are always checked; values only when the arrays are
   concrete (not inside a jit trace).
   """
-  if tokens is not None:
+  if tokens is not None and config.continuous:
+    tokens = flatten_tokens(config, tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.floating):
+      raise ValueError(f'continuous tokens must be floating point latents, got dtype {tokens.dtype}.')
+  elif tokens is not None:
     tokens = flatten_tokens(config, tokens)
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f'tokens must be integer codebook indices, got dtype {tokens.dtype}.')
@@ -125,14 +161,43 @@ def compute_loss(model: Heptapod, params: Any, tokens: Array, labels: Array, rng
   """Draws (step, target) pairs, runs the model, returns (loss, metrics as (sum, count)).
 
   Args:
-    tokens: int32[B, N] (or [B, H, W]) codebook indices; labels: int32[B].
+    tokens: int32[B, N] (or [B, H, W]) codebook indices, or float[B, N, C] latents for
+      continuous tokens; labels: int32[B].
     rng: key for the pair draw and dropout (folded with the step by the trainer).
   """
   cfg = model.config
   tokens = flatten_tokens(cfg, tokens)
-  pair_rng, dropout_rng = jax.random.split(rng)
+  pair_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
   steps, targets, valid = objective.draw_pairs(pair_rng, cfg, tokens.shape[0])
   logits = model.apply({'params': params}, tokens, labels, steps, targets,
                        deterministic=deterministic, rngs={'dropout': dropout_rng})
+  if cfg.continuous:
+    return continuous_pair_loss(model, params, logits, tokens, steps, targets, valid, noise_rng)
   target_dist = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=jnp.float32)
   return objective.pair_loss_and_metrics(cfg, logits, target_dist, steps, targets, valid)
+
+
+def continuous_pair_loss(model: Heptapod, params: Any, z: Array, target_tokens: Array, steps: Array,
+                         targets: Array, valid: Array, rng: Array
+                         ) -> tuple[Array, Mapping[str, tuple[Array, Array]]]:
+  """The diffusion loss of the supervised (step, target) pairs, averaged like the discrete loss.
+
+  Args:
+    z: float32[B, S, K, Wz] head outputs for `targets`.
+    target_tokens: float[B, N, C] latents of every grid position; only the supervised
+      pairs' targets are read.
+  Returns:
+    (scalar loss = mean over valid pairs of the per-pair diffusion MSE, metrics as
+    (sum, count): loss, mse and mse split by distance ahead).
+  """
+  x0 = jnp.take_along_axis(target_tokens[:, None], targets[..., None], axis=2)  # [B, S, K, C]
+  flat_z = z.reshape(-1, z.shape[-1])
+  flat_x0 = x0.reshape(-1, x0.shape[-1]).astype(jnp.float32)
+  per_pair = model.apply({'params': params}, flat_z, flat_x0, rng,
+                         method=Heptapod.diffusion_loss).reshape(targets.shape)
+  weight = valid.astype(jnp.float32)
+  count = jnp.sum(weight)
+  total = jnp.sum(per_pair * weight)
+  metrics = {'loss': (total, count), 'mse': (total, count)}
+  metrics.update(objective.distance_metrics('mse', per_pair, steps, targets, valid))
+  return total / jnp.maximum(count, 1.0), metrics

@@ -111,11 +111,20 @@ def pair_loss_and_metrics(config: ModelConfig, logits: Array, target_dist: Array
       'nll': (jnp.sum(nll * weight), count),
       'accuracy': (jnp.sum(correct * weight), count),
   }
+  metrics.update(distance_metrics('nll', nll, steps, targets, valid))
+  return mean_loss, metrics
+
+
+def distance_metrics(prefix: str, per_pair: Array, steps: Array, targets: Array,
+                     valid: Array) -> dict[str, tuple[Array, Array]]:
+  """A per-pair quantity [B, S, K] split by distance ahead: {f'{prefix}_{bucket}': (sum, count)}."""
+  weight = valid.astype(jnp.float32)
   ahead = targets - steps[..., None] + 1
+  out = {}
   for name, lo, hi in DISTANCE_BUCKETS:
     w = weight * ((ahead >= lo) & (ahead <= hi))
-    metrics[f'nll_{name}'] = (jnp.sum(nll * w), jnp.sum(w))
-  return mean_loss, metrics
+    out[f'{prefix}_{name}'] = (jnp.sum(per_pair * w), jnp.sum(w))
+  return out
 
 
 def finalize_metrics(metrics: Mapping[str, tuple[Array, Array]]) -> dict[str, Array]:

@@ -58,8 +58,9 @@ class CausalTransformer(nn.Module):
     Args:
       labels: int32[B] class labels; when given, the P class-prefix slots come
         first (then `offset` must be 0). Label `num_classes` is the null class.
-      tokens: int32[B, n] grid tokens for the slots after the prefix (or after
-        `offset` when labels is None), or None.
+      tokens: int32[B, n] grid tokens (float[B, n, C] latents for continuous
+        tokens) for the slots after the prefix (or after `offset` when labels
+        is None), or None.
       offset: first slot index of this call's input (traced in decoding).
       cache: KVCache to read and extend (decoding), or None (teacher forcing:
         plain causal attention over this call's input).
@@ -78,7 +79,11 @@ class CausalTransformer(nn.Module):
         drop = jax.random.bernoulli(self.make_rng('dropout'), b.class_dropout, labels.shape)
         labels = jnp.where(drop, cfg.num_classes, labels)
       pieces.append(jnp.take(table, labels, axis=0).astype(dtype))
-    if tokens is not None:
+    if tokens is not None and cfg.continuous:
+      # Continuous tokens (VAE latents [B, n, C]): a linear input embedding.
+      pieces.append(layers.Dense(b.width, (None, 'embed'), name='token_proj', **kw)(
+          tokens.astype(dtype)))
+    elif tokens is not None:
       table = self.param('token_embedding', layers.normal_init(('vocab', 'embed')),
                          (cfg.vocab_size, b.width), param_dtype)
       pieces.append(jnp.take(table, tokens, axis=0).astype(dtype))
