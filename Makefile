@@ -7,7 +7,19 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+# `make demo TOKENS=kl`: the continuous-token variant (KL tokenizer, diffusion loss).
+TOKENS ?= vq
+ifeq ($(TOKENS),kl)
+WORKDIR ?= workdirs/demo_kl
+DEMO_TOKENIZER := configs/vq_demo.py:kind=kl
+DEMO_MODEL := configs/demo.py:tokenizer=kl
+else ifeq ($(TOKENS),vq)
 WORKDIR ?= workdirs/demo
+DEMO_TOKENIZER := configs/vq_demo.py
+DEMO_MODEL := configs/demo.py
+else
+$(error TOKENS=$(TOKENS) is not one of vq, kl)
+endif
 PYTEST_ARGS ?=
 ARGS ?=
 
@@ -15,6 +27,7 @@ ARGS ?=
 
 help:
 	@echo "make demo       train + sample + evaluate the built-in digits demo on CPU (workdir: $(WORKDIR))"
+	@echo "                TOKENS=kl: continuous tokens (KL tokenizer, diffusion loss)"
 	@echo "make test       run the test suite (8 fake CPU devices)"
 	@echo "make params     print parameter counts of every size preset"
 	@echo "make bench      run the CPU step-time benchmark of the tiny preset"
@@ -41,8 +54,8 @@ test-fast: $(DEV_STAMP)
 
 # Two stages: the VQ tokenizer (reused if already trained in the workdir), then Heptapod on its codes.
 demo: $(STAMP)
-	$(PY) -m heptapod_jax.main --config=configs/vq_demo.py --workdir=$(WORKDIR)/tokenizer
-	$(PY) -m heptapod_jax.main --config=configs/demo.py --workdir=$(WORKDIR) \
+	$(PY) -m heptapod_jax.main --config=$(DEMO_TOKENIZER) --workdir=$(WORKDIR)/tokenizer
+	$(PY) -m heptapod_jax.main --config=$(DEMO_MODEL) --workdir=$(WORKDIR) \
 	  --config.tokenizer.checkpoint=$(WORKDIR)/tokenizer/tokenizer
 
 params: $(STAMP)

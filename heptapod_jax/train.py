@@ -49,8 +49,14 @@ class TrainState:
 def batch_tokens(batch: dict[str, Array], tokenizer: Any, tokenizer_params: Any,
                  rng: Array | None = None) -> Array:
   """int32[B, N] codes of a batch: pre-tokenized ('tokens') or encoded on the fly ('image').
-  Continuous tokenizers give float32[B, N, C] latents (posterior samples drawn with `rng`)."""
-  if 'tokens' in batch:
+  Continuous tokenizers give float32[B, N, C] latents (posterior samples drawn with `rng`),
+  on the fly or from pre-tokenized moments ('latent_mean', 'latent_std'), the same way."""
+  if 'latent_mean' in batch:  # Pre-tokenized KL moments: sample (or take the mean), then scale.
+    mean = batch['latent_mean'].astype(jnp.float32)
+    if tokenizer.sample_posterior and rng is not None:
+      mean = mean + batch['latent_std'].astype(jnp.float32) * jax.random.normal(rng, mean.shape)
+    tokens = mean * tokenizer.scale
+  elif 'tokens' in batch:
     tokens = batch['tokens'].astype(jnp.int32)
   else:
     tokens = jax.lax.stop_gradient(encode_images(tokenizer, tokenizer_params, batch['image'], rng))
@@ -133,6 +139,8 @@ class Trainer:
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.num_steps)
     self.batch_shardings = {'image': sharding.batch_sharding(self.mesh, self.rules, 4),
                             'tokens': sharding.batch_sharding(self.mesh, self.rules, 3),
+                            'latent_mean': sharding.batch_sharding(self.mesh, self.rules, 4),
+                            'latent_std': sharding.batch_sharding(self.mesh, self.rules, 4),
                             'label': sharding.batch_sharding(self.mesh, self.rules, 1),
                             'mask': sharding.batch_sharding(self.mesh, self.rules, 1)}
 
@@ -258,17 +266,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        f'({cfg.data.source}) has {train_iter.num_classes} classes.')
 
     tokenized = bool(cfg.data.tokenized_dir)
+    mcfg = trainer.model_config
     if tokenized:
       tokenized_lib.check_tokenizer(train_iter.metadata, cfg.tokenizer)
-      if (tuple(train_iter.grid_size) != tuple(trainer.model_config.grid_size)
-          or train_iter.vocab_size != trainer.model_config.vocab_size):
+      moments = getattr(train_iter, 'payload', 'codes') == 'moments'
+      have = (f'{train_iter.latent_channels}-channel latents' if moments
+              else f'{train_iter.vocab_size} codes')
+      want = f'token_dim={mcfg.token_dim}' if mcfg.continuous else f'vocab_size={mcfg.vocab_size}'
+      if (tuple(train_iter.grid_size) != tuple(mcfg.grid_size) or moments != mcfg.continuous
+          or (train_iter.latent_channels != mcfg.token_dim if moments
+              else train_iter.vocab_size != mcfg.vocab_size)):
         raise ValueError(f'config.data.tokenized_dir={cfg.data.tokenized_dir} holds '
-                         f'{tuple(train_iter.grid_size)} grids of {train_iter.vocab_size} codes; '
-                         f'config.model has grid_size={tuple(trainer.model_config.grid_size)}, '
-                         f'vocab_size={trainer.model_config.vocab_size}.')
-    input_key = 'tokens' if tokenized else 'image'
-    batch_shardings = {input_key: trainer.batch_shardings[input_key],
-                       'label': trainer.batch_shardings['label']}
+                         f'{tuple(train_iter.grid_size)} grids of {have}; config.model has '
+                         f'grid_size={tuple(mcfg.grid_size)}, tokens={mcfg.tokens!r}, {want}.')
+      input_keys = ('latent_mean', 'latent_std') if moments else ('tokens',)
+    else:
+      input_keys = ('image',)
+    batch_shardings = {k: trainer.batch_shardings[k] for k in input_keys}
+    batch_shardings['label'] = trainer.batch_shardings['label']
     step_fn = jax.jit(
         functools.partial(train_step, model=trainer.model, tokenizer=trainer.tokenizer, tx=trainer.tx,
                           schedule=trainer.schedule, ema_decay=cfg.optim.ema_decay),
@@ -276,8 +291,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         out_shardings=(shardings, sharding.replicated(trainer.mesh)),
         donate_argnums=0)
     b = tcfg.global_batch_size
+    latent = jax.ShapeDtypeStruct((b, *mcfg.grid_size, mcfg.token_dim), jnp.float32)
     abstract_batch = {
-        'tokens': jax.ShapeDtypeStruct((b, *trainer.model_config.grid_size), jnp.int32),
+        'tokens': jax.ShapeDtypeStruct((b, *mcfg.grid_size), jnp.int32),
+        'latent_mean': latent, 'latent_std': latent,
         'image': jax.ShapeDtypeStruct((b, cfg.data.image_size, cfg.data.image_size, 3), jnp.float32),
         'label': jax.ShapeDtypeStruct((b,), jnp.int32)}
     abstract_batch = {k: abstract_batch[k] for k in batch_shardings}

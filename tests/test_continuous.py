@@ -13,7 +13,7 @@ from heptapod_jax.models.tokenizers import io as tok_io
 from heptapod_jax.models.tokenizers import kl
 
 from test_model import KINDS, N, cached_step_logits, setup_model
-from test_train import load_recipe
+from test_train import _np, _restore_raw, load_recipe
 
 C = 3  # Channels of a continuous token.
 CONTINUOUS = dict(tokens='kl', token_dim=C,
@@ -124,6 +124,19 @@ def test_trainer_runs_with_a_kl_tokenizer(tmp_path):
   assert out['step'] == 2 and np.isfinite(out['eval']['mse'])
   assert np.isfinite(out['train']['mse_ahead_1'])
   assert os.path.exists(out['samples'][-1])
+
+  # Pre-tokenized moments (mean, std) train the same model as on-the-fly encoding: the same
+  # views, the same posterior noise, so the same parameters (up to the encoder's float noise).
+  from heptapod_jax.tools import tokenize_dataset
+  tokenize_dataset.tokenize_dataset(c, str(tmp_path / 'moments'), variants='center',
+                                    shard_size=1000, batch_size=100)
+  pre = c.copy_and_resolve_references()
+  pre.data.tokenized_dir = str(tmp_path / 'moments')
+  pre.train.eval_at_end = pre.train.sample_at_end = False
+  train.train_and_evaluate(pre, str(tmp_path / 'ar_pre'))
+  a, b = _restore_raw(tmp_path / 'ar', 2), _restore_raw(tmp_path / 'ar_pre', 2)
+  for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])):
+    np.testing.assert_allclose(_np(x), _np(y), atol=1e-5, rtol=0)
 
   # A continuous model needs the KL tokenizer, with matching channels.
   bad = c.copy_and_resolve_references()

@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 from PIL import Image
 import pytest
@@ -17,6 +19,8 @@ from heptapod_jax.data import builtin
 from heptapod_jax.data import input_pipeline
 from heptapod_jax.data import preprocess
 from heptapod_jax.data import tokenized
+from heptapod_jax.models.tokenizers import io as tokenizer_io
+from heptapod_jax.models.tokenizers import kl
 from heptapod_jax.models.tokenizers import make_tokenizer
 from heptapod_jax.tools.tokenize_dataset import tokenize_dataset
 
@@ -369,3 +373,210 @@ def test_reader_skips_unreadable_images_like_the_image_pipeline(tmp_path):
     np.testing.assert_array_equal(code_batch['label'], image_batch['label'])
     assert codes.get_state() == images.get_state()
   assert codes.get_state()['num_skipped'] >= 4  # Two broken records per epoch of 8.
+
+
+# ------------------------------------------------------------ continuous (KL) tokenizer
+
+
+@pytest.fixture(scope='module')
+def kl_checkpoint(tmp_path_factory):
+  """A random-init tiny KL autoencoder: 32px images -> 8x8 latents of 4 channels."""
+  directory = str(tmp_path_factory.mktemp('kl_tokenizer'))
+  config = kl.KLConfig(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                       dec_num_res_blocks=1, embed_dim=4)
+  tokenizer_io.save_tokenizer(directory, 'kl', config, kl.init_params(config, jax.random.key(0)))
+  return directory
+
+
+def _kl_config(data_dir, checkpoint, latent_scale=0.5, sample_posterior=True, **data_overrides):
+  config = _config(data_dir, **data_overrides)
+  config.tokenizer = ml_collections.ConfigDict({
+      'kind': 'kl', 'patch': 4, 'levels': 16, 'checkpoint': checkpoint,
+      'checkpoint_key': 'ema_params', 'latent_scale': latent_scale,
+      'sample_posterior': sample_posterior})
+  return config
+
+
+def _kl_moments(tokenizer, params):
+  """images -> (mean, std) of the KL encoder, as numpy: the reference the files must match."""
+  encode = jax.jit(tokenizer.autoencoder.encode)
+
+  def moments(images):
+    mean, logvar = encode(params, images)
+    return np.asarray(mean), np.exp(0.5 * np.asarray(logvar, np.float64)).astype(np.float32)
+
+  return moments
+
+
+def _assert_close(got, want, err_msg=''):
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=err_msg)
+
+
+@pytest.fixture(scope='module')
+def kl_dir(digits_dir, kl_checkpoint, tmp_path_factory):
+  """SPLIT's ten-crop views through the KL tokenizer, in one uninterrupted run."""
+  out = tmp_path_factory.mktemp('kl_tokenized')
+  result = _tokenize(_kl_config(digits_dir, kl_checkpoint), out)
+  assert result['written'] == [0, 1, 2] and result['metadata'] is not None
+  return str(out)
+
+
+def test_kl_moments_are_the_encoder_posterior(kl_dir, kl_checkpoint, digits_dir):
+  metadata = tokenized.read_metadata(kl_dir)
+  assert metadata['payload'] == 'moments' and metadata['dtype'] == 'float32'
+  assert metadata['latent_channels'] == 4 and 'vocab_size' not in metadata
+  assert metadata['grid_size'] == [8, 8] and metadata['num_kept'] == 40
+  # Stored unscaled and unsampled: the training-time fields are not part of the header.
+  assert metadata['tokenizer'] == {'kind': 'kl', 'patch': 4, 'levels': 16,
+                                   'checkpoint': kl_checkpoint, 'checkpoint_key': 'ema_params'}
+
+  config = _kl_config(digits_dir, kl_checkpoint)
+  tokenizer, params = make_tokenizer(config.tokenizer, 32)
+  moments = _kl_moments(tokenizer, params)
+  source = tfds.builder('heptapod_digits', data_dir=digits_dir).as_dataset(
+      split=SPLIT, shuffle_files=False)
+  examples = list(source.as_numpy_iterator())
+  for shard in range(3):
+    data = tokenized.load_shard(tokenized.shard_path(kl_dir, shard),
+                                ('moments', 'labels', 'source_index'))
+    start, end = shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, 40)
+    assert data['moments'].shape == (end - start, 10, 8, 8, 2, 4)
+    assert data['moments'].dtype == np.float32
+    np.testing.assert_array_equal(data['source_index'], np.arange(start, end))
+    np.testing.assert_array_equal(data['labels'], [ex['label'] for ex in examples[start:end]])
+    # The first and last example of each shard: mean and std of each of its ten views.
+    for row in (0, end - start - 1):
+      views = preprocess.augmented_views(tf.constant(examples[start + row]['image']), 32,
+                                         'ten_crop')
+      mean, std = moments(preprocess.to_model_range(views).numpy())
+      _assert_close(data['moments'][row, :, :, :, 0], mean, f'shard {shard} row {row} mean')
+      _assert_close(data['moments'][row, :, :, :, 1], std, f'shard {shard} row {row} std')
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_kl_reader_replays_the_image_pipeline(digits_dir, kl_dir, kl_checkpoint, process_count):
+  images_config = _config(digits_dir).data
+  moments_config = _kl_config(digits_dir, kl_checkpoint, tokenized_dir=kl_dir).data
+  tokenizer, params = make_tokenizer(_kl_config(digits_dir, kl_checkpoint).tokenizer, 32)
+  moments = _kl_moments(tokenizer, params)
+  b = 16 // process_count
+  for process_index in range(process_count):
+    make = lambda config, state=None: input_pipeline.create_train_iterator(
+        config, global_batch_size=16, seed=7, state=state, process_index=process_index,
+        process_count=process_count)
+    images, latents = make(images_config), make(moments_config)
+    assert latents.payload == 'moments' and latents.latent_channels == 4
+    assert latents.vocab_size is None and latents.grid_size == (8, 8)
+    assert latents.num_local_examples == images.num_local_examples == 40 // process_count
+    states, image_batches = [], []
+    for step in range(6):  # 96 records over 40: two epoch boundaries.
+      image_batch, batch = next(images), next(latents)
+      assert set(batch) == {'latent_mean', 'latent_std', 'label'}
+      for key in ('latent_mean', 'latent_std'):
+        assert batch[key].shape == (b, 8, 8, 4) and batch[key].dtype == np.float32
+      assert batch['label'].dtype == np.int32
+      mean, std = moments(image_batch['image'])
+      _assert_close(batch['latent_mean'], mean, f'step {step} mean')
+      _assert_close(batch['latent_std'], std, f'step {step} std')
+      np.testing.assert_array_equal(batch['label'], image_batch['label'])
+      assert latents.get_state() == images.get_state()
+      states.append(latents.get_state())
+      image_batches.append(image_batch)
+    for k in (2, 4):  # Resume, also across the epoch boundary.
+      resumed = next(make(moments_config, json.loads(json.dumps(states[k - 1]))))
+      mean, std = moments(image_batches[k]['image'])
+      _assert_close(resumed['latent_mean'], mean)
+      _assert_close(resumed['latent_std'], std)
+      np.testing.assert_array_equal(resumed['label'], image_batches[k]['label'])
+
+
+def test_kl_bfloat16_moments(digits_dir, kl_checkpoint, tmp_path):
+  out = tmp_path / 'bf16'
+  config = _kl_config(digits_dir, kl_checkpoint, augment='none')
+  result = _tokenize(config, out, variants='center', moments_dtype='bfloat16')
+  assert result['metadata']['dtype'] == 'bfloat16'
+  with np.load(out / 'codes-00000.npz') as raw:  # Stored as bits: any numpy can read it.
+    assert raw['moments'].dtype == np.uint16 and raw['moments'].shape == (16, 1, 8, 8, 2, 4)
+  assert tokenized.load_shard(str(out / 'codes-00000.npz'), ('moments',))['moments'].dtype == (
+      ml_dtypes.bfloat16)
+
+  tokenizer, params = make_tokenizer(config.tokenizer, 32)
+  moments = _kl_moments(tokenizer, params)
+  images = input_pipeline.create_train_iterator(config.data, global_batch_size=8, seed=3)
+  config.data.tokenized_dir = str(out)
+  latents = input_pipeline.create_train_iterator(config.data, global_batch_size=8, seed=3)
+  for _ in range(6):
+    image_batch, batch = next(images), next(latents)
+    mean, std = moments(image_batch['image'])
+    for got, want in ((batch['latent_mean'], mean), (batch['latent_std'], std)):
+      assert got.dtype == np.float32
+      # Exactly the bfloat16 rounding of the float32 moments.
+      np.testing.assert_allclose(got, want.astype(ml_dtypes.bfloat16).astype(np.float32),
+                                 rtol=0, atol=np.abs(want).max() * 2.0**-8)
+    assert latents.get_state() == images.get_state()
+
+  with pytest.raises(ValueError, match=r'moments_dtype=.bfloat16. applies to .*kind="kl" only'):
+    _tokenize(_config(digits_dir), tmp_path / 'codes', moments_dtype='bfloat16')
+
+
+def test_kl_and_discrete_directories_do_not_mix(digits_dir, kl_checkpoint, kl_dir, reference_dir,
+                                               tmp_path):
+  kl_config, codes_config = _kl_config(digits_dir, kl_checkpoint), _config(digits_dir)
+  # The tool: a KL run on a codes directory and a codes run on a moments directory.
+  with pytest.raises(ValueError, match=r"metadata\.json was written with payload='codes' "
+                     r"\(tokenizer\.kind='pixel'\) but this run has payload='moments' "
+                     r"\(tokenizer\.kind='kl'\)"):
+    _tokenize(kl_config, reference_dir)
+  with pytest.raises(ValueError, match=r"payload='moments' \(tokenizer\.kind='kl'\) but this run "
+                     r"has payload='codes' \(tokenizer\.kind='pixel'\)"):
+    _tokenize(codes_config, kl_dir)
+  partial = tmp_path / 'partial'  # No metadata yet: the shard header refuses it.
+  _tokenize(codes_config, partial, max_shards=1)
+  with pytest.raises(ValueError, match=r"codes-00000\.npz was written with payload='codes'"):
+    _tokenize(kl_config, partial)
+  # Training-time fields do not matter: a complete directory serves another latent_scale.
+  again = _tokenize(_kl_config(digits_dir, kl_checkpoint, latent_scale=0.2325), kl_dir)
+  assert again['written'] == [] and again['metadata'] == tokenized.read_metadata(kl_dir)
+
+  # The trainer's check: a KL config on codes (pixel or VQ) and a VQ config on moments.
+  codes_metadata = tokenized.read_metadata(reference_dir)
+  vq_metadata = json.loads(json.dumps(codes_metadata))
+  vq_metadata['tokenizer']['kind'] = 'vq'
+  for metadata, kind in ((codes_metadata, 'pixel'), (vq_metadata, 'vq')):
+    with pytest.raises(ValueError, match=rf"config\.tokenizer\.kind='kl' but the pre-tokenized "
+                       rf"data was made with tokenizer\.kind='{kind}' \(payload='codes'"):
+      tokenized.check_tokenizer(metadata, kl_config.tokenizer)
+  kl_metadata = tokenized.read_metadata(kl_dir)
+  vq_config = _config(digits_dir)
+  vq_config.tokenizer.kind = 'vq'
+  with pytest.raises(ValueError, match=r"config\.tokenizer\.kind='vq' but the pre-tokenized "
+                     r"data was made with tokenizer\.kind='kl' \(payload='moments'"):
+    tokenized.check_tokenizer(kl_metadata, vq_config.tokenizer)
+  tokenized.check_tokenizer(kl_metadata, kl_config.tokenizer)
+  tokenized.check_tokenizer(kl_metadata, _kl_config(digits_dir, kl_checkpoint, latent_scale=1.0,
+                                                    sample_posterior=False).tokenizer)
+  other = _kl_config(digits_dir, kl_checkpoint)
+  other.tokenizer.checkpoint_key = 'params'
+  with pytest.raises(ValueError, match=r"config\.tokenizer\.checkpoint_key='params'.*"
+                     r"checkpoint_key='ema_params'"):
+    tokenized.check_tokenizer(kl_metadata, other.tokenizer)
+
+
+def test_kl_interrupted_tokenization_resumes(digits_dir, kl_checkpoint, kl_dir, tmp_path):
+  out = tmp_path / 'kl_resumed'
+  config = _kl_config(digits_dir, kl_checkpoint)
+  assert _tokenize(config, out, max_shards=1) == {'written': [0], 'skipped': [],
+                                                  'metadata': None}
+  old = 1_000_000_000
+  os.utime(out / 'codes-00000.npz', (old, old))
+  second = _tokenize(config, out)
+  assert second['written'] == [1, 2] and second['skipped'] == [0]
+  assert os.stat(out / 'codes-00000.npz').st_mtime == old
+  assert second['metadata'] == tokenized.read_metadata(kl_dir)
+  for shard in range(3):
+    keys = ('moments', 'labels', 'source_index', 'header')
+    a = tokenized.load_shard(tokenized.shard_path(str(out), shard), keys)
+    b = tokenized.load_shard(tokenized.shard_path(kl_dir, shard), keys)
+    for key in keys[:3]:
+      np.testing.assert_array_equal(a[key], b[key])
+    assert a['header'] == b['header']

@@ -526,7 +526,8 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
 
   With `data_config.tokenized_dir` set this returns the pre-tokenized reader
   (`tokenized.create_train_iterator`): the same records in the same order and
-  the same state, its batches holding 'tokens' int32[b, h, w] instead of 'image'.
+  the same state, its batches holding 'tokens' int32[b, h, w] instead of 'image'
+  (for a KL tokenizer's directory: 'latent_mean' and 'latent_std' float32[b, h, w, C]).
 
   Args:
     data_config: see `default_data_config`.

@@ -1,17 +1,25 @@
 """Pre-tokenized training data (LlamaGen-style): the file format and its reader.
 
 `python -m heptapod_jax.tools.tokenize_dataset` encodes every view of every
-image of a split once; training then reads the codes instead of decoding,
-resizing and tokenizing images each step.
+image of a split once; training then reads the codes (or, for the continuous KL
+tokenizer, the latent moments) instead of decoding, resizing and tokenizing
+images each step.
 
 File format of a directory DIR:
 
   DIR/metadata.json     written last, when every shard exists (see `HEADER_FIELDS`,
                         plus num_kept / num_skipped, the examples kept and dropped)
-  DIR/codes-SSSSS.npz   shard s (`shard_path`), uncompressed np.savez with
+  DIR/codes-SSSSS.npz   shard s (`shard_path`), uncompressed np.savez with one
+                        payload array (named by the header's `payload`, see below)
       codes         int16|int32[n, V, h, w]  tokenizer indices of the V views
                     (`variant_names`, in `preprocess.VARIANT_NAMES` order); int16
                     when vocab_size <= 32768
+   or moments       float32|bfloat16|float16[n, V, h, w, 2, C]  the KL encoder's
+                    posterior of each view: [..., 0, :] the latent mean,
+                    [..., 1, :] its std = exp(0.5 * logvar), both unscaled (before
+                    config.tokenizer.latent_scale) and unsampled; C = the
+                    tokenizer's latent channels. bfloat16 is stored as its uint16
+                    bit pattern (numpy has no bfloat16; `load_shard` views it back)
       labels        int32[n]
       source_index  int64[n]  source index (position in the split's canonical
                     order, see input_pipeline) of each row, increasing
@@ -25,15 +33,29 @@ counts a dropped example as a skipped record, so its data state matches the
 image pipeline's exactly.
 
 Payload: `payload` names the array holding the per-view data and `dtype` its
-type. Only 'codes' (integer indices, from `encode_to_indices`) exists now. A
-continuous tokenizer (KL-VAE: latent mean and std) would write
-payload='moments', dtype='float32' (or 'bfloat16'), shape [n, V, h, w, C]
-under that name; the reader rejects payloads other than 'codes' until then.
+type (`PAYLOADS`):
+  codes     discrete tokenizers (pixel, vq; `encode_to_indices`); the header
+            has vocab_size. Header fields: `HEADER_FIELDS`.
+  moments   the continuous KL tokenizer (kind 'kl'): latent mean and std as
+            above, dtype float32 by default (tokenize_dataset --moments_dtype=
+            bfloat16|float16 halves the disk and the reader's memory). The
+            header has latent_channels in place of vocab_size
+            (`MOMENTS_HEADER_FIELDS`), and its `tokenizer` leaves out
+            latent_scale and sample_posterior (`TRAINING_TIME_FIELDS`): they
+            are applied when training, so one directory serves any of them.
+The payload follows from config.tokenizer.kind (`payload_of`); a run or a
+trainer whose tokenizer needs the other payload is refused, naming
+tokenizer.kind / payload.
+
+Size: the reader holds its process's slice in memory: moments take
+2 * C * 4 bytes (float32) per position per view, e.g. KL-16 at 256px with
+--variants=flip: 1.28M * 2 * 256 * 32 * 4 bytes = 84 GB for ImageNet (42 GB in
+bfloat16), divided over the processes; ten_crop is five times that.
 
 The reader (`create_train_iterator`) replays the image pipeline's record order
 (`input_pipeline.RecordOrder`) and view choice (`input_pipeline.variant_fn`),
-so for the same data config, seed and batch size it yields the codes of exactly
-the images the image pipeline would yield, with the same `get_state()`.
+so for the same data config, seed and batch size it yields the codes (moments) of
+exactly the images the image pipeline would yield, with the same `get_state()`.
 """
 
 from __future__ import annotations
@@ -44,6 +66,7 @@ import os
 from typing import Any, Iterator
 
 from absl import logging
+import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
@@ -59,6 +82,33 @@ HEADER_FIELDS = ('format_version', 'source', 'split', 'num_examples', 'num_class
                  'image_size', 'variants', 'augment', 'num_variants', 'variant_names',
                  'tokenizer', 'grid_size', 'vocab_size', 'payload', 'dtype', 'shard_size',
                  'num_shards')
+# The same for payload 'moments' (continuous tokenizer): latent channels instead of a vocabulary.
+MOMENTS_HEADER_FIELDS = tuple('latent_channels' if f == 'vocab_size' else f
+                              for f in HEADER_FIELDS)
+# Payload arrays (the header's 'payload'): integer codes, or a KL tokenizer's latent moments.
+PAYLOADS = ('codes', 'moments')
+MOMENTS_DTYPES = ('float32', 'bfloat16', 'float16')
+# config.tokenizer fields a payload does not depend on (applied at training time): left out of
+# the header's `tokenizer` and of `check_tokenizer`.
+TRAINING_TIME_FIELDS = {'codes': (), 'moments': ('latent_scale', 'sample_posterior')}
+
+
+def payload_of(tokenizer_kind: str) -> str:
+  """'moments' for the continuous tokenizer (kind 'kl'), 'codes' for the discrete ones."""
+  return 'moments' if tokenizer_kind == 'kl' else 'codes'
+
+
+def header_fields(payload: str) -> tuple[str, ...]:
+  """The header fields of a payload's directories."""
+  if payload not in PAYLOADS:
+    raise ValueError(f'payload={payload!r} is not one of {list(PAYLOADS)}')
+  return MOMENTS_HEADER_FIELDS if payload == 'moments' else HEADER_FIELDS
+
+
+def header_tokenizer(tokenizer_config: Any, payload: str) -> dict[str, Any]:
+  """config.tokenizer as the header records it (JSON-able, training-time fields left out)."""
+  config = _jsonable(tokenizer_config)
+  return {k: v for k, v in config.items() if k not in TRAINING_TIME_FIELDS[payload]}
 
 
 def shard_path(directory: str, shard: int) -> str:
@@ -78,8 +128,10 @@ def _jsonable(value: Any) -> Any:
 
 def make_header(*, source: str, split: str, num_examples: int, num_classes: int, image_size: int,
                 variants: str, tokenizer_config: Any, grid_size: tuple[int, int],
-                vocab_size: int, shard_size: int) -> dict[str, Any]:
-  """The run-invariant metadata of a tokenized directory (`HEADER_FIELDS`).
+                vocab_size: int | None = None, shard_size: int,
+                latent_channels: int | None = None, moments_dtype: str = 'float32'
+                ) -> dict[str, Any]:
+  """The run-invariant metadata of a tokenized directory (`header_fields(payload)`).
 
   Args:
     source: data.source of the images.
@@ -90,8 +142,10 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
     variants: one of VARIANT_SETS.
     tokenizer_config: config.tokenizer (ConfigDict or dict).
     grid_size: (h, w) of the codes.
-    vocab_size: tokenizer vocabulary size.
+    vocab_size: tokenizer vocabulary size (payload 'codes').
     shard_size: examples per shard.
+    latent_channels: C of the latents (payload 'moments', tokenizer kind 'kl').
+    moments_dtype: one of MOMENTS_DTYPES (payload 'moments').
 
   Returns:
     JSON-able dict.
@@ -102,6 +156,35 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
     raise ValueError(f'shard_size={shard_size} must be positive')
   augment = VARIANT_SETS[variants]
   names = preprocess.VARIANT_NAMES[augment]
+  payload = payload_of(_jsonable(tokenizer_config)['kind'])
+  if payload == 'moments':
+    if latent_channels is None or latent_channels <= 0:
+      raise ValueError(f'latent_channels={latent_channels} must be positive for payload moments')
+    if moments_dtype not in MOMENTS_DTYPES:
+      raise ValueError(f'moments_dtype={moments_dtype!r} is not one of {list(MOMENTS_DTYPES)}')
+    header = {
+        'format_version': FORMAT_VERSION,
+        'source': source,
+        'split': split,
+        'num_examples': int(num_examples),
+        'num_classes': int(num_classes),
+        'image_size': int(image_size),
+        'variants': variants,
+        'augment': augment,
+        'num_variants': len(names),
+        'variant_names': list(names),
+        'tokenizer': header_tokenizer(tokenizer_config, payload),
+        'grid_size': [int(g) for g in grid_size],
+        'latent_channels': int(latent_channels),
+        'payload': payload,
+        'dtype': moments_dtype,
+        'shard_size': int(shard_size),
+        'num_shards': -(-int(num_examples) // int(shard_size)),
+    }
+    assert tuple(header) == MOMENTS_HEADER_FIELDS
+    return _jsonable(header)
+  if vocab_size is None:
+    raise ValueError('vocab_size is needed for payload codes')
   return _jsonable({
       'format_version': FORMAT_VERSION,
       'source': source,
@@ -144,7 +227,15 @@ def check_header(found: dict[str, Any], expected: dict[str, Any], where: str) ->
     expected: `make_header` of this run.
     where: file the metadata came from, for the message.
   """
-  found = {k: found.get(k) for k in HEADER_FIELDS}
+  if found.get('payload') != expected['payload']:
+    # Codes and moments never mix: say so before any field the two headers do not share.
+    kind = lambda header: _lookup(header, 'tokenizer.kind')  # noqa: E731
+    raise ValueError(
+        f'{where} was written with payload={found.get("payload")!r} '
+        f'(tokenizer.kind={kind(found)!r}) but this run has payload={expected["payload"]!r} '
+        f'(tokenizer.kind={kind(expected)!r}); use another output directory to tokenize with '
+        'another kind of tokenizer')
+  found = {k: found.get(k) for k in header_fields(expected['payload'])}
   field = _first_difference(found, expected, '')
   if field:
     raise ValueError(
@@ -178,19 +269,28 @@ def read_metadata(directory: str) -> dict[str, Any] | None:
     return json.loads(f.read())
 
 
-def save_shard(path: str, *, codes: np.ndarray, labels: np.ndarray, source_index: np.ndarray,
-               header: dict[str, Any]) -> None:
+def save_shard(path: str, *, labels: np.ndarray, source_index: np.ndarray,
+               header: dict[str, Any], **payload: np.ndarray) -> None:
   """Writes one shard atomically: to `path`.tmp, then renamed to `path`.
 
   Args:
     path: `shard_path(...)`.
-    codes: int[n, V, h, w] in header['dtype'].
     labels: int32[n].
     source_index: int64[n].
     header: `make_header(...)`.
+    **payload: the one array header['payload'] names, in header['dtype']:
+      codes=int[n, V, h, w] or moments=float[n, V, h, w, 2, C].
   """
+  name = header['payload']
+  if set(payload) != {name}:
+    raise ValueError(f'header payload {name!r} but got arrays {sorted(payload)}')
+  array = payload[name]
+  if array.dtype.name != header['dtype']:
+    raise ValueError(f'{name} is {array.dtype.name}, the header says {header["dtype"]}')
+  if array.dtype.name == 'bfloat16':
+    array = array.view(np.uint16)  # np.load cannot restore bfloat16 (it reads back |V2).
   buffer = io.BytesIO()
-  np.savez(buffer, codes=codes, labels=labels.astype(np.int32),
+  np.savez(buffer, **{name: array}, labels=labels.astype(np.int32),
            source_index=source_index.astype(np.int64),
            header=np.array(json.dumps(header, sort_keys=True)))
   tmp = path + '.tmp'
@@ -202,7 +302,10 @@ def save_shard(path: str, *, codes: np.ndarray, labels: np.ndarray, source_index
 
 def load_shard(path: str, keys: tuple[str, ...] = ('codes', 'labels', 'source_index')
                ) -> dict[str, Any]:
-  """Reads the named arrays of a shard ('header' comes back as a dict)."""
+  """Reads the named arrays of a shard ('header' comes back as a dict).
+
+  'moments' stored as bfloat16 bits (uint16) comes back as ml_dtypes' bfloat16.
+  """
   with tf.io.gfile.GFile(path, 'rb') as f:
     # np.load reads only the members asked for; GFile seeks, so a header check
     # does not read the codes.
@@ -210,6 +313,8 @@ def load_shard(path: str, keys: tuple[str, ...] = ('codes', 'labels', 'source_in
       out = {k: data[k] for k in keys}
   if 'header' in out:
     out['header'] = json.loads(str(out['header']))
+  if 'moments' in out and out['moments'].dtype == np.uint16:
+    out['moments'] = out['moments'].view(ml_dtypes.bfloat16)
   return out
 
 
@@ -230,9 +335,9 @@ def check_data_config(metadata: dict[str, Any], data_config: Any, directory: str
         sets = [k for k, v in VARIANT_SETS.items() if v == value]
         hint = f' (tokenize with --variants={sets[0]})' if sets else ''
       raise ValueError(f'data.{field}={value!r} but {where} holds {key}={metadata[key]!r}{hint}')
-  if metadata.get('payload') != 'codes':
-    raise NotImplementedError(f'{where}: payload {metadata.get("payload")!r}; only integer '
-                              "'codes' can be read so far")
+  if metadata.get('payload') not in PAYLOADS:
+    raise NotImplementedError(f'{where}: payload {metadata.get("payload")!r}; this reader '
+                              f'reads {list(PAYLOADS)}')
   if metadata.get('format_version') != FORMAT_VERSION:
     raise ValueError(f'{where}: format_version={metadata.get("format_version")}, this reader '
                      f'reads {FORMAT_VERSION}')
@@ -241,10 +346,21 @@ def check_data_config(metadata: dict[str, Any], data_config: Any, directory: str
 def check_tokenizer(metadata: dict[str, Any], tokenizer_config: Any) -> None:
   """For the trainer: the codes must come from the tokenizer the model is trained for.
 
+  Payload 'moments' (kind 'kl') does not depend on latent_scale and
+  sample_posterior (`TRAINING_TIME_FIELDS`): those may differ.
+
   Raises:
-    ValueError naming the first differing `tokenizer.<field>`.
+    ValueError naming tokenizer.kind when the config's kind needs the other
+    payload, else the first differing `tokenizer.<field>`.
   """
-  ours = {'tokenizer': _jsonable(tokenizer_config)}
+  kind = _jsonable(tokenizer_config)['kind']
+  payload = metadata.get('payload')
+  if payload != payload_of(kind):
+    raise ValueError(
+        f'config.tokenizer.kind={kind!r} but the pre-tokenized data was made with '
+        f'tokenizer.kind={_lookup(metadata, "tokenizer.kind")!r} (payload={payload!r}; kind '
+        f'{kind!r} trains on payload {payload_of(kind)!r}); tokenize with this tokenizer')
+  ours = {'tokenizer': header_tokenizer(tokenizer_config, payload)}
   theirs = {'tokenizer': metadata['tokenizer']}
   field = _first_difference(theirs, ours, '')
   if field:
@@ -256,17 +372,20 @@ class TokenizedTrainIterator:
   """Endless iterator over this process's pre-tokenized training batches.
 
   `next(it)` returns numpy arrays for this process:
-    {'tokens': int32[b, h, w], 'label': int32[b]}
-  with b = global_batch_size // process_count: the codes of the views the image
-  pipeline (`input_pipeline.TrainIterator`) would return for the same config,
-  seed and state. `get_state()` is the same dict as the image pipeline's.
+    payload 'codes':    {'tokens': int32[b, h, w], 'label': int32[b]}
+    payload 'moments':  {'latent_mean': float32[b, h, w, C], 'latent_std': float32[b, h, w, C],
+                         'label': int32[b]}  (unscaled, as stored)
+  with b = global_batch_size // process_count: the codes (moments) of the views
+  the image pipeline (`input_pipeline.TrainIterator`) would return for the same
+  config, seed and state. `get_state()` is the same dict as the image pipeline's.
   """
 
   def __init__(self, index_batches: tf.data.Dataset, *, codes: np.ndarray, labels: np.ndarray,
                row_of: np.ndarray, slice_start: int, position: int, num_skipped: int,
                local_batch_size: int, metadata: dict[str, Any]):
     self._index_iter = index_batches.as_numpy_iterator()
-    # codes: [kept examples of the slice, V, h, w]; row_of[source - slice_start] = row or -1.
+    # codes: [kept examples of the slice, V, h, w] (moments: [..., 2, C]);
+    # row_of[source - slice_start] = row or -1.
     self._codes, self._labels, self._row_of = codes, labels, row_of
     self._slice_start = slice_start
     self._position = position
@@ -278,7 +397,11 @@ class TokenizedTrainIterator:
     self.num_classes = int(metadata['num_classes'])
     self.image_size = int(metadata['image_size'])
     self.grid_size = tuple(metadata['grid_size'])
-    self.vocab_size = int(metadata['vocab_size'])
+    self.payload = metadata['payload']
+    # vocab_size: payload 'codes' only; latent_channels: payload 'moments' only (else None).
+    self.vocab_size = int(metadata['vocab_size']) if 'vocab_size' in metadata else None
+    self.latent_channels = (int(metadata['latent_channels']) if 'latent_channels' in metadata
+                            else None)
     self.num_train_examples = int(metadata['num_examples'])
     self.num_local_examples = len(row_of)
 
@@ -298,6 +421,11 @@ class TokenizedTrainIterator:
     self._pending = {k: v[b:] for k, v in self._pending.items()}
     self._position = int(take['record'][-1]) + 1
     self._num_emitted += b
+    if self.payload == 'moments':
+      moments = self._codes[take['row'], take['variant']]  # [b, h, w, 2, C]
+      return {'latent_mean': moments[..., 0, :].astype(np.float32),
+              'latent_std': moments[..., 1, :].astype(np.float32),
+              'label': self._labels[take['row']]}
     return {'tokens': self._codes[take['row'], take['variant']].astype(np.int32),
             'label': self._labels[take['row']]}
 
@@ -310,10 +438,14 @@ def _load_slice(directory: str, metadata: dict[str, Any], start: int, end: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source examples [start, end): (codes[k, V, h, w], labels int32[k], row_of int64[end - start]).
 
+  (Payload 'moments': moments[k, V, h, w, 2, C] in place of the codes.)
   row_of[i] is the row of source example start + i, or -1 when it was left out.
   """
   shard_size = int(metadata['shard_size'])
+  payload = metadata['payload']
   want_shape = (int(metadata['num_variants']), *metadata['grid_size'])
+  if payload == 'moments':
+    want_shape += (2, int(metadata['latent_channels']))
   codes, labels, sources = [], [], []
   for shard in range(start // shard_size, (end - 1) // shard_size + 1):
     path = shard_path(directory, shard)
@@ -321,12 +453,13 @@ def _load_slice(directory: str, metadata: dict[str, Any], start: int, end: int
       raise FileNotFoundError(f'{path} is missing although {METADATA_FILE} says the directory '
                               f'is complete; delete {METADATA_FILE} and rerun tokenize_dataset '
                               'on it (existing shards are kept)')
-    data = load_shard(path)
-    if data['codes'].shape[1:] != want_shape or data['codes'].dtype.name != metadata['dtype']:
-      raise ValueError(f'{path}: codes {data["codes"].dtype}{list(data["codes"].shape)}, '
+    data = load_shard(path, (payload, 'labels', 'source_index'))
+    array = data[payload]
+    if array.shape[1:] != want_shape or array.dtype.name != metadata['dtype']:
+      raise ValueError(f'{path}: {payload} {array.dtype}{list(array.shape)}, '
                        f'metadata says {metadata["dtype"]}[n, {", ".join(map(str, want_shape))}]')
     inside = (data['source_index'] >= start) & (data['source_index'] < end)
-    codes.append(data['codes'][inside])
+    codes.append(array[inside])
     labels.append(data['labels'][inside])
     sources.append(data['source_index'][inside])
   sources = np.concatenate(sources)
@@ -348,7 +481,7 @@ def open_metadata(directory: str) -> dict[str, Any]:
 def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
                           state: dict | None = None, process_index: int | None = None,
                           process_count: int | None = None) -> TokenizedTrainIterator:
-  """This process's endless training iterator over the codes in `data_config.tokenized_dir`.
+  """This process's endless training iterator over the codes (or moments) in the directory.
 
   Same arguments, record order, process slices, epochs and state as
   `input_pipeline.create_train_iterator` on images (which calls this when
@@ -381,9 +514,9 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
   if not len(codes):
     raise ValueError(f'process {process_index} of {process_count}: every example of its slice '
                      f'was dropped as unreadable when {directory!r} was written')
-  logging.info('tokenized data %s: %d examples of this slice (%d dropped), codes %s%s',
-               directory, len(codes), order.num_records - len(codes), codes.dtype,
-               list(codes.shape))
+  logging.info('tokenized data %s: %d examples of this slice (%d dropped), %s %s%s',
+               directory, len(codes), order.num_records - len(codes), metadata['payload'],
+               codes.dtype, list(codes.shape))
 
   ds = order.stream(position)
   ds = ds.map(lambda record, source: (record, source, variant_of(record)),

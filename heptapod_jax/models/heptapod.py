@@ -167,7 +167,8 @@ def compute_loss(model: Heptapod, params: Any, tokens: Array, labels: Array, rng
   """
   cfg = model.config
   tokens = flatten_tokens(cfg, tokens)
-  pair_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
+  pair_rng, dropout_rng = jax.random.split(rng)
+  noise_rng = jax.random.fold_in(rng, 2)  # Diffusion noise (continuous tokens only).
   steps, targets, valid = objective.draw_pairs(pair_rng, cfg, tokens.shape[0])
   logits = model.apply({'params': params}, tokens, labels, steps, targets,
                        deterministic=deterministic, rngs={'dropout': dropout_rng})

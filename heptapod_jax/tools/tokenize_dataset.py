@@ -1,7 +1,8 @@
 """Pre-tokenizes a split: every augmented view of every image, encoded once (LlamaGen-style).
 
   python -m heptapod_jax.tools.tokenize_dataset --config=configs/demo.py --out=DIR \
-      [--split=train] [--variants=ten_crop|flip|center] [--shard_size=N] [--batch_size=B]
+      [--split=train] [--variants=ten_crop|flip|center] [--shard_size=N] [--batch_size=B] \
+      [--moments_dtype=float32|bfloat16|float16]  (KL tokenizer only)
 
 `config.data` says which images (source, split, image_size) and `config.tokenizer`
 which tokenizer (`make_tokenizer(config.tokenizer, config.data.image_size)`).
@@ -25,8 +26,11 @@ the format is described in heptapod_jax/data/tokenized.py.
 * Unreadable images are left out, as the image pipeline drops them; each shard
   records the source indices of its rows, and the reader counts the missing
   ones as skipped records, so example numbering stays aligned with the source.
-* Only integer codes (`encode_to_indices`) are written; a continuous (KL)
-  tokenizer would add a float payload, see tokenized.py.
+* Payload: discrete tokenizers (pixel, vq) write integer codes
+  (`encode_to_indices`); the continuous KL tokenizer (kind 'kl') writes each
+  view's posterior moments, the latent mean and std = exp(0.5 * logvar) of
+  `autoencoder.encode`, unscaled (latent_scale and posterior sampling are
+  applied by the trainer), in float32 or --moments_dtype. See tokenized.py.
 """
 from __future__ import annotations
 
@@ -37,34 +41,52 @@ from typing import Any
 
 from absl import app, flags, logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
 from heptapod_jax.data import input_pipeline
 from heptapod_jax.data import preprocess
 from heptapod_jax.data import tokenized
+from heptapod_jax.models.tokenizers import LatentTokenizer
 from heptapod_jax.models.tokenizers import make_tokenizer
 
 
+def _moments_fn(autoencoder: Any) -> Any:
+  """(params, images[B, S, S, 3]) -> float32[B, h, w, 2, C]: latent mean and std, unscaled."""
+
+  def moments(params, images):
+    mean, logvar = autoencoder.encode(params, images)
+    return jnp.stack([mean, jnp.exp(0.5 * logvar)], axis=-2)
+
+  return moments
+
+
 def _local_encoder(tokenizer: Any, params: Any) -> tuple[Any, Any, jax.sharding.NamedSharding]:
-  """(jitted encode, device params, batch sharding) over this process's devices."""
+  """(jitted encode, device params, batch sharding) over this process's devices.
+
+  encode gives codes int32[B, h, w], or for a `LatentTokenizer` moments float32[B, h, w, 2, C].
+  """
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ('data',))
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  encode = jax.jit(tokenizer.encode_to_indices, in_shardings=(replicated, batch),
-                   out_shardings=batch)
+  fn = (_moments_fn(tokenizer.autoencoder) if isinstance(tokenizer, LatentTokenizer)
+        else tokenizer.encode_to_indices)
+  encode = jax.jit(fn, in_shardings=(replicated, batch), out_shardings=batch)
   return encode, jax.device_put(params, replicated), batch
 
 
 def _encode_shard(source: input_pipeline.Source, split: str, start: int, end: int, *,
                   image_size: int, augment: str, num_parallel_calls: int, encode: Any,
                   params: Any, sharding: jax.sharding.NamedSharding, examples_per_call: int,
-                  rows_per_call: int, grid_size: tuple[int, int], dtype: np.dtype
+                  rows_per_call: int, grid_size: tuple[int, int], dtype: np.dtype,
+                  payload: str = 'codes', latent_channels: int | None = None
                   ) -> dict[str, np.ndarray]:
-  """Codes of every view of source examples [start, end), unreadable ones left out.
+  """Codes (or moments) of every view of source examples [start, end), unreadable ones left out.
 
   Returns:
-    {'codes': dtype[n, V, h, w], 'labels': int32[n], 'source_index': int64[n]}.
+    {'codes': dtype[n, V, h, w], 'labels': int32[n], 'source_index': int64[n]}; payload
+    'moments': {'moments': dtype[n, V, h, w, 2, C], ...} instead of 'codes'.
   """
   data = source.read_range(split, start, end)
   num_variants = len(preprocess.VARIANT_NAMES[augment])
@@ -93,14 +115,18 @@ def _encode_shard(source: input_pipeline.Source, split: str, start: int, end: in
     pending.append((encode(params, jax.device_put(padded, sharding)), len(images),
                     batch['label'], batch['source_index']))
   h, w = grid_size
+  view_shape = (h, w) if payload == 'codes' else (h, w, 2, latent_channels)
   if not pending:
-    return {'codes': np.zeros((0, num_variants, h, w), dtype),
+    return {payload: np.zeros((0, num_variants, *view_shape), dtype),
             'labels': np.zeros((0,), np.int32), 'source_index': np.zeros((0,), np.int64)}
   codes = np.concatenate([np.asarray(c)[:n] for c, n, _, _ in pending])
-  codes = codes.reshape(-1, num_variants, h, w)
-  if codes.min() < 0 or codes.max() > np.iinfo(dtype).max:
-    raise ValueError(f'codes in [{codes.min()}, {codes.max()}] do not fit {dtype}')
-  return {'codes': codes.astype(dtype),
+  codes = codes.reshape(-1, num_variants, *view_shape)
+  if payload == 'codes':
+    if codes.min() < 0 or codes.max() > np.iinfo(dtype).max:
+      raise ValueError(f'codes in [{codes.min()}, {codes.max()}] do not fit {dtype}')
+  elif not np.isfinite(codes).all():
+    raise ValueError(f'the encoder gave non-finite moments for examples [{start}, {end})')
+  return {payload: codes.astype(dtype),
           'labels': np.concatenate([p[2] for p in pending]).astype(np.int32),
           'source_index': np.concatenate([p[3] for p in pending]).astype(np.int64)}
 
@@ -132,7 +158,8 @@ def _finalize(out_dir: str, header: dict[str, Any]) -> dict[str, Any] | None:
 def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
                      variants: str = 'ten_crop', shard_size: int = 10_000, batch_size: int = 256,
                      process_index: int | None = None, process_count: int | None = None,
-                     max_shards: int | None = None) -> dict[str, Any]:
+                     max_shards: int | None = None, moments_dtype: str | None = None
+                     ) -> dict[str, Any]:
   """Encodes this process's shards of a split into `out_dir` (see the module docstring).
 
   Args:
@@ -147,6 +174,8 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
     process_count: number of processes; default `jax.process_count()`.
     max_shards: write at most this many new shards, then stop (time-boxed
       jobs; rerun to continue); None = all.
+    moments_dtype: KL tokenizer only: 'float32' (None: the default), 'bfloat16'
+      or 'float16' for the stored moments.
 
   Returns:
     {'written': shard numbers encoded now, 'skipped': this process's shards
@@ -161,15 +190,22 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   source = input_pipeline.resolve_source(data_config)
   num_examples = source.num_examples(split)
   tokenizer, params = make_tokenizer(config.tokenizer, data_config.image_size)
-  if not hasattr(tokenizer, 'encode_to_indices'):
-    raise NotImplementedError(
-        f'config.tokenizer.kind={config.tokenizer.kind!r} has no integer codes; pre-tokenizing '
-        'a continuous (KL) tokenizer needs the float payload described in data/tokenized.py')
-  header = tokenized.make_header(
-      source=data_config.source, split=split, num_examples=num_examples,
-      num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
-      tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
-      vocab_size=tokenizer.vocab_size, shard_size=shard_size)
+  if isinstance(tokenizer, LatentTokenizer):
+    header = tokenized.make_header(
+        source=data_config.source, split=split, num_examples=num_examples,
+        num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
+        tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
+        latent_channels=tokenizer.token_dim, shard_size=shard_size,
+        moments_dtype=moments_dtype or 'float32')
+  else:
+    if moments_dtype is not None:
+      raise ValueError(f'moments_dtype={moments_dtype!r} applies to config.tokenizer.kind="kl" '
+                       f'only, not {config.tokenizer.kind!r} (its codes are integers)')
+    header = tokenized.make_header(
+        source=data_config.source, split=split, num_examples=num_examples,
+        num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
+        tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
+        vocab_size=tokenizer.vocab_size, shard_size=shard_size)
   tf.io.gfile.makedirs(out_dir)
   metadata_path = os.path.join(out_dir, tokenized.METADATA_FILE)
   my_shards = list(range(process_index, header['num_shards'], process_count))
@@ -204,7 +240,8 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
                            augment=augment, num_parallel_calls=data_config.num_parallel_calls,
                            encode=encode, params=device_params, sharding=sharding,
                            examples_per_call=examples_per_call, rows_per_call=rows_per_call,
-                           grid_size=tuple(header['grid_size']), dtype=np.dtype(header['dtype']))
+                           grid_size=tuple(header['grid_size']), dtype=np.dtype(header['dtype']),
+                           payload=header['payload'], latent_channels=header.get('latent_channels'))
     tokenized.save_shard(path, header=header, **arrays)
     written.append(shard)
     logging.info('shard %d of %d: examples [%d, %d), %d unreadable left out, %.1f s', shard,
@@ -249,6 +286,9 @@ def _define_flags() -> dict[str, Any]:
                                          'Images per encoder call over the local devices.'),
       'max_shards': flags.DEFINE_integer('max_shards', None,
                                          'Stop after this many new shards (rerun to continue).'),
+      'moments_dtype': flags.DEFINE_enum(
+          'moments_dtype', None, list(tokenized.MOMENTS_DTYPES),
+          'KL tokenizer only: dtype of the stored latent mean/std (default float32).'),
       'process_index': flags.DEFINE_integer('process_index', None,
                                             'This job; default jax.process_index().'),
       'process_count': flags.DEFINE_integer('process_count', None,
@@ -272,6 +312,7 @@ def _main(argv, flag_values: dict[str, Any]) -> None:
       flag_values['config'].value, flag_values['out'].value, split=flag_values['split'].value,
       variants=flag_values['variants'].value, shard_size=flag_values['shard_size'].value,
       batch_size=flag_values['batch_size'].value, max_shards=flag_values['max_shards'].value,
+      moments_dtype=flag_values['moments_dtype'].value,
       process_index=flag_values['process_index'].value,
       process_count=flag_values['process_count'].value)
   done = 'complete' if result['metadata'] else 'incomplete (rerun, or wait for other processes)'
