@@ -326,6 +326,19 @@ def _validate_evaluator(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.sample: num_samples or num_per_class must be > 0.')
 
 
+def _check_tokenizer_grid(config: ml_collections.ConfigDict, model: ModelConfig, name: str,
+                          stride: int) -> None:
+  """The model's grid must be the learned tokenizer's: data.image_size / its stride."""
+  size, ckpt = config.data.image_size, config.tokenizer.checkpoint
+  if size % stride:
+    raise ValueError(f'config.data.image_size={size} is not a multiple of the {name} tokenizer\'s '
+                     f'stride {stride} ({ckpt}).')
+  grid = (size // stride,) * 2
+  if tuple(model.grid_size) != grid:
+    raise ValueError(f'config.model.grid_size={tuple(model.grid_size)} does not match the {name} '
+                     f'tokenizer grid {grid} (data.image_size={size} / stride {stride}).')
+
+
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   """Checks the whole experiment config once, at start-up; returns the typed ModelConfig.
 
@@ -353,28 +366,14 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
                        f'config.tokenizer.levels={tok.levels} for the pixel tokenizer.')
   elif tok.kind == 'kl':
     klc = tokenizers.stored_config(tok, 'kl')
-    size = config.data.image_size
-    if size % klc.downsample_factor:
-      raise ValueError(f'config.data.image_size={size} is not a multiple of the KL tokenizer\'s '
-                       f'stride {klc.downsample_factor} ({tok.checkpoint}).')
-    grid = (size // klc.downsample_factor,) * 2
-    if tuple(model.grid_size) != grid:
-      raise ValueError(f'config.model.grid_size={tuple(model.grid_size)} does not match the KL '
-                       f'tokenizer grid {grid} (data.image_size={size} / stride {klc.downsample_factor}).')
+    _check_tokenizer_grid(config, model, 'KL', klc.downsample_factor)
     if not model.continuous or model.token_dim != klc.embed_dim:
       raise ValueError(f'config.tokenizer.kind="kl" needs config.model.tokens="kl" and '
                        f'config.model.token_dim={klc.embed_dim} (the latent channels of '
                        f'{tok.checkpoint}); got tokens={model.tokens!r}, token_dim={model.token_dim}.')
   elif tok.kind == 'vq':
     vq = tokenizers.stored_vq_config(tok)
-    size = config.data.image_size
-    if size % vq.downsample_factor:
-      raise ValueError(f'config.data.image_size={size} is not a multiple of the VQ tokenizer\'s '
-                       f'stride {vq.downsample_factor} ({tok.checkpoint}).')
-    grid = (size // vq.downsample_factor,) * 2
-    if tuple(model.grid_size) != grid:
-      raise ValueError(f'config.model.grid_size={tuple(model.grid_size)} does not match the VQ '
-                       f'tokenizer grid {grid} (data.image_size={size} / stride {vq.downsample_factor}).')
+    _check_tokenizer_grid(config, model, 'VQ', vq.downsample_factor)
     if model.vocab_size != vq.codebook_size:
       raise ValueError(f'config.model.vocab_size={model.vocab_size} must equal the VQ codebook size '
                        f'{vq.codebook_size} of {tok.checkpoint}.')

@@ -157,35 +157,7 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
   augment = VARIANT_SETS[variants]
   names = preprocess.VARIANT_NAMES[augment]
   payload = payload_of(_jsonable(tokenizer_config)['kind'])
-  if payload == 'moments':
-    if latent_channels is None or latent_channels <= 0:
-      raise ValueError(f'latent_channels={latent_channels} must be positive for payload moments')
-    if moments_dtype not in MOMENTS_DTYPES:
-      raise ValueError(f'moments_dtype={moments_dtype!r} is not one of {list(MOMENTS_DTYPES)}')
-    header = {
-        'format_version': FORMAT_VERSION,
-        'source': source,
-        'split': split,
-        'num_examples': int(num_examples),
-        'num_classes': int(num_classes),
-        'image_size': int(image_size),
-        'variants': variants,
-        'augment': augment,
-        'num_variants': len(names),
-        'variant_names': list(names),
-        'tokenizer': header_tokenizer(tokenizer_config, payload),
-        'grid_size': [int(g) for g in grid_size],
-        'latent_channels': int(latent_channels),
-        'payload': payload,
-        'dtype': moments_dtype,
-        'shard_size': int(shard_size),
-        'num_shards': -(-int(num_examples) // int(shard_size)),
-    }
-    assert tuple(header) == MOMENTS_HEADER_FIELDS
-    return _jsonable(header)
-  if vocab_size is None:
-    raise ValueError('vocab_size is needed for payload codes')
-  return _jsonable({
+  base = {
       'format_version': FORMAT_VERSION,
       'source': source,
       'split': split,
@@ -196,14 +168,24 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
       'augment': augment,
       'num_variants': len(names),
       'variant_names': list(names),
-      'tokenizer': _jsonable(tokenizer_config),
-      'grid_size': [int(g) for g in grid_size],
-      'vocab_size': int(vocab_size),
-      'payload': 'codes',
-      'dtype': codes_dtype(vocab_size).name,
-      'shard_size': int(shard_size),
-      'num_shards': -(-int(num_examples) // int(shard_size)),
-  })
+  }
+  tail = {'shard_size': int(shard_size), 'num_shards': -(-int(num_examples) // int(shard_size))}
+  grid = [int(g) for g in grid_size]
+  if payload == 'moments':
+    if latent_channels is None or latent_channels <= 0:
+      raise ValueError(f'latent_channels={latent_channels} must be positive for payload moments')
+    if moments_dtype not in MOMENTS_DTYPES:
+      raise ValueError(f'moments_dtype={moments_dtype!r} is not one of {list(MOMENTS_DTYPES)}')
+    header = {**base, 'tokenizer': header_tokenizer(tokenizer_config, payload), 'grid_size': grid,
+              'latent_channels': int(latent_channels), 'payload': payload, 'dtype': moments_dtype,
+              **tail}
+    assert tuple(header) == MOMENTS_HEADER_FIELDS
+    return _jsonable(header)
+  if vocab_size is None:
+    raise ValueError('vocab_size is needed for payload codes')
+  return _jsonable({**base, 'tokenizer': _jsonable(tokenizer_config), 'grid_size': grid,
+                    'vocab_size': int(vocab_size), 'payload': 'codes',
+                    'dtype': codes_dtype(vocab_size).name, **tail})
 
 
 def _first_difference(got: Any, want: Any, path: str) -> str | None:
