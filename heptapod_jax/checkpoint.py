@@ -382,6 +382,17 @@ def _read_only_manager(path: epath.Path) -> ocp.CheckpointManager:
   )
 
 
+def resolve_step(manager: ocp.CheckpointManager, path: Any, step: int | None) -> int:
+  """`step`, or the newest one when None; FileNotFoundError listing the steps if there is none."""
+  steps = sorted(manager.all_steps())
+  if step is None:
+    step = steps[-1] if steps else None
+  if step is None or step not in steps:
+    what = 'no checkpoint' if step is None else f'no checkpoint for step {step}'
+    raise FileNotFoundError(f'{what} in {path} (steps found: {steps}).')
+  return step
+
+
 def checkpoint_steps(checkpoint_dir: str) -> list[int]:
   """The finished steps in a checkpoint directory, ascending (read-only; [] if none)."""
   path = epath.Path(checkpoint_dir)
@@ -431,12 +442,7 @@ def load_params(
     raise FileNotFoundError(f'checkpoint directory {path} does not exist')
   manager = _read_only_manager(path)
   try:
-    steps = sorted(manager.all_steps())
-    if step is None:
-      step = steps[-1] if steps else None
-    if step is None or step not in steps:
-      what = 'no checkpoint' if step is None else f'no checkpoint for step {step}'
-      raise FileNotFoundError(f'{what} in {path} (steps found: {steps}).')
+    step = resolve_step(manager, path, step)
     metadata = manager.item_metadata(step)[STATE]
     tree = getattr(metadata, 'tree', metadata)
     try:

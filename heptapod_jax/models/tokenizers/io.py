@@ -114,12 +114,7 @@ def read_metadata(directory: str, step: int | None = None,
     raise FileNotFoundError(f'tokenizer checkpoint directory {path} does not exist.')
   manager = _open(directory)
   try:
-    steps = sorted(manager.all_steps())
-    if step is None:
-      step = steps[-1] if steps else None
-    if step is None or step not in steps:
-      what = 'no checkpoint' if step is None else f'no checkpoint for step {step}'
-      raise FileNotFoundError(f'{what} in {path} (steps found: {steps}).')
+    step = ckpt_lib.resolve_step(manager, path, step)
     tree = manager.item_metadata(step)[ckpt_lib.STATE]
     tree = getattr(tree, 'tree', tree)
     for k in key.split('/'):
