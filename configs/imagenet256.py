@@ -31,16 +31,20 @@ recipe for a bidirectional/causal generator of this size: AdamW (0.9, 0.95), wei
 lr = 1e-4 * batch / 256 after 100 epochs of linear warmup, constant, EMA 0.9999, batch 2048,
 800 epochs = 500,460 steps.
 
-Hardware and time (ESTIMATES, not measured runs): `python benchmarks/flops.py` counts the
-training FLOPs per image from XLA's cost analysis of the fwd+bwd (steps_per_image 8; tokenizer
-and optimizer excluded) and converts 800 epochs at an assumed 40% MFU on a TPU v5e-256
-(197 bf16 TFLOP/s per chip):
-  size  head        TFLOP/image  est. days on v5e-256
-  B     global         0.42        0.2      (next_token 0.16 TFLOP/image)
-  L     global         0.87        0.5      (next_token 0.52)
-  XL    global         1.70        1.0      (next_token 1.06)
-  H     global         2.25        1.3      (next_token 1.39)
-The global head is ~40% of H's step at steps_per_image 8 and scales linearly with it.
+Hardware and time (ESTIMATES, not measured runs): analytic training FLOPs per image
+(heptapod_jax/flops.py: fwd + bwd, steps_per_image 4, tokenizer and optimizer excluded;
+checked against XLA's count in tests/test_flops.py) converted to 800 epochs at an assumed 40%
+MFU on a TPU v5e-256 (197 bf16 TFLOP/s per chip):
+  size  head        TFLOP/image  est. days on v5e-256   head share
+  B     global         0.24        0.14     (next_token 0.16 TFLOP/image)   41%
+  L     global         0.68        0.40     (next_token 0.52)               28%
+  XL    global         1.36        0.80     (next_token 1.06)               24%
+  H     global         1.80        1.06     (next_token 1.39)               25%
+The global head's cost scales linearly with steps_per_image (benchmarks/scaling.py). Why 4
+steps and B's 2-layer head: benchmarks/train_throughput.py --ablation measured the global step
+at 1.73x the next_token step with this setting on the B backbone (2.23x with 4 layers, 3.52x
+at 8 steps), within the 2x budget. Per-device memory of every size on v5e-256 / v5p-128:
+`python -m heptapod_jax.tools.aot_compile --config=configs/imagenet256.py --topology=v5e-256`.
 
 Evaluation (ADM protocol: 50 samples per class, no guidance, against ADM's reference batch):
   python -m heptapod_jax.tools.convert_inception --src pt_inception-2015-12-05-6726825d.pth \
@@ -70,7 +74,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_config(arg: str | None = None):
-  opts = config_lib.parse_arg(arg, size='B', head='global', steps_per_image=8, window=32,
+  opts = config_lib.parse_arg(arg, size='B', head='global', steps_per_image=4, window=32,
                               tokens='vq', epochs=800, batch=2048, runlocal=False)
   c = common.base_config()
   common.apply_size(c, 'tiny' if opts.runlocal else opts.size)
@@ -102,6 +106,8 @@ def get_config(arg: str | None = None):
   m.dtype = 'bfloat16'
   m.param_dtype = 'float32'
   m.remat_policy = 'dots_no_batch' if opts.size in ('XL', 'H') else 'none'
+  # Splash attention on TPU, cuDNN flash attention on GPU (bf16), XLA elsewhere.
+  m.attention_impl = 'auto'
   if opts.tokens == 'kl':
     # MAR's continuous setting: KL-16 latents (16 channels, scaled by 0.2325), a diffusion MLP
     # of 3 adaLN blocks (MAR: width 1024 for B/L, 1280 for H), 4 noise draws per target,
@@ -134,7 +140,9 @@ def get_config(arg: str | None = None):
   c.train.eval_batches = 2 if opts.runlocal else 10
   c.train.num_sample_images = 40
 
-  # Data parallel for B/L; ZeRO-3 style FSDP for XL/H (parameters sharded over all chips).
-  c.mesh.shape = (1, -1, 1) if opts.size in ('XL', 'H') else (-1, 1, 1)
+  # Data parallel for B; ZeRO-3 style FSDP for L/XL/H (parameters, gradients and optimizer
+  # state sharded over all chips). `python -m heptapod_jax.tools.aot_compile --topology=v5e-256`:
+  # L data-parallel needs 16.0 GiB of v5e's 15.75 GiB per chip; FSDP brings it to 10.2 GiB.
+  c.mesh.shape = (1, -1, 1) if opts.size in ('L', 'XL', 'H') else (-1, 1, 1)
   c.mesh.rules_preset = 'fsdp'
   return c

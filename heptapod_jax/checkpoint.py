@@ -15,6 +15,15 @@ Every saved step is a directory `<directory>/<step>/` with three items:
 Restoring takes an *abstract* state (`jax.ShapeDtypeStruct`s carrying the
 current mesh's shardings), so a checkpoint written on one mesh or device count
 restores onto another.
+
+Damaged checkpoints (`Checkpointer.restore_latest_intact`, what resuming uses):
+steps are tried newest first and one that fails to restore (missing item
+directory, missing or truncated array data, unreadable metadata) is skipped
+with a logged reason. Skipped steps and saves that never committed (Orbax
+temporary directories left by a killed save) are never deleted: they are moved
+into `<directory>/damaged/<name>.<UTC time>`, where Orbax no longer counts them
+as steps, so they neither block a new save of the same step number nor make
+keep-N delete the intact steps.
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ import dataclasses
 import enum
 import json
 import logging
-from typing import Any, Mapping
+import re
+import time
+from typing import Any, Mapping, NamedTuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -42,6 +53,69 @@ _ITEM_NAMES = (STATE, DATA, CONFIG)
 # Version of the layout of the `data` item, so that a future change can still
 # read old checkpoints.
 _DATA_FORMAT_VERSION = 1
+
+# Subdirectory of the checkpoint root that damaged and unfinished steps are moved
+# into; not a step name, so Orbax ignores it.
+DAMAGED_DIR = 'damaged'
+# JSON files of a step (relative paths): Orbax's step metadata (commit time, item
+# handlers), the state's tree metadata, and the JSON items (the handler's file name).
+_JSON_FILES = ('_CHECKPOINT_METADATA', f'{STATE}/_METADATA', f'{DATA}/metadata',
+               f'{CONFIG}/metadata')
+# A step directory, or the temporary directory of a save that never committed
+# ('<step>.orbax-checkpoint-tmp-<time>').
+_STEP_OR_TMP_NAME = re.compile(r'^(\d+)(\.orbax-checkpoint-tmp.*)?$')
+# Status codes (tensorstore, XLA) of failures of the environment rather than of
+# the checkpoint's bytes: retrying later may succeed, so they are never "damage".
+_ENVIRONMENT_STATUS = ('PERMISSION_DENIED', 'UNAUTHENTICATED', 'UNAVAILABLE',
+                       'DEADLINE_EXCEEDED', 'RESOURCE_EXHAUSTED', 'CANCELLED', 'ABORTED')
+
+
+class NoIntactCheckpointError(RuntimeError):
+  """Checkpoints were found, but none of them restores.
+
+  Attributes:
+    directory: the checkpoint root.
+    found: `[(step, reason), ...]`, newest first, every step that failed.
+  """
+
+  def __init__(self, directory: epath.Path, found: list[tuple[int, str]],
+               set_aside: list[tuple[int, str]]):
+    self.directory = directory
+    self.found = list(found)
+    lines = [f'  step {step} ({directory}/{step}): {reason}' for step, reason in found]
+    if set_aside:
+      lines.append('Unfinished saves, already moved aside:')
+      lines += [f'  step {step}: {reason}' for step, reason in set_aside]
+    super().__init__(
+        f'no intact checkpoint in {directory}: all {len(found)} steps fail to restore '
+        f'(steps {[s for s, _ in found]}):\n' + '\n'.join(lines) + '\n'
+        'These steps were left in place. Repair or remove them, or pass '
+        '--config.allow_scratch=True to start from scratch (the steps are then moved into '
+        f'{directory}/{DAMAGED_DIR}/, not deleted). If every step reports the same shape or '
+        'structure mismatch, the config changed rather than the checkpoints being damaged.')
+
+
+class ProcessCountMismatchError(ValueError):
+  """The checkpoint's input positions were written by a different number of processes."""
+
+
+class RestoredCheckpoint(NamedTuple):
+  """What `Checkpointer.restore_latest_intact` returns.
+
+  Attributes:
+    state: the train state, with the structure and shardings of the abstract state.
+    data_state: this process's input pipeline position.
+    config: the saved config dict.
+    step: the step restored.
+    skipped: `[(step, reason), ...]`, newest first: the steps newer than `step`
+      that failed to restore, then the unfinished saves found when the
+      checkpointer was opened; each reason ends with where it was moved.
+  """
+  state: PyTree
+  data_state: dict[str, Any]
+  config: dict[str, Any]
+  step: int
+  skipped: list[tuple[int, str]]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -132,6 +206,23 @@ def _with_sharding_check(abstract_state: PyTree) -> PyTree:
   return abstract_state
 
 
+def _describe(error: BaseException) -> str:
+  """One line for a restore failure: the type and the first line of the message."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  # Tensorstore appends the whole JSON spec of the array; the path is already named before it.
+  text = text.split(' [tensorstore_spec', 1)[0]
+  if len(text) > 300:
+    text = text[:300] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def _is_environment_error(error: BaseException) -> bool:
+  """True for failures of permissions, network or memory rather than of the checkpoint."""
+  if isinstance(error, (PermissionError, TimeoutError, ConnectionError, MemoryError)):
+    return True
+  return str(error).lstrip().startswith(_ENVIRONMENT_STATUS)
+
+
 def _to_abstract(tree: PyTree) -> PyTree:
   """Maps concrete arrays to `jax.ShapeDtypeStruct`s, keeping their sharding."""
 
@@ -186,9 +277,9 @@ class Checkpointer:
         preservation_policy=ocp_policies.LatestN(n=max_to_keep),
         enable_async_checkpointing=async_save,
         create=True,
-        # Leftovers of a save interrupted by preemption would otherwise be
-        # ignored but kept forever.
-        cleanup_tmp_directories=True,
+        # Orbax would delete the leftovers of a save interrupted by a kill
+        # without a word; `_set_aside_unfinished_saves` moves them aside instead.
+        cleanup_tmp_directories=False,
     )
     # Handlers are registered up front (rather than inferred from the first
     # save's args) so that restore and metadata work in a fresh process.
@@ -202,6 +293,7 @@ class Checkpointer:
         },
         options=options,
     )
+    self._set_aside_at_open = self._set_aside_unfinished_saves()
 
   @property
   def directory(self) -> epath.Path:
@@ -296,9 +388,9 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: no checkpoint, or the requested step is missing.
-      ValueError: the checkpoint was written by a different number of
-        processes (the data positions cannot be mapped), or structure/shape
-        mismatch (from Orbax).
+      ProcessCountMismatchError: (a ValueError) the checkpoint was written by
+        a different number of processes (the data positions cannot be mapped).
+      ValueError: structure/shape mismatch (from Orbax).
     """
     # An in-flight async save is listed as a step but cannot be read yet.
     self._manager.wait_until_finished()
@@ -313,6 +405,174 @@ class Checkpointer:
       raise FileNotFoundError(
           f'{what} in {self._directory} (steps found: {steps}).')
     abstract_state = _with_sharding_check(_to_abstract(abstract_state))
+    return self._restore_step(abstract_state, step)
+
+  def restore_latest_intact(
+      self,
+      abstract_state: PyTree,
+      *,
+      allow_scratch: bool = False,
+  ) -> RestoredCheckpoint | None:
+    """Restores the newest step that restores; moves the newer, damaged ones aside.
+
+    Steps are tried newest first with a full restore (the only reliable check:
+    Orbax's commit marker and metadata say nothing about truncated array
+    data), after a cheap look at the step's files. A step that fails (missing
+    item directory, unparsable JSON metadata, any Orbax / tensorstore error, a
+    shape that disagrees with its own metadata) is logged with
+    its directory and the reason. Once an intact step is found, the failed
+    newer ones are moved into `<directory>/damaged/` (never deleted), so that
+    Orbax no longer lists them: a later save may reuse their step numbers and
+    keep-N never deletes an intact step on their account.
+
+    Not damage, re-raised as is: a checkpoint written by a different number of
+    processes (`ProcessCountMismatchError`), and failures of the environment
+    (permissions, network, out of memory).
+
+    Must be called on every process; all processes agree on which step is
+    intact (a step that fails on any process is skipped everywhere).
+
+    Args:
+      abstract_state: as for `restore`.
+      allow_scratch: what to do when steps exist but none restores: False
+        raises NoIntactCheckpointError and changes nothing on disk; True moves
+        them all aside, logs a warning and returns None.
+
+    Returns:
+      A `RestoredCheckpoint`, or None when there is no finished step at all
+      (a fresh run, or only saves that never committed) or, with
+      `allow_scratch`, none that restores.
+
+    Raises:
+      NoIntactCheckpointError: no step restores and `allow_scratch` is False;
+        the message lists every step with its reason.
+    """
+    self._manager.wait_until_finished()
+    self._manager.reload()
+    abstract_state = _with_sharding_check(_to_abstract(abstract_state))
+    failed: list[tuple[int, str]] = []
+    restored = None
+    for step in sorted(self.all_steps(), reverse=True):
+      error, reason = None, self._check_step_files(step)
+      if reason is None:
+        try:
+          restored = self._restore_step(abstract_state, step)
+        except Exception as e:  # pylint: disable=broad-except  (classified below)
+          error, reason = e, _describe(e)
+      fatal = isinstance(error, ProcessCountMismatchError) or (
+          error is not None and _is_environment_error(error))
+      # Every process must take the same branch: one that failed where the
+      # others succeeded makes the step damaged (or fatal) for all of them.
+      outcomes = _allgather_json(['fatal' if fatal else 'failed' if reason else 'ok', reason])
+      if any(kind == 'fatal' for kind, _ in outcomes):
+        if fatal:
+          raise error
+        i, (_, other) = next((i, o) for i, o in enumerate(outcomes) if o[0] == 'fatal')
+        raise RuntimeError(f'restoring {self._directory}/{step} failed on process {i}: {other}')
+      if all(kind == 'ok' for kind, _ in outcomes):
+        break
+      restored = None
+      if reason is None:
+        i, (_, reason) = next((i, o) for i, o in enumerate(outcomes) if o[0] == 'failed')
+        reason = f'on process {i}: {reason}'
+      logging.warning('Checkpoint %s cannot be restored, skipping it: %s',
+                      self._directory / str(step), reason)
+      failed.append((step, reason))
+    if restored is None and failed and not allow_scratch:
+      raise NoIntactCheckpointError(self._directory, failed, self._set_aside_at_open)
+    moved = self._set_aside([(str(step), step, reason) for step, reason in failed])
+    if restored is None:
+      if failed:
+        logging.warning('No intact checkpoint in %s; starting from scratch '
+                        '(config.allow_scratch=True). The %d damaged steps are kept in %s.',
+                        self._directory, len(failed), self._directory / DAMAGED_DIR)
+      return None
+    state, data_state, config = restored
+    return RestoredCheckpoint(state, data_state, config, step, moved + self._set_aside_at_open)
+
+  def _check_step_files(self, step: int) -> str | None:
+    """Cheap checks of a finished step's files; the reason it is damaged, or None."""
+    path = self._directory / str(step)
+    missing = [name for name in _ITEM_NAMES if not (path / name).is_dir()]
+    if missing:
+      return f'partially written: item directories {missing} missing in {path}'
+    # Parsed here to name the file: Orbax's own JSON errors do not.
+    for name in _JSON_FILES:
+      metadata = path / name
+      if metadata.exists():
+        try:
+          json.loads(metadata.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+          return f'unreadable {metadata}: {_describe(e)}'
+    return None
+
+  def _set_aside_unfinished_saves(self) -> list[tuple[int, str]]:
+    """Moves saves that never committed into `damaged/`, before Orbax sees them.
+
+    They are Orbax temporary directories (`<step>.orbax-checkpoint-tmp-*`, a
+    save killed before its atomic rename) or, on filesystems where Orbax
+    commits with a marker file instead (GCS), step directories Orbax does not
+    list as finished.
+    """
+    names = []
+    if jax.process_index() == 0 and self._directory.exists():
+      finished = set(self._manager.all_steps())
+      for path in self._directory.iterdir():
+        match = _STEP_OR_TMP_NAME.match(path.name)
+        if match and (match.group(2) or int(match.group(1)) not in finished) and path.is_dir():
+          names.append(path.name)
+    names = _allgather_json(sorted(names))[0]
+    entries = []
+    for name in names:
+      how = ('Orbax temporary directory' if _STEP_OR_TMP_NAME.match(name).group(2)
+             else 'no commit marker')
+      entries.append((name, int(_STEP_OR_TMP_NAME.match(name).group(1)),
+                      f'unfinished save ({how}: {self._directory / name}); it never committed'))
+    return self._set_aside(entries)
+
+  def _set_aside(self, entries: list[tuple[str, int, str]]) -> list[tuple[int, str]]:
+    """Moves `(name, step, reason)` directories into `damaged/`; returns `(step, reason + where)`.
+
+    Only process 0 renames; the all-gather of the new paths is the barrier
+    after which every process sees the same directory.
+    """
+    if not entries:
+      return []
+    results = []
+    if jax.process_index() == 0:
+      aside = self._directory / DAMAGED_DIR
+      stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+      for name, _, _ in entries:
+        dest = aside / f'{name}.{stamp}'
+        n = 1
+        while dest.exists():
+          dest, n = aside / f'{name}.{stamp}-{n}', n + 1
+        try:
+          aside.mkdir(parents=True, exist_ok=True)
+          (self._directory / name).rename(dest)
+          results.append([str(dest), ''])
+        except OSError as e:
+          results.append(['', _describe(e)])
+    results = _allgather_json(results)[0]
+    self._manager.reload()
+    moved = []
+    for (name, step, reason), (dest, error) in zip(entries, results):
+      if error:
+        raise OSError(
+            f'could not move the damaged checkpoint {self._directory / name} (step {step}: '
+            f'{reason}) into {self._directory / DAMAGED_DIR}: {error}. Left in place, it would '
+            'block a new save of that step and count against keep-N; move it away by hand.')
+      logging.warning('Moved checkpoint step %d (%s) to %s; kept for inspection, delete it when '
+                      'no longer needed. Reason: %s', step, self._directory / name, dest, reason)
+      moved.append((step, f'{reason}; moved to {dest}'))
+    return moved
+
+  def _restore_step(
+      self,
+      abstract_state: PyTree,
+      step: int,
+  ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
+    """`restore` of a listed step, with an already validated abstract state."""
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(**{
@@ -322,9 +582,13 @@ class Checkpointer:
         }),
     )
     data_item = restored[DATA]
-    per_process = data_item['per_process']
-    if len(per_process) != jax.process_count():
+    per_process = data_item.get('per_process') if isinstance(data_item, dict) else None
+    if not isinstance(per_process, list):
       raise ValueError(
+          f'{self._directory}/{step}/{DATA} does not hold per-process input positions: '
+          f'{str(data_item)[:200]}')
+    if len(per_process) != jax.process_count():
+      raise ProcessCountMismatchError(
           f'checkpoint {self._directory}/{step} holds input positions for {len(per_process)} '
           f'processes but this job has {jax.process_count()}; the per-process data positions '
           'cannot be mapped.')

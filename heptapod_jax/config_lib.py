@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   # that already holds a checkpoint resumes from it instead (own checkpoint first).
   c.init_from = ''
   c.init_from_key = 'ema_params'  # Which parameter tree of that checkpoint: params | ema_params.
+  # Damaged checkpoints of the workdir are skipped (moved into checkpoints/damaged/) and the
+  # newest intact one resumes; when none is intact the run stops, or with True starts over.
+  c.allow_scratch = False
 
   c.model = ml_collections.ConfigDict(_dataclass_to_dict(ModelConfig()))
 
@@ -78,8 +81,20 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       global_batch_size=256,
+      # Microbatches per update (gradient accumulation): activation memory of one
+      # global_batch_size / grad_accum_steps microbatch, the update of the whole batch.
+      grad_accum_steps=1,
       num_steps=1000,
       log_every=50,
+      # Peak FLOP/s per device for the logged MFU; 0 = from the table of known chips
+      # (heptapod_jax/flops.py), or measured with a matmul at start-up on CPU.
+      peak_tflops=0.0,
+      # A non-finite loss or gradient norm: 'stop' (name the step, the metric and the last
+      # checkpoint) or 'skip' the update (counted; more than max_nonfinite_skips stop the run).
+      on_nonfinite='stop',
+      max_nonfinite_skips=10,
+      # A failed checkpoint save is logged and the run goes on; this many in a row stop it.
+      max_save_failures=3,
       checkpoint_every=1000,
       keep_checkpoints=3,
       async_checkpoints=True,
@@ -94,7 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Discrete tokens. Continuous tokens are drawn by the diffusion head: model.diffusion's
   # num_sampling_steps and temperature.
-  c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0))
+  # use_kv_cache=False recomputes the backbone over the whole sequence at every step (same
+  # samples, O(N^2) work): the baseline of benchmarks/sampling_speed.py.
+  c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0,
+                                              use_kv_cache=True))
 
   # Generative metrics (FID, sFID, IS, precision/recall, class accuracy): used by sample mode
   # (`main --mode=sample`) and, when every_steps / at_end ask for it, during training.
@@ -141,6 +159,7 @@ def tokenizer_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = 'tokenizer'
   c.seed = 0
+  c.allow_scratch = False  # No intact checkpoint in the workdir: False stops, True starts over.
   c.data = input_pipeline.default_data_config()
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind='vq',  # vq | kl: which of the two sections below is the model.
@@ -170,7 +189,8 @@ def tokenizer_base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       global_batch_size=128, num_steps=100_000, log_every=100, checkpoint_every=5000,
       keep_checkpoints=3, async_checkpoints=True, eval_every=0, eval_batches=0,
-      num_recon_images=16))
+      num_recon_images=16,
+      max_save_failures=3))  # Failed checkpoint saves in a row that stop the run.
   return c
 
 
@@ -381,6 +401,14 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   t = config.train
   for name in ('sample_every', 'eval_every', 'eval_batches', 'num_sample_images'):
     _positive(f'config.train.{name}', t[name], allow_zero=True)
+  _positive('config.train.grad_accum_steps', t.grad_accum_steps)
+  _choice('config.train.on_nonfinite', t.on_nonfinite, ('stop', 'skip'))
+  _positive('config.train.max_nonfinite_skips', t.max_nonfinite_skips, allow_zero=True)
+  _positive('config.train.max_save_failures', t.max_save_failures)
+  _positive('config.train.peak_tflops', t.peak_tflops, allow_zero=True)
+  if t.global_batch_size % t.grad_accum_steps:
+    raise ValueError(f'config.train.global_batch_size={t.global_batch_size} is not divisible by '
+                     f'config.train.grad_accum_steps={t.grad_accum_steps}.')
   _validate_evaluator(config)
   s = config.sampling
   if s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1:

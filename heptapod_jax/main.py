@@ -98,7 +98,18 @@ def main(argv):
     _print_summary(summary)
 
 
+def _print_if_preempted(summary) -> bool:
+  """The stop message of a run stopped by a signal or preemption notice; False otherwise."""
+  if not summary.get('preempted'):
+    return False
+  print(f'\nStopped by {summary["preempted"]} at step {summary["step"]}; checkpoint: '
+        f'{summary["checkpoint"]}. Run the same command again to resume from it.', flush=True)
+  return True
+
+
 def _print_tokenizer_summary(summary) -> None:
+  if _print_if_preempted(summary):
+    return
   lines = [f'\nDone: tokenizer trained for {summary.get("step")} steps in {summary["workdir"]}']
   ev = summary.get('eval') or {}
   if ev:
@@ -112,6 +123,8 @@ def _print_tokenizer_summary(summary) -> None:
 
 
 def _print_summary(summary) -> None:
+  if _print_if_preempted(summary):
+    return
   lines = [f'\nDone: {summary.get("step")} steps in {summary["workdir"]}']
   train = summary.get('train') or {}
   if train:

@@ -31,6 +31,9 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off.
   top_p: float = 1.0  # 1 = off.
   cfg_scale: float = 1.0  # 1 = off (the paper's setting).
+  # False: no KV cache; every step reruns the backbone over the whole (static-length) sequence,
+  # O(N^2) instead of O(N) backbone work per image. Same samples; a baseline for benchmarks.
+  use_kv_cache: bool = True
 
   def validate(self) -> None:
     if self.temperature < 0:
@@ -165,6 +168,12 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
 
   def body(t, state: DecodeState) -> DecodeState:
     state, token = pick(state, t)
+    if not config.use_kv_cache:
+      # The full causal pass over [class, x_0 .. x_{N-2}]: h_{t+1} sees x_0..x_t only, so the
+      # not-yet-sampled (zero) tokens after t change nothing the head will read.
+      tokens = jnp.concatenate([state.tokens, state.tokens]) if use_cfg else state.tokens
+      states = model.apply(variables, tokens, labels, method=Heptapod.states)
+      return state.replace(states=states.astype(state.states.dtype))
     if use_cfg:
       token = jnp.concatenate([token, token])
     h, cache = model.apply(variables, token, t, state.cache, method=Heptapod.decode)

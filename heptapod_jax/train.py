@@ -21,15 +21,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from heptapod_jax import checkpoint as ckpt_lib
 from heptapod_jax import config_lib, images, optim, sampling, sharding, trainlib
 from heptapod_jax import sample as sample_lib
 from heptapod_jax.trainlib import NonFiniteError, ema_decay_at  # noqa: F401  (public API)
-from heptapod_jax.data import input_pipeline
+from heptapod_jax.data import builtin, input_pipeline
 from heptapod_jax.data import tokenized as tokenized_lib
 from heptapod_jax.evaluators import generative
-from heptapod_jax.models import objective
+from heptapod_jax.models import layers, objective
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, compute_loss, continuous_pair_loss, init_params
 from heptapod_jax.models.tokenizers import decode_tokens, encode_images, make_tokenizer
@@ -66,17 +67,30 @@ def batch_tokens(batch: dict[str, Array], tokenizer: Any, tokenizer_params: Any,
 
 
 def train_step(state: TrainState, batch: dict[str, Array], tokenizer_params: Any, *,
-               model: Heptapod, tokenizer: Any, tx, schedule, ema_decay: float):
+               model: Heptapod, tokenizer: Any, tx, schedule, ema_decay: float,
+               accum_steps: int = 1):
   """One update. Pure: (state, batch, frozen tokenizer params) -> (state, metrics). A
-  non-finite loss or gradient norm leaves the state unchanged (metrics['finite'] = False)."""
+  non-finite loss or gradient norm leaves the state unchanged (metrics['finite'] = False).
+
+  accum_steps > 1 splits the batch into that many microbatches (row i goes to microbatch
+  i mod accum_steps, so every microbatch is spread over all data shards), runs them one
+  after another under `lax.scan` and applies one update with the gradient of the whole
+  batch's loss: sum of the supervised pairs' losses over the sum of their counts, exactly
+  the loss of one big batch when the pair draws agree. Activation memory scales with the
+  microbatch; parameters, gradients and optimizer state are unchanged.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   tokens = batch_tokens(batch, tokenizer, tokenizer_params, jax.random.fold_in(rng, 7))
   labels = batch['label']
 
-  def loss_fn(params):
-    return compute_loss(model, params, tokens, labels, rng, deterministic=False)
+  if accum_steps == 1:
+    def loss_fn(params):
+      return compute_loss(model, params, tokens, labels, rng, deterministic=False)
 
-  (loss, pair_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, pair_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  else:
+    loss, pair_metrics, grads = _accumulated_gradients(model, state.params, tokens, labels, rng,
+                                                       accum_steps)
   grad_norm = optim.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state.params, updates)
@@ -84,11 +98,50 @@ def train_step(state: TrainState, batch: dict[str, Array], tokenizer_params: Any
   ema = optim.ema_update(state.ema_params, params, decay)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+  # A non-finite update is not applied (parameters, optimizer state and EMA stay); the step
+  # counter still advances, so the next batch gets the next step's randomness.
+  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
   metrics = {name: jnp.stack(sc) for name, sc in pair_metrics.items()}
   metrics.update(grad_norm=grad_norm, param_norm=optim.global_norm(params), lr=schedule(state.step),
                  finite=finite, loss_value=loss)
   return new, metrics
+
+
+def _accumulated_gradients(model: Heptapod, params: Any, tokens: Array, labels: Array, rng: Array,
+                           accum_steps: int):
+  """(loss, (sum, count) metrics, gradient) of the batch, computed over `accum_steps` microbatches."""
+  b = tokens.shape[0]
+  if b % accum_steps:
+    raise ValueError(f'config.train.grad_accum_steps={accum_steps} does not divide the batch of {b}.')
+
+  def split(x):  # Row i -> microbatch i mod k: [B, ...] -> [k, B/k, ...].
+    x = x.reshape(b // accum_steps, accum_steps, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def micro_loss(p, micro_tokens, micro_labels, micro_rng):
+    _, metrics = compute_loss(model, p, micro_tokens, micro_labels, micro_rng, deterministic=False)
+    total, _ = metrics['loss']
+    return total, metrics
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+
+  def body(carry, inputs):
+    grads, metrics = carry
+    i, micro_tokens, micro_labels = inputs
+    micro_tokens = layers.constrain(micro_tokens, ('batch',) + (None,) * (micro_tokens.ndim - 1))
+    g, m = grad_fn(params, micro_tokens, micro_labels, jax.random.fold_in(rng, i))
+    grads = jax.tree.map(lambda a, x: a + x.astype(a.dtype), grads, g)
+    metrics = jax.tree.map(jnp.add, metrics, m)
+    return (grads, metrics), None
+
+  micro = (jnp.arange(accum_steps), split(tokens), split(labels))
+  _, metrics0 = jax.eval_shape(micro_loss, params, micro[1][0], micro[2][0], rng)
+  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+  (grads, metrics), _ = jax.lax.scan(body, (zeros(params), zeros(metrics0)), micro)
+  total, count = metrics['loss']
+  scale = 1.0 / jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+  return total * scale, metrics, grads
 
 
 def eval_step(params: Any, batch: dict[str, Array], tokenizer_params: Any, *, model: Heptapod,
@@ -117,6 +170,41 @@ def eval_step(params: Any, batch: dict[str, Array], tokenizer_params: Any, *, mo
           'accuracy': jnp.stack([jnp.sum(correct * weight), jnp.sum(weight)])}
 
 
+def init_train_state(model: Heptapod, tx, rng: Array, boxed: bool = False) -> TrainState:
+  """A fresh TrainState (boxed=True keeps the parameters' logical partitioning metadata)."""
+  params = init_params(model, rng)
+  if not boxed:
+    params = nn.unbox(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params, rng=jax.random.fold_in(rng, 1))
+
+
+def train_state_shardings(model: Heptapod, tx, mesh, rules) -> Any:
+  """NamedShardings of the TrainState on `mesh` (any devices, also an AOT topology's), from the
+  parameters' logical annotations; leaves without annotations (step, counts, rng) are replicated."""
+  boxed = jax.eval_shape(lambda: init_train_state(model, tx, jax.random.key(0), boxed=True))
+  return sharding.logical_shardings(boxed, mesh, rules)
+
+
+def abstract_train_state(model: Heptapod, tx, shardings) -> TrainState:
+  """ShapeDtypeStructs of the TrainState carrying `shardings` (for lowering without memory)."""
+  abstract = jax.eval_shape(lambda: init_train_state(model, tx, jax.random.key(0)))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def jit_train_step(model: Heptapod, tokenizer: Any, tx, schedule, *, ema_decay: float,
+                   accum_steps: int, state_shardings: Any, batch_shardings: Any, mesh):
+  """`train_step` jitted with the trainer's in/out shardings and the state donated: the one
+  definition of the compiled step, used by the training loop and by tools/aot_compile.py."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tokenizer=tokenizer, tx=tx, schedule=schedule,
+                        ema_decay=ema_decay, accum_steps=accum_steps),
+      in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+
 class Trainer:
   """Holds the pieces of one run; `train_and_evaluate` drives it."""
 
@@ -124,6 +212,8 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.model_config: ModelConfig = config_lib.validate(config)
+    layers.check_attention_impl(self.model_config.attention_impl,
+                                layers.dtype_of(self.model_config.dtype))
     self.model = Heptapod(self.model_config)
     self.is_chief = jax.process_index() == 0
     self.mesh = sharding.create_mesh(config.mesh.shape, config.mesh.dcn_shape)
@@ -132,6 +222,11 @@ class Trainer:
     if config.train.global_batch_size % dp:
       raise ValueError(f'config.train.global_batch_size={config.train.global_batch_size} is not '
                        f'divisible by the {dp} data-parallel shards of mesh {dict(self.mesh.shape)}.')
+    accum = config.train.grad_accum_steps
+    if config.train.global_batch_size % (dp * accum):
+      raise ValueError(f'config.train.global_batch_size={config.train.global_batch_size} is not '
+                       f'divisible by config.train.grad_accum_steps={accum} microbatches x {dp} '
+                       'data-parallel shards.')
     self.tokenizer, tokenizer_params = make_tokenizer(config.tokenizer, config.data.image_size)
     # Frozen and replicated on every device; passed to the jitted functions as an argument
     # (a closure would bake tens of MB of weights into the program as constants).
@@ -146,23 +241,14 @@ class Trainer:
 
   # ------------------------------------------------------------------ state
   def _init_state(self, rng: Array, boxed: bool = False) -> TrainState:
-    params = init_params(self.model, rng)
-    if not boxed:
-      params = nn.unbox(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                      ema_params=params, rng=jax.random.fold_in(rng, 1))
+    return init_train_state(self.model, self.tx, rng, boxed=boxed)
 
   def state_shardings(self) -> Any:
     """NamedShardings of the TrainState, from the parameters' logical annotations."""
-    boxed = jax.eval_shape(lambda: self._init_state(jax.random.key(0), boxed=True))
-    shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
-    # Leaves without annotations (step, counts, rng) come back with an empty spec: replicated.
-    return shardings
+    return train_state_shardings(self.model, self.tx, self.mesh, self.rules)
 
   def abstract_state(self, shardings) -> TrainState:
-    abstract = jax.eval_shape(lambda: self._init_state(jax.random.key(0)))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+    return abstract_train_state(self.model, self.tx, shardings)
 
   def create_state(self, shardings) -> TrainState:
     rng = jax.random.key(self.config.seed)
@@ -170,12 +256,20 @@ class Trainer:
     return init(rng)
 
   def initial_state(self, shardings, checkpointer) -> tuple[TrainState, dict | None]:
-    """The workdir's own checkpoint (with its data position) > init_from (parameters) > scratch."""
+    """The workdir's own checkpoint (with its data position) > init_from (parameters) > scratch.
+
+    Damaged newer checkpoints are skipped and moved aside (see
+    `Checkpointer.restore_latest_intact`); if none is intact this raises
+    NoIntactCheckpointError unless `config.allow_scratch`.
+    """
     cfg = self.config
     if checkpointer.latest_step() is not None:
-      logging.info('Resuming from %s at step %d.', checkpointer.directory, checkpointer.latest_step())
-      state, data_state, _ = checkpointer.restore(self.abstract_state(shardings))
-      return state, data_state
+      restored = checkpointer.restore_latest_intact(self.abstract_state(shardings),
+                                                    allow_scratch=cfg.allow_scratch)
+      if restored is not None:
+        logging.info('Resuming from %s at step %d (damaged newer steps skipped: %s).',
+                     checkpointer.directory, restored.step, [s for s, _ in restored.skipped])
+        return restored.state, restored.data_state
     state = self.create_state(shardings)
     if cfg.init_from:
       abstract = self.abstract_state(shardings).params
@@ -250,6 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metric_writers.create_default_writer(workdir, just_logging=not trainer.is_chief,
                                                 asynchronous=True)
   summary: dict[str, Any] = {'workdir': workdir, 'samples': [], 'history': []}
+  # Before the mesh is installed: on CPU this times a matmul on one device.
+  throughput = trainlib.Throughput(trainer.model_config, tcfg.global_batch_size, tcfg.peak_tflops)
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
     shardings = trainer.state_shardings()
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
@@ -259,6 +355,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, data_state = trainer.initial_state(shardings, checkpointer)
     step = int(jax.device_get(state.step))
 
+    if jax.process_count() > 1 and cfg.data.source == 'builtin_digits' and not cfg.data.tokenized_dir:
+      # Hosts sharing one data_dir would race to build the data set: process 0 builds it first
+      # (hosts with their own local data_dir build theirs after the barrier).
+      if trainer.is_chief:
+        builtin.prepare(cfg.data.data_dir)
+      multihost_utils.sync_global_devices('heptapod: built-in data set prepared')
     train_iter = input_pipeline.create_train_iterator(
         cfg.data, global_batch_size=tcfg.global_batch_size, seed=cfg.seed, state=data_state)
     if train_iter.num_classes != trainer.model_config.num_classes:
@@ -284,12 +386,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       input_keys = ('image',)
     batch_shardings = {k: trainer.batch_shardings[k] for k in input_keys}
     batch_shardings['label'] = trainer.batch_shardings['label']
-    step_fn = jax.jit(
-        functools.partial(train_step, model=trainer.model, tokenizer=trainer.tokenizer, tx=trainer.tx,
-                          schedule=trainer.schedule, ema_decay=cfg.optim.ema_decay),
-        in_shardings=(shardings, batch_shardings, sharding.replicated(trainer.mesh)),
-        out_shardings=(shardings, sharding.replicated(trainer.mesh)),
-        donate_argnums=0)
+    step_fn = jit_train_step(trainer.model, trainer.tokenizer, trainer.tx, trainer.schedule,
+                             ema_decay=cfg.optim.ema_decay, accum_steps=tcfg.grad_accum_steps,
+                             state_shardings=shardings, batch_shardings=batch_shardings,
+                             mesh=trainer.mesh)
     b = tcfg.global_batch_size
     latent = jax.ShapeDtypeStruct((b, *mcfg.grid_size, mcfg.token_dim), jnp.float32)
     abstract_batch = {
@@ -316,43 +416,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending: list[dict[str, Array]] = []
     prev_metrics = None
     tokens_per_image = trainer.model_config.num_positions
+    guard = trainlib.NonFiniteGuard(tcfg.on_nonfinite, tcfg.max_nonfinite_skips, checkpointer)
+    saver = trainlib.TolerantSaver(checkpointer, tcfg.max_save_failures)
+    stop = trainlib.StopRequest(install=jax.process_count() == 1)
     t_log, step_log = time.time(), step
-    while step < tcfg.num_steps:
-      batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
-      state, metrics = compiled(state, batch, trainer.tokenizer_params)
-      # Check the previous update (number `step`) while this one runs: stops at the bad step.
-      if prev_metrics is not None:
-        trainlib.check_finite(prev_metrics, step, checkpointer)
-      prev_metrics = metrics
-      pending.append(metrics)
-      step += 1
-      report(step)
-      if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-        trainlib.check_finite(metrics, step, checkpointer)
-        scalars = trainlib.reduce_metrics(pending)
-        pending = []
-        now = time.time()
-        steps_per_s = (step - step_log) / max(now - t_log, 1e-9)
-        t_log, step_log = now, step
-        scalars.pop('finite', None)
-        scalars.pop('loss_value', None)
-        scalars.update(steps_per_sec=steps_per_s,
-                       images_per_sec=steps_per_s * tcfg.global_batch_size,
-                       tokens_per_sec=steps_per_s * tcfg.global_batch_size * tokens_per_image,
-                       data_skipped=train_iter.get_state()['num_skipped'])
-        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
-        summary['train'] = scalars
-        summary['history'].append(dict(scalars, step=step))
-      if checkpointer.should_save(step) or step == tcfg.num_steps:
-        checkpointer.save(step, state, data_state=train_iter.get_state(),
-                          config=config.to_dict(), force=step == tcfg.num_steps)
-      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
-        _evaluate(trainer, state, writer, step)
-      if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.num_steps:
-        summary['samples'].append(_write_samples(trainer, state, writer, step))
-      if ecfg.every_steps and step % ecfg.every_steps == 0 and step < tcfg.num_steps:
-        summary['generative'] = _generative_eval(trainer, evaluator(), state, writer, step)
+    with stop:
+      while step < tcfg.num_steps:
+        batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
+        state, metrics = compiled(state, batch, trainer.tokenizer_params)
+        # Check the previous update (number `step`) while this one runs: stops at the bad step.
+        if prev_metrics is not None:
+          guard.check(prev_metrics, step)
+        prev_metrics = metrics
+        pending.append(metrics)
+        step += 1
+        report(step)
+        preempted = stop.requested or checkpointer.reached_preemption(step)
+        if step % tcfg.log_every == 0 or step == tcfg.num_steps or preempted:
+          guard.check(metrics, step)
+          prev_metrics = None
+          scalars = trainlib.reduce_metrics(pending)
+          pending = []
+          now = time.time()
+          steps_per_s = (step - step_log) / max(now - t_log, 1e-9)
+          t_log, step_log = now, step
+          scalars.pop('finite', None)
+          scalars.pop('loss_value', None)
+          scalars.update(steps_per_sec=steps_per_s,
+                         images_per_sec=steps_per_s * tcfg.global_batch_size,
+                         tokens_per_sec=steps_per_s * tcfg.global_batch_size * tokens_per_image,
+                         data_skipped=train_iter.get_state()['num_skipped'],
+                         nonfinite_skipped=guard.skipped,
+                         checkpoint_save_failures=saver.total_failures)
+          scalars.update(throughput.scalars(steps_per_s))
+          data_counts = input_pipeline.count_metrics(train_iter.get_state())
+          writer.write_scalars(step, {**{f'train/{k}': v for k, v in scalars.items()},
+                                      **{f'data/{k}': v for k, v in data_counts.items()}})
+          summary['train'] = scalars
+          summary['data'] = data_counts
+          summary['history'].append(dict(scalars, step=step))
+        if preempted:  # Synchronous: the process may be killed soon after this returns.
+          summary.update(saver.save_on_stop(step, state, data_state=train_iter.get_state(),
+                                            config=config.to_dict(),
+                                            cause=stop.signal_name or 'a preemption notice'))
+          break
+        if checkpointer.should_save(step) or step == tcfg.num_steps:
+          saver.save(step, state, data_state=train_iter.get_state(), config=config.to_dict(),
+                     force=step == tcfg.num_steps)
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
+          _evaluate(trainer, state, writer, step)
+        if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.num_steps:
+          summary['samples'].append(_write_samples(trainer, state, writer, step))
+        if ecfg.every_steps and step % ecfg.every_steps == 0 and step < tcfg.num_steps:
+          summary['generative'] = _generative_eval(trainer, evaluator(), state, writer, step)
 
+    if summary.get('preempted'):
+      checkpointer.close()
+      writer.flush()
+      writer.close()
+      return summary
     summary['step'] = step
     if tcfg.eval_at_end:
       summary['eval'] = _evaluate(trainer, state, writer, step)
@@ -367,7 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       summary['generative_real'] = real
     if ecfg.features and evaluator.cache_info().currsize:
       summary['generative_info'] = evaluator().info
-    checkpointer.wait_until_finished()
+    saver.finish(step)
     checkpointer.close()
   writer.flush()
   writer.close()

@@ -298,11 +298,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          save_interval_steps=tcfg.checkpoint_every,
                                          max_to_keep=tcfg.keep_checkpoints,
                                          async_save=tcfg.async_checkpoints)
-    data_state = None
+    data_state, restored = None, None
     if checkpointer.latest_step() is not None:
+      # Damaged newer steps are skipped and moved aside; none intact stops unless allow_scratch.
+      restored = checkpointer.restore_latest_intact(trainer.abstract_state(shardings),
+                                                    allow_scratch=config.allow_scratch)
+    if restored is not None:
       logging.info('Resuming the tokenizer from %s at step %d.', checkpointer.directory,
-                   checkpointer.latest_step())
-      state, data_state, _ = checkpointer.restore(trainer.abstract_state(shardings))
+                   restored.step)
+      state, data_state = restored.state, restored.data_state
     else:
       state = jax.jit(trainer._init_state, out_shardings=shardings)(jax.random.key(config.seed))
     step = int(jax.device_get(state.step))
@@ -324,41 +328,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                              every_steps=tcfg.log_every)
     pending, prev = [], None
     t_log, step_log = time.time(), step
-    while step < tcfg.num_steps:
-      batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
-      state, metrics = compiled(state, batch, trainer.lpips_params)
-      if prev is not None:
-        trainlib.check_finite(prev, step, checkpointer)
-      prev = metrics
-      pending.append(metrics)
-      step += 1
-      report(step)
-      if step % tcfg.log_every == 0 or step == tcfg.num_steps:
-        trainlib.check_finite(metrics, step, checkpointer)
-        hist = _pop_histograms(pending)
-        scalars = trainlib.reduce_metrics(pending)
-        pending = []
-        for k in ('finite', 'loss_value'):
-          scalars.pop(k, None)
-        if hist is not None:
-          usage, perplexity = recon_metrics.codebook_usage(hist)
-          scalars.update(codebook_usage=float(usage), codebook_perplexity=float(perplexity))
-        now = time.time()
-        steps_per_s = (step - step_log) / max(now - t_log, 1e-9)
-        t_log, step_log = now, step
-        scalars.update(steps_per_sec=steps_per_s, images_per_sec=steps_per_s * tcfg.global_batch_size)
-        writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
-        summary['train'] = scalars
-        summary['history'].append(dict(scalars, step=step))
-      if checkpointer.should_save(step) or step == tcfg.num_steps:
-        checkpointer.save(step, state, data_state=train_iter.get_state(),
-                          config=config.to_dict(), force=step == tcfg.num_steps)
-      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
-        _evaluate(trainer, state, writer, step)
+    saver = trainlib.TolerantSaver(checkpointer, tcfg.max_save_failures)
+    stop = trainlib.StopRequest(install=jax.process_count() == 1)
+    with stop:
+      while step < tcfg.num_steps:
+        batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
+        state, metrics = compiled(state, batch, trainer.lpips_params)
+        if prev is not None:
+          trainlib.check_finite(prev, step, checkpointer)
+        prev = metrics
+        pending.append(metrics)
+        step += 1
+        report(step)
+        preempted = stop.requested or checkpointer.reached_preemption(step)
+        if step % tcfg.log_every == 0 or step == tcfg.num_steps or preempted:
+          trainlib.check_finite(metrics, step, checkpointer)
+          prev = None
+          hist = _pop_histograms(pending)
+          scalars = trainlib.reduce_metrics(pending)
+          pending = []
+          for k in ('finite', 'loss_value'):
+            scalars.pop(k, None)
+          if hist is not None:
+            usage, perplexity = recon_metrics.codebook_usage(hist)
+            scalars.update(codebook_usage=float(usage), codebook_perplexity=float(perplexity))
+          now = time.time()
+          steps_per_s = (step - step_log) / max(now - t_log, 1e-9)
+          t_log, step_log = now, step
+          scalars.update(steps_per_sec=steps_per_s,
+                         images_per_sec=steps_per_s * tcfg.global_batch_size,
+                         checkpoint_save_failures=saver.total_failures)
+          writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
+          summary['train'] = scalars
+          summary['history'].append(dict(scalars, step=step))
+        if preempted:
+          summary.update(saver.save_on_stop(step, state, data_state=train_iter.get_state(),
+                                            config=config.to_dict(),
+                                            cause=stop.signal_name or 'a preemption notice'))
+          checkpointer.close()
+          writer.flush()
+          writer.close()
+          return summary
+        if checkpointer.should_save(step) or step == tcfg.num_steps:
+          saver.save(step, state, data_state=train_iter.get_state(), config=config.to_dict(),
+                     force=step == tcfg.num_steps)
+        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
+          _evaluate(trainer, state, writer, step)
     summary['step'] = step
     summary['eval'] = _evaluate(trainer, state, writer, step)
     summary['reconstructions'] = _write_reconstructions(trainer, state, writer, step)
-    checkpointer.wait_until_finished()
+    saver.finish(step)
     checkpointer.close()
     export = os.path.join(workdir, EXPORT_DIR)
     if not _export_is_current(export, step):

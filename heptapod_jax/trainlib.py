@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +86,185 @@ def log_compiled(compiled, name: str = 'train_step') -> None:
 def resolve_workdir(workdir: str) -> str:
   """Absolute local path (Orbax needs one); remote URLs (gs://...) stay as given."""
   return workdir if '://' in workdir else os.path.abspath(workdir)
+
+
+class CheckpointSaveError(OSError):
+  """Too many checkpoint saves in a row failed (or the final one did)."""
+
+
+class StopRequest:
+  """SIGTERM / SIGINT -> a flag the training loop polls between steps.
+
+  The loop then finishes the step it is in, saves a checkpoint synchronously, waits
+  for pending async saves and returns. A second signal while that happens is only
+  logged (the save is never interrupted by us). Used as a context manager: the
+  previous handlers come back on exit.
+
+  In a multi-process job no handler is installed: a signal may reach only some
+  processes, and a process that stops alone would hang the others in the next
+  collective. There JAX's distributed runtime catches SIGTERM (its preemption
+  notifier) and all processes agree on a step through
+  `Checkpointer.reached_preemption`, which the loop polls as well.
+  """
+
+  def __init__(self, install: bool = True):
+    self._install = install
+    self._previous: dict[int, Any] = {}
+    self.signal_name: str | None = None
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.signal_name is None:
+      self.signal_name = name
+      logging.warning('%s received: finishing this step, then saving a checkpoint and stopping.',
+                      name)
+    else:
+      logging.warning('%s received again: already stopping; the checkpoint is being saved, '
+                      'please wait (interrupting it now is safe: the previous checkpoint stays '
+                      'intact, but the steps since it would be lost).', name)
+
+  def __enter__(self) -> 'StopRequest':
+    if self._install and threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+
+class NonFiniteGuard:
+  """Watches the `finite` metric of every update.
+
+  mode 'stop': the first non-finite update raises NonFiniteError (naming the
+  step, the metric and the last checkpoint). mode 'skip': the update was not
+  applied (the step leaves parameters, optimizer state and EMA unchanged) and is
+  counted; more than `max_skips` of them raise.
+  """
+
+  def __init__(self, mode: str, max_skips: int, checkpointer):
+    if mode not in ('stop', 'skip'):
+      raise ValueError(f"config.train.on_nonfinite={mode!r} is not one of ['stop', 'skip'].")
+    self.mode, self.max_skips, self.checkpointer = mode, max_skips, checkpointer
+    self.skipped = 0
+
+  def check(self, metrics: dict[str, Array], step: int) -> None:
+    if self.mode == 'stop':
+      check_finite(metrics, step, self.checkpointer)
+      return
+    if bool(jax.device_get(metrics['finite'])):
+      return
+    self.skipped += 1
+    loss, gnorm = (float(jax.device_get(metrics[k])) for k in ('loss_value', 'grad_norm'))
+    logging.warning('step %d: non-finite update skipped (loss=%s, grad_norm=%s); %d skipped so far '
+                    '(config.train.max_nonfinite_skips=%d).', step, loss, gnorm, self.skipped,
+                    self.max_skips)
+    if self.skipped > self.max_skips:
+      last = self.checkpointer.latest_step()
+      raise NonFiniteError(
+          f'step {step}: {self.skipped} non-finite updates skipped, more than '
+          f'config.train.max_nonfinite_skips={self.max_skips} (last: loss={loss}, '
+          f'grad_norm={gnorm}). Last checkpoint: '
+          f'{"step " + str(last) + " in " + str(self.checkpointer.directory) if last is not None else "none"}.')
+
+
+class TolerantSaver:
+  """Checkpoint saves that survive disk trouble: a failed save is logged with its step and
+  the run goes on; `max_failures` failures in a row raise CheckpointSaveError. An async
+  save's failure surfaces at the next save or wait, and is counted there."""
+
+  def __init__(self, checkpointer, max_failures: int):
+    self.checkpointer, self.max_failures = checkpointer, max_failures
+    self.failures_in_a_row = 0
+    self.total_failures = 0
+    self.last_saved: int | None = None
+
+  def save(self, step: int, state: Any, *, data_state, config, force: bool = False,
+           wait: bool = False) -> bool:
+    try:
+      saved = self.checkpointer.save(step, state, data_state=data_state, config=config, force=force)
+      if wait:
+        self.checkpointer.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (disk full, permissions, remote FS)
+      self.failures_in_a_row += 1
+      self.total_failures += 1
+      logging.error('Checkpoint save at step %d in %s failed (%d in a row; the run stops at %d): '
+                    '%s: %s', step, self.checkpointer.directory, self.failures_in_a_row,
+                    self.max_failures, type(e).__name__, e)
+      if self.failures_in_a_row >= self.max_failures:
+        try:  # Let the saves still in flight finish: the intact checkpoints are what is left.
+          self.checkpointer.wait_until_finished()
+        except Exception:  # pylint: disable=broad-except
+          pass
+        raise CheckpointSaveError(
+            f'{self.failures_in_a_row} checkpoint saves in a row failed, the last at step {step} '
+            f'in {self.checkpointer.directory} ({type(e).__name__}: {e}); stopping '
+            f'(config.train.max_save_failures={self.max_failures}). Latest intact checkpoint: '
+            f'{self.last_saved}.') from e
+      return False
+    if saved:
+      self.failures_in_a_row = 0
+      self.last_saved = step
+    return saved
+
+  def save_on_stop(self, step: int, state: Any, *, data_state, config, cause: str) -> dict:
+    """The synchronous save of a run stopped by `cause` (a signal or a preemption notice):
+    saves, waits for every pending save, logs where; returns the summary entries."""
+    self.save(step, state, data_state=data_state, config=config, force=True, wait=True)
+    self.finish(step)
+    where = f'{self.checkpointer.directory}/{self.last_saved}'
+    logging.warning('Stopped by %s at step %d; checkpoint saved: %s. Run the same command again '
+                    'to resume.', cause, step,
+                    where if self.last_saved == step else f'none at this step (latest: {where})')
+    return {'step': step, 'preempted': cause, 'checkpoint': where}
+
+  def finish(self, step: int) -> None:
+    """Waits for pending async saves; a failure here is fatal (nothing else will retry it)."""
+    try:
+      self.checkpointer.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(f'the checkpoint save pending at step {step} in '
+                                f'{self.checkpointer.directory} failed: {type(e).__name__}: {e}') from e
+
+
+class Throughput:
+  """Model FLOPs utilisation of the training step, for the logged metrics.
+
+  FLOPs per step are analytic (`heptapod_jax.flops`: backbone, 2D head and diffusion
+  head, forward + backward, remat recomputation not counted) times the global batch.
+  The peak per device is `peak_tflops` if given, else the table of known chips, else
+  (CPU and unknown devices) a matmul measured once at start-up on this device.
+  """
+
+  def __init__(self, model_config, global_batch_size: int, peak_tflops: float = 0.0):
+    from heptapod_jax import flops  # pylint: disable=g-import-not-at-top
+    self.flops_per_step = flops.train_flops_per_image(model_config)['total'] * global_batch_size
+    device = jax.devices()[0]
+    # CPU "devices" (--xla_force_host_platform_device_count) share the host's cores, and a
+    # matmul on one of them already uses all the cores: the peak is per host there.
+    self.num_devices = jax.process_count() if device.platform == 'cpu' else jax.device_count()
+    compute_dtype = model_config.dtype
+    if peak_tflops > 0:
+      self.peak, self.peak_source = peak_tflops * 1e12, 'config.train.peak_tflops'
+    else:
+      found = flops.peak_flops_per_device(device, compute_dtype)
+      if found is not None:
+        self.peak, self.peak_source = found
+      else:
+        self.peak = flops.measure_peak_matmul_flops(dtype=compute_dtype, device=device)
+        self.peak_source = f'measured {compute_dtype} matmul on {device.device_kind}'
+    logging.info('MFU: %.3f TFLOP per step (analytic, %d images), peak %.2f TFLOP/s per device '
+                 '(%s) x %d.', self.flops_per_step / 1e12, global_batch_size,
+                 self.peak / 1e12, self.peak_source, self.num_devices)
+
+  def scalars(self, steps_per_sec: float) -> dict[str, float]:
+    achieved = self.flops_per_step * steps_per_sec
+    return {'tflops_per_sec_per_device': achieved / self.num_devices / 1e12,
+            'mfu': achieved / (self.num_devices * self.peak)}

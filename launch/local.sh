@@ -18,4 +18,5 @@ if [[ -n ${DRY_RUN:-} ]]; then
   exit 0
 fi
 mkdir -p "$workdir"
-exec "${cmd[@]}" 2>&1 | tee -a "$workdir/log.txt"
+# tee -i: Ctrl-C reaches the trainer (which then saves a checkpoint), not the logger.
+"${cmd[@]}" 2>&1 | tee -i -a "$workdir/log.txt"

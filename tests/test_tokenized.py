@@ -371,7 +371,10 @@ def test_reader_skips_unreadable_images_like_the_image_pipeline(tmp_path):
     np.testing.assert_array_equal(code_batch['tokens'],
                                   tokenizer.encode_to_indices(params, image_batch['image']))
     np.testing.assert_array_equal(code_batch['label'], image_batch['label'])
-    assert codes.get_state() == images.get_state()
+    # The same records consumed and dropped. The image pipeline also names each drop's reason
+    # ('skipped'); the reader knows only that the tokenizer tool dropped the record.
+    for key in ('position', 'num_skipped'):
+      assert codes.get_state()[key] == images.get_state()[key]
   assert codes.get_state()['num_skipped'] >= 4  # Two broken records per epoch of 8.
 
 

@@ -20,13 +20,26 @@ Design (what the trainer relies on):
   as one of a fixed list of views; the view is a stateless random function of
   (seed, process_index, record index) (`variant_fn`), so it survives resume and
   can be pre-computed.
-* Data state is `{'position': records consumed, 'num_skipped': corrupt records}`,
-  a small JSON-serialisable dict per process. Resuming skips `position` encoded
+* Data state is `{'position': records consumed, 'num_skipped': records skipped}`
+  plus, when not empty, `'skipped': {reason: records}` (`SKIP_REASONS`, adding
+  up to num_skipped) and `'converted': {kind: records}` (`CONVERSIONS`), a
+  small JSON-serialisable dict per process. Resuming skips `position` encoded
   records (whole epochs arithmetically, the rest before decoding), so resume is
-  exact and cheap. The state is computed from the record indices carried in the
-  batch returned to the caller, so prefetching never makes it run ahead.
-* Undecodable images are dropped (`ignore_errors`) and counted as
-  records consumed - examples emitted.
+  exact and cheap. The state is computed from the record indices and running
+  counts carried in the batch returned to the caller, so prefetching never makes
+  it run ahead. A state without 'skipped' (older checkpoints, the pre-tokenized
+  reader) counts all its skipped records as 'undecodable'.
+* Bad images (`preprocess.decode_checked`): grayscale, CMYK, palette and RGBA
+  images are converted to RGB and counted per kind; corrupt, truncated and too
+  small ones (shorter side below `data.min_image_size`) are skipped and counted
+  per reason: each record is mapped to (image, skip reason, conversion), counted
+  in stream order, then filtered. A record that passes the checks yet fails to
+  decode is dropped by `ignore_errors`, the last safety net, and counted as
+  'undecodable' (records consumed - emitted - the other reasons). Skipped
+  records are consumed records: `position` and the record indices (hence the
+  augmentation and resume) are unaffected.
+* A missing or empty image folder, or a prepared TFDS directory whose files are
+  gone, stops `create_train_iterator` / `create_eval_dataset` with the path.
 * With `data.tokenized_dir` set, `create_train_iterator` returns the
   pre-tokenized reader instead: same records, same state, 'tokens' in place of
   'image'.
@@ -62,6 +75,11 @@ _WHOLE_EPOCH_SHUFFLE_SOURCES = ("image_folder",)
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 # Same extensions as tfds.folder_dataset.ImageFolder.
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Why training records are skipped (state 'skipped'): the checks of
+# `preprocess.decode_checked`, then 'undecodable' for errors `ignore_errors` drops.
+SKIP_REASONS = preprocess.SKIP_REASONS + ("undecodable",)
+# Colour conversions counted in state 'converted'.
+CONVERSIONS = preprocess.CONVERSIONS
 _FOLDER_LAYOUT = ("<folder>/<split>/<class_name>/<image>.jpg|.jpeg|.png, e.g. "
                   "<folder>/train/cat/0001.jpg")
 # Salts that separate the random streams derived from one seed.
@@ -88,6 +106,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # imagenet2012: directory with the ILSVRC2012 tars; None = <data_dir>/downloads/manual.
       "manual_dir": placeholder(str),
       "image_size": 32,
+      # Images whose shorter side is below this are skipped (counted as 'too_small');
+      # 0 keeps all. Smaller images above it are upsampled by the center crop.
+      "min_image_size": preprocess.DEFAULT_MIN_IMAGE_SIZE,
       # Training augmentation, one of AUGMENTS: 'none' (center crop), 'flip' (and
       # its mirror image), 'ten_crop' (LlamaGen: 1.1x center crop, TenCrop views).
       # 'none' for digits: mirrored digits are not digits.
@@ -157,6 +178,19 @@ def _tfds_source(name: str, builder: tfds.core.DatasetBuilder) -> Source:
       raise ValueError(f"{name}: bad split {split!r} ({e}); available: "
                        f"{sorted(builder.info.splits)}") from e
 
+  @functools.lru_cache(maxsize=None)
+  def check_files(split_name: str) -> None:
+    # A prepared directory whose record files were deleted would otherwise fail
+    # at the first read, after the model is built.
+    expected = [os.fspath(p) for p in builder.info.splits[split_name].filepaths]
+    present = set(tf.io.gfile.listdir(builder.data_dir))
+    missing = [p for p in expected if os.path.basename(p) not in present]
+    if missing:
+      raise FileNotFoundError(
+          f"{name}: {len(missing)} of the {len(expected)} files of split {split_name!r} are "
+          f"missing from {builder.data_dir} (e.g. {missing[0]}); the directory is incomplete: "
+          "delete it and prepare it again, or point data.data_dir at a complete copy")
+
   def read_range(split: str, start: int, end: int) -> _Slice:
     total = num_examples(split)  # validates the split with a readable error
     if not 0 <= start <= end <= total:
@@ -169,6 +203,7 @@ def _tfds_source(name: str, builder: tfds.core.DatasetBuilder) -> Source:
       hi = builder.info.splits[part.splitname].num_examples if part.to is None else part.to
       a, b = max(lo, lo + start - offset), min(hi, lo + end - offset)
       if a < b:
+        check_files(part.splitname)
         pieces.append(tfds.core.ReadInstruction(part.splitname, from_=a, to=b, unit="abs"))
       offset += hi - lo
     if not pieces:
@@ -211,19 +246,26 @@ def _image_folder_source(folder: str | None) -> Source:
         f"data.source='image_folder' needs data.folder, the root of {_FOLDER_LAYOUT}")
   folder = os.path.expanduser(folder)
   if not tf.io.gfile.isdir(folder):
+    problem = ("is a file, not a directory" if tf.io.gfile.exists(folder)
+               else "directory does not exist")
     raise FileNotFoundError(
-        f"image folder {folder!r} does not exist; expected layout {_FOLDER_LAYOUT}")
+        f"data.folder={folder!r}: {problem}; expected layout {_FOLDER_LAYOUT}")
   builder = tfds.folder_dataset.ImageFolder(folder)
   class_names = list(builder.info.features["label"].names)
   split_sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
   if not class_names or not any(split_sizes.values()):
+    entries = sorted(tf.io.gfile.listdir(folder))
+    found = (f"it holds {len(entries)} entries: {', '.join(entries[:5])}"
+             f"{', ...' if len(entries) > 5 else ''}" if entries else "it is empty")
     raise ValueError(
-        f"image folder {folder!r} holds no images; expected layout {_FOLDER_LAYOUT}")
+        f"data.folder={folder!r} contains no images in class sub-directories ({found}); "
+        f"expected layout {_FOLDER_LAYOUT}")
 
   def num_examples(split: str) -> int:
     if not split_sizes.get(split):
       raise ValueError(
-          f"image folder {folder!r} has no images for split {split!r} (splits with images: "
+          f"data.folder={folder!r} has no images for split {split!r} in "
+          f"{os.path.join(folder, split)} (splits with images: "
           f"{sorted(k for k, v in split_sizes.items() if v)}); expected layout {_FOLDER_LAYOUT}")
     return split_sizes[split]
 
@@ -243,7 +285,7 @@ def _image_folder_source(folder: str | None) -> Source:
   def read_range(split: str, start: int, end: int) -> _Slice:
     paths, labels = list_split(split)
     if not 0 <= start <= end <= len(paths):
-      raise ValueError(f"image folder {folder!r}: range [{start}, {end}) outside split "
+      raise ValueError(f"data.folder={folder!r}: range [{start}, {end}) outside split "
                        f"{split!r} of {len(paths)}")
     if start == end:
       return _Slice(_empty_records(), 0, start, load_from_path=True)
@@ -260,16 +302,25 @@ def _imagenet_source(data_dir: str | None, manual_dir: str | None) -> Source:
   """TFDS imagenet2012, prepared from the manually downloaded tars if needed."""
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   if not builder.is_prepared():
-    if not manual_dir:
+    if manual_dir:
+      where = f"data.manual_dir={os.path.expanduser(manual_dir)!r}"
+    else:
       root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
       manual_dir = os.path.join(root, "downloads", "manual")
+      where = f"the manual directory {manual_dir!r} (data.manual_dir unset)"
     manual_dir = os.path.expanduser(manual_dir)
     missing = [f for f in IMAGENET_TARS if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
     if missing:
+      if tf.io.gfile.isdir(manual_dir):
+        problem = (f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
+                   f"from {where}")
+      else:
+        problem = f"{where} does not exist"
+      data_dir_state = ("" if data_dir is None or tf.io.gfile.isdir(data_dir)
+                        else ", a directory that does not exist,")
       raise FileNotFoundError(
-          f"imagenet2012 is not prepared in data_dir={data_dir!r} and {' and '.join(missing)} "
-          f"{'is' if len(missing) == 1 else 'are'} missing from the manual directory "
-          f"{manual_dir!r}. Download "
+          f"imagenet2012 is not prepared in data.data_dir={data_dir!r}{data_dir_state} and "
+          f"{problem}. Download "
           f"{' and '.join(IMAGENET_TARS)} from https://image-net.org (account required), put "
           f"them in {manual_dir} (or set data.manual_dir to their directory) and run again; "
           "preparation then takes a few hours, once.")
@@ -324,6 +375,56 @@ def parse_data_state(state: dict | None) -> tuple[int, int]:
   if not 0 <= num_skipped <= position:
     raise ValueError(f"invalid data state {state}")
   return position, num_skipped
+
+
+def _count_dict(state: dict, key: str, names: tuple[str, ...]) -> dict[str, int]:
+  counts = state.get(key, {})
+  if not isinstance(counts, dict) or set(counts) - set(names):
+    raise ValueError(f"invalid data state {state}: {key!r} must map names in {list(names)} "
+                     "to counts")
+  out = {name: int(counts.get(name, 0)) for name in names}
+  if min(out.values()) < 0:
+    raise ValueError(f"invalid data state {state}: negative count in {key!r}")
+  return out
+
+
+def parse_data_counts(state: dict | None) -> tuple[dict[str, int], dict[str, int]]:
+  """Per-reason skip counts and per-kind conversion counts of a `get_state()` dict.
+
+  Args:
+    state: a `get_state()` dict of either iterator, or None (the start).
+
+  Returns:
+    (skipped, converted): every name of `SKIP_REASONS` (resp. `CONVERSIONS`)
+    mapped to its count of records. A state without 'skipped' (older
+    checkpoints, the pre-tokenized reader) has all its num_skipped records under
+    'undecodable'.
+  """
+  _, num_skipped = parse_data_state(state)
+  state = state or {}
+  skipped = _count_dict(state, "skipped", SKIP_REASONS)
+  converted = _count_dict(state, "converted", CONVERSIONS)
+  if "skipped" not in state:
+    skipped["undecodable"] = num_skipped
+  if sum(skipped.values()) != num_skipped:
+    raise ValueError(f"invalid data state {state}: 'skipped' adds up to "
+                     f"{sum(skipped.values())}, not num_skipped={num_skipped}")
+  return skipped, converted
+
+
+def count_metrics(state: dict | None) -> dict[str, int]:
+  """The bad-data counts of a `get_state()` dict as flat metrics, zeros included.
+
+  Args:
+    state: a `get_state()` dict of either iterator.
+
+  Returns:
+    {'skipped_<reason>': records} for every `SKIP_REASONS` entry and
+    {'converted_<kind>': records} for every `CONVERSIONS` entry.
+  """
+  skipped, converted = parse_data_counts(state)
+  return {**{f"skipped_{k}": v for k, v in skipped.items()},
+          **{f"converted_{k}": v for k, v in converted.items()}}
 
 
 def _autotune(value: int) -> int:
@@ -458,26 +559,72 @@ def train_record_order(data_config: Any, *, num_examples: int, seed: int, proces
                      seed=int(seed), process_index=process_index)
 
 
-def load_image(record: dict[str, tf.Tensor], load_from_path: bool) -> tf.Tensor:
-  """uint8[h, w, 3] of a source record (encoded bytes, or a path when load_from_path)."""
-  encoded = tf.io.read_file(record["image"]) if load_from_path else record["image"]
-  return preprocess.decode_image(encoded)
+def _encoded(record: dict[str, tf.Tensor], load_from_path: bool) -> tf.Tensor:
+  return tf.io.read_file(record["image"]) if load_from_path else record["image"]
+
+
+def load_image(record: dict[str, tf.Tensor], load_from_path: bool,
+               min_image_size: int = preprocess.DEFAULT_MIN_IMAGE_SIZE) -> tf.Tensor:
+  """uint8[h, w, 3] of a source record (encoded bytes, or a path when load_from_path).
+
+  Raises `tf.errors.InvalidArgumentError` (naming the reason) when the op runs
+  on a record the training pipeline skips, so that `ignore_errors` after it
+  drops the same records.
+  """
+  image, skip, _ = preprocess.decode_checked(_encoded(record, load_from_path), min_image_size)
+  reason = tf.gather(tf.constant(("",) + preprocess.SKIP_REASONS), skip)
+  check = tf.debugging.Assert(tf.equal(skip, 0), ["image skipped:", reason])
+  with tf.control_dependencies([check]):
+    return tf.identity(image)
 
 
 def _decode_fn(image_size: int, load_from_path: bool, augment: str,
-               variant_of: Callable[[tf.Tensor], tf.Tensor]) -> Callable[..., dict[str, tf.Tensor]]:
-  """(index, record) -> {'image': float32[S, S, 3], 'label': int32, 'index': int64}."""
+               variant_of: Callable[[tf.Tensor], tf.Tensor],
+               min_image_size: int) -> Callable[..., dict[str, tf.Tensor]]:
+  """The map `(index, record) -> example` of both pipelines.
+
+  The example is {'image': float32[S, S, 3], 'label': int32, 'index': int64,
+  'skip': int32, 'conversion': int32} (codes of `preprocess.decode_checked`); a
+  skipped record's image is zeros, to be filtered out after counting.
+  """
 
   def decode(index, record):
-    image = preprocess.augmented_view(load_image(record, load_from_path), image_size, augment,
-                                      variant_of(index))
+    image, skip, conversion = preprocess.decode_checked(_encoded(record, load_from_path),
+                                                        min_image_size)
+    view = tf.cond(
+        tf.equal(skip, 0),
+        lambda: preprocess.to_model_range(
+            preprocess.augmented_view(image, image_size, augment, variant_of(index))),
+        lambda: tf.zeros([image_size, image_size, 3], tf.float32))
     return {
-        "image": preprocess.to_model_range(image),
+        "image": view,
         "label": tf.cast(record["label"], tf.int32),
         "index": index,
+        "skip": skip,
+        "conversion": conversion,
     }
 
   return decode
+
+
+# Running counts carried by each training example: the checked skip reasons,
+# then the conversions ('undecodable' is what is left of num_skipped).
+_NUM_CHECKED = len(preprocess.SKIP_REASONS)
+
+
+def _count(counts: tf.Tensor, example: dict[str, tf.Tensor]
+           ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  """Scan step: adds the example's skip reason or conversion to the running counts."""
+  # one_hot of -1 (code 0: kept, no conversion) is all zeros.
+  counts = counts + tf.concat([
+      tf.one_hot(example["skip"] - 1, _NUM_CHECKED, dtype=tf.int64),
+      tf.one_hot(example["conversion"] - 1, len(CONVERSIONS), dtype=tf.int64)], axis=0)
+  return counts, {**example, "counts": counts}
+
+
+def _drop_skipped(ds: tf.data.Dataset, keep: tuple[str, ...]) -> tf.data.Dataset:
+  ds = ds.filter(lambda ex: tf.equal(ex["skip"], 0))
+  return ds.map(lambda ex: {k: ex[k] for k in keep})
 
 
 class TrainIterator:
@@ -490,10 +637,18 @@ class TrainIterator:
 
   def __init__(self, dataset: tf.data.Dataset, *, position: int, num_skipped: int,
                local_batch_size: int, num_classes: int, image_size: int,
-               num_train_examples: int, num_local_examples: int):
+               num_train_examples: int, num_local_examples: int,
+               skipped: dict[str, int] | None = None, converted: dict[str, int] | None = None):
     self._iterator = dataset.as_numpy_iterator()
     self._position = position
     self._num_emitted = position - num_skipped
+    # Counts before this iterator's first record (from the resumed state), in the
+    # order of the running counts the batches carry.
+    skipped, converted = skipped or {}, converted or {}
+    self._counts_at_start = np.array(
+        [skipped.get(r, 0) for r in preprocess.SKIP_REASONS]
+        + [converted.get(c, 0) for c in CONVERSIONS], np.int64)
+    self._counts = self._counts_at_start
     self.local_batch_size = local_batch_size
     self.num_classes = num_classes
     self.image_size = image_size
@@ -512,11 +667,30 @@ class TrainIterator:
     # source has been consumed, corrupt records included.
     self._position = int(index[-1]) + 1
     self._num_emitted += len(index)
+    # Running counts up to the last example: records skipped after it are
+    # counted with the batch that passes them, like `position`.
+    self._counts = self._counts_at_start + batch.pop("counts")[-1]
     return batch
 
-  def get_state(self) -> dict[str, int]:
-    """JSON-serialisable data position after the batches returned so far."""
-    return {"position": self._position, "num_skipped": self._position - self._num_emitted}
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable data position after the batches returned so far.
+
+    Returns:
+      {'position': int, 'num_skipped': int} plus 'skipped': {reason: int} and
+      'converted': {kind: int} (names from `SKIP_REASONS`, `CONVERSIONS`) when
+      not empty; zero counts are left out. Sum of 'skipped' = num_skipped.
+    """
+    num_skipped = self._position - self._num_emitted
+    checked = self._counts[:_NUM_CHECKED]
+    skipped = dict(zip(preprocess.SKIP_REASONS, checked.tolist()))
+    skipped["undecodable"] = num_skipped - int(checked.sum())
+    converted = dict(zip(CONVERSIONS, self._counts[_NUM_CHECKED:].tolist()))
+    state = {"position": self._position, "num_skipped": num_skipped}
+    for key, counts in (("skipped", skipped), ("converted", converted)):
+      counts = {name: int(n) for name, n in counts.items() if n}
+      if counts:
+        state[key] = counts
+    return state
 
 
 def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
@@ -549,6 +723,7 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
   local_batch_size = per_process_batch_size(global_batch_size, process_count)
   variant_of = variant_fn(data_config.augment, seed, process_index)
   position, num_skipped = parse_data_state(state)
+  skipped, converted = parse_data_counts(state)
   source = resolve_source(data_config)
   split = data_config.train_split
   num_examples = source.num_examples(split)
@@ -558,10 +733,13 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
 
   ds = order.stream(position, data.records)
   decode = _decode_fn(data_config.image_size, data.load_from_path, data_config.augment,
-                      variant_of)
+                      variant_of, data_config.min_image_size)
   ds = ds.map(lambda index, source_index, record: decode(index, record),
               num_parallel_calls=_autotune(data_config.num_parallel_calls), deterministic=True)
+  # Errors the checks do not foresee: dropped before counting, hence 'undecodable'.
   ds = ds.ignore_errors(log_warning=True)
+  ds = ds.scan(tf.zeros([_NUM_CHECKED + len(CONVERSIONS)], tf.int64), _count)
+  ds = _drop_skipped(ds, ("image", "label", "index", "counts"))
   ds = ds.batch(local_batch_size, drop_remainder=True)
   if data_config.prefetch:
     ds = ds.prefetch(_autotune(data_config.prefetch))
@@ -572,7 +750,8 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
   return TrainIterator(
       ds, position=position, num_skipped=num_skipped, local_batch_size=local_batch_size,
       num_classes=source.num_classes, image_size=data_config.image_size,
-      num_train_examples=num_examples, num_local_examples=order.num_records)
+      num_train_examples=num_examples, num_local_examples=order.num_records,
+      skipped=skipped, converted=converted)
 
 
 class EvalDataset:
@@ -621,7 +800,7 @@ class EvalDataset:
       else:
         yield self._pad(batch)
       count += 1
-    # Corrupt images or a smaller slice leave this process short: pad with
+    # Skipped images or a smaller slice leave this process short: pad with
     # fully masked batches so that all processes step together.
     for _ in range(count, self.num_batches):
       yield self._pad(None)
@@ -653,10 +832,10 @@ def create_eval_dataset(data_config: Any, *, batch_size: int, split: str | None 
   num_batches = math.ceil(math.ceil(num_examples / process_count) / local_batch_size)
   ds = data.records.enumerate()
   ds = ds.map(_decode_fn(data_config.image_size, data.load_from_path, "none",
-                         variant_fn("none", 0, process_index)),
+                         variant_fn("none", 0, process_index), data_config.min_image_size),
               num_parallel_calls=_autotune(data_config.num_parallel_calls), deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
-  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+  ds = _drop_skipped(ds, ("image", "label"))
   ds = ds.batch(local_batch_size)
   if data_config.prefetch:
     ds = ds.prefetch(_autotune(data_config.prefetch))

@@ -13,20 +13,187 @@ of views of each image:
               and of its mirror image.
 `augmented_view` computes one view (the image pipeline); `augmented_views` all of
 them at once (pre-tokenization), view v of the latter equal to the former's.
+
+Bad images (`decode_checked`; the input pipeline counts each kind). Every image
+becomes uint8 RGB or is skipped with a reason, decided from its bytes before
+decoding where possible:
+  converted (`CONVERSIONS`, one kind per image, from the file's header):
+    'grayscale'  JPEG with one component, PNG gray or gray + alpha: the gray
+                 level is copied to R, G and B;
+    'cmyk'       JPEG with four components (CMYK, Adobe YCCK): TensorFlow's JPEG
+                 decoder converts to RGB itself (the same formula as PIL's
+                 `convert('RGB')`, up to JPEG rounding), so no Python is involved;
+    'palette'    PNG colour type 3: the palette is expanded (a tRNS alpha dropped);
+    'alpha'      PNG RGBA: the alpha channel is dropped, not composited (as PIL).
+  skipped (`SKIP_REASONS`):
+    'corrupt'    not a JPEG, PNG, GIF, BMP or WebP file (by its signature; an
+                 empty file too);
+    'truncated'  a JPEG with no end-of-image marker (FF D9) after its last
+                 start-of-scan (FF DA), or a PNG without an IEND chunk. TensorFlow
+                 refuses to decode such files anyway; checking the markers names the
+                 reason and would also catch a decoder that fills the missing rows
+                 with gray, which is bad training data. Bytes after the end marker
+                 are allowed;
+    'too_small'  shorter side below `min_image_size` (`DEFAULT_MIN_IMAGE_SIZE`):
+                 such images are placeholders or icons, not photos, and would be
+                 upsampled from almost nothing.
+A file that passes these checks but still fails to decode (a broken header or
+scan) raises when the op runs; the input pipeline drops it with `ignore_errors`
+and counts it as 'undecodable'. GIF, BMP and WebP are only checked for size.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
 
+# Skip reasons of `decode_checked`: code i + 1 is SKIP_REASONS[i], 0 means kept.
+SKIP_REASONS = ('corrupt', 'truncated', 'too_small')
+# Colour conversions of `decode_checked`: code i + 1 is CONVERSIONS[i], 0 means none.
+CONVERSIONS = ('grayscale', 'cmyk', 'palette', 'alpha')
+# Shorter sides below this are skipped as 'too_small' (data.min_image_size). Low
+# on purpose: it drops degenerate files (1x1 tracking pixels, icons) but not the
+# small photos that the usual protocols (ADM, LlamaGen) upsample and train on.
+DEFAULT_MIN_IMAGE_SIZE = 8
+
+_CORRUPT, _TRUNCATED, _TOO_SMALL = 1, 2, 3
+_GRAYSCALE, _CMYK, _PALETTE, _ALPHA = 1, 2, 3, 4
+# Formats by signature; unknown = 0 is 'corrupt'.
+_JPEG, _PNG, _OTHER = 1, 2, 3
+_HEAD_BYTES = 32
+# Most files end with their end marker; only the others are searched in full.
+_TAIL_BYTES = 64
+_PNG_SIGNATURE = (0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A)
+# A PNG's last chunk: length 0, type IEND.
+_PNG_END = b'\x00\x00\x00\x00IEND'
+_JPEG_START_OF_SCAN = b'\xff\xda'
+_JPEG_END_OF_IMAGE = b'\xff\xd9'
+
+
+def _head(encoded: tf.Tensor) -> tf.Tensor:
+  """uint8[_HEAD_BYTES], the file's first bytes, zero-padded when it is shorter."""
+  head = tf.strings.join([tf.strings.substr(encoded, 0, _HEAD_BYTES),
+                          tf.constant(b'\x00' * _HEAD_BYTES)])
+  return tf.io.decode_raw(head, tf.uint8)[:_HEAD_BYTES]
+
+
+def _starts_with(head: tf.Tensor, signature: bytes | tuple[int, ...], offset: int = 0
+                 ) -> tf.Tensor:
+  want = tf.constant(list(signature), tf.uint8)
+  return tf.reduce_all(tf.equal(head[offset:offset + len(want)], want))
+
+
+def _image_format(head: tf.Tensor) -> tf.Tensor:
+  """int32 scalar: _JPEG, _PNG, _OTHER (GIF, BMP, WebP: what decode_image reads) or 0."""
+  other = (_starts_with(head, b'GIF8') | _starts_with(head, b'BM')
+           | (_starts_with(head, b'RIFF') & _starts_with(head, b'WEBP', 8)))
+  return tf.where(_starts_with(head, (0xFF, 0xD8, 0xFF)), _JPEG,
+                  tf.where(_starts_with(head, _PNG_SIGNATURE), _PNG,
+                           tf.where(other, _OTHER, 0)))
+
+
+def _contains(data: tf.Tensor, pattern: bytes) -> tf.Tensor:
+  return tf.size(tf.strings.split(data, sep=tf.constant(pattern))) > 1
+
+
+def _tail(encoded: tf.Tensor) -> tf.Tensor:
+  """The file's last _TAIL_BYTES bytes (all of a shorter file)."""
+  start = tf.maximum(tf.strings.length(encoded) - _TAIL_BYTES, 0)
+  return tf.strings.substr(encoded, start, _TAIL_BYTES)
+
+
+def _ends_with_or_contains(encoded: tf.Tensor, end_marker: bytes,
+                           contains: Callable[[], tf.Tensor]) -> tf.Tensor:
+  """Fast path: the end marker is in the last bytes; else the full test on the whole file."""
+  return tf.cond(_contains(_tail(encoded), end_marker), lambda: tf.constant(True), contains)
+
+
+def _jpeg_complete(encoded: tf.Tensor) -> tf.Tensor:
+  """Whether an end-of-image marker follows the last start-of-scan marker.
+
+  Entropy-coded data never holds FF DA or FF D9 (0xFF is stuffed as FF 00), so
+  a file cut inside its last scan has no FF D9 after the last FF DA. Markers in
+  an embedded EXIF thumbnail come before the main image's scans.
+  """
+  after_scans = tf.strings.split(encoded, sep=tf.constant(_JPEG_START_OF_SCAN))
+  return (tf.size(after_scans) > 1) & _contains(after_scans[-1], _JPEG_END_OF_IMAGE)
+
+
+def _defect(encoded: tf.Tensor, image_format: tf.Tensor) -> tf.Tensor:
+  """int32 scalar: _CORRUPT, _TRUNCATED or 0, from the bytes alone."""
+  complete = tf.switch_case(image_format, [
+      lambda: tf.constant(True),
+      lambda: _ends_with_or_contains(encoded, _JPEG_END_OF_IMAGE,
+                                     lambda: _jpeg_complete(encoded)),
+      lambda: _ends_with_or_contains(encoded, _PNG_END,
+                                     lambda: _contains(encoded, _PNG_END)),
+      lambda: tf.constant(True),
+  ])
+  return tf.where(image_format == 0, _CORRUPT, tf.where(complete, 0, _TRUNCATED))
+
+
+def _conversion(encoded: tf.Tensor, head: tf.Tensor, image_format: tf.Tensor) -> tf.Tensor:
+  """int32 scalar: the `CONVERSIONS` code the decoder applies (0 for RGB or unknown)."""
+
+  def jpeg():
+    # Reads the header only: the frame's component count.
+    components = tf.io.extract_jpeg_shape(encoded)[2]
+    return tf.where(components == 1, _GRAYSCALE, tf.where(components == 4, _CMYK, 0))
+
+  def png():
+    # IHDR's colour type, at a fixed offset after the signature.
+    colour_type = tf.cast(head[25], tf.int32)
+    return tf.gather(tf.constant([_GRAYSCALE, 0, 0, _PALETTE, _GRAYSCALE, 0, _ALPHA]),
+                     tf.minimum(colour_type, 6))
+
+  return tf.switch_case(image_format, [lambda: tf.constant(0), jpeg, png,
+                                       lambda: tf.constant(0)])
+
+
+def decode_checked(encoded: tf.Tensor, min_image_size: int = DEFAULT_MIN_IMAGE_SIZE
+                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Decodes an image to RGB, or says why it is skipped (see the module docstring).
+
+  Args:
+    encoded: string scalar, the encoded image file.
+    min_image_size: images whose shorter side is below this are skipped.
+
+  Returns:
+    (image, skip, conversion): image uint8[h, w, 3] (meaningless when skipped); skip
+    int32, 0 or the code of a `SKIP_REASONS` entry; conversion int32, 0 or the
+    code of a `CONVERSIONS` entry (0 when skipped). A file that passes the
+    checks but cannot be decoded raises `tf.errors.InvalidArgumentError` when
+    the op runs.
+  """
+  head = _head(encoded)
+  image_format = _image_format(head)
+  defect = _defect(encoded, image_format)
+
+  def decode():
+    image = decode_image(encoded)
+    conversion = _conversion(encoded, head, image_format)
+    shape = tf.shape(image)
+    small = tf.minimum(shape[0], shape[1]) < min_image_size
+    return image, tf.where(small, _TOO_SMALL, 0), tf.where(small, 0, conversion)
+
+  def skipped():
+    return tf.zeros([0, 0, 3], tf.uint8), defect, tf.constant(0)
+
+  image, skip, conversion = tf.cond(defect == 0, decode, skipped)
+  image.set_shape([None, None, 3])
+  return image, skip, conversion
+
+
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
   """Decodes JPEG/PNG/GIF/BMP bytes to RGB.
 
-  Grayscale images are replicated to three channels and alpha is dropped, so
-  every image has the same channel count. Corrupt or truncated data raises
-  `tf.errors.InvalidArgumentError` when the op runs.
+  Grayscale images are replicated to three channels, alpha is dropped and CMYK
+  JPEGs are converted, so every image has the same channel count. Corrupt or
+  truncated data raises `tf.errors.InvalidArgumentError` when the op runs;
+  `decode_checked` names such problems instead.
 
   Args:
     encoded: string scalar, the encoded image file.

@@ -18,7 +18,7 @@ from heptapod_jax.models.diffusion import DiffusionConfig
 HEAD_KINDS = ('global', 'local', 'next_token')
 TOKEN_KINDS = ('vq', 'kl')  # Discrete codes (cross-entropy) | continuous latents (diffusion loss).
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_attention_out')
-ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn', 'splash')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ALL = -1  # `steps_per_image` / `targets_per_step` value meaning "every one".
 
@@ -104,6 +104,8 @@ class ModelConfig:
   # Layers per nn.scan iteration; >= depth unrolls fully (exact XLA cost analysis,
   # sometimes faster for small models). The parameter layout does not change.
   scan_unroll: int = 1
+  # 'xla' | 'einsum' (plain ops, attention dropout) | 'cudnn' (GPU flash, bf16) | 'splash'
+  # (TPU Pallas kernel) | 'auto' (splash on TPU, cudnn on GPU with bf16, else xla).
   attention_impl: str = 'xla'
   label_smoothing: float = 0.0
   z_loss: float = 0.0

@@ -96,7 +96,7 @@ class CausalTransformer(nn.Module):
     angles = layers.rope_2d_angles(slot_grid_index(cfg, slots), cfg.grid_size[1],
                                    b.width // b.num_heads, b.rope_base)[None]
     if cache is None:
-      mask = (slots[:, None] >= slots[None, :])[None, None]
+      mask = None  # Causal over this call's run: Block(causal=True), so fused kernels apply.
       scan_cache = None
     else:
       key_slots = jnp.arange(cfg.seq_len)
@@ -108,7 +108,7 @@ class CausalTransformer(nn.Module):
         mlp_hidden=mlp_hidden_dim(b.width, b.mlp_ratio, b.mlp_multiple_of),
         qk_norm=b.qk_norm, norm_eps=b.norm_eps, dropout=b.dropout,
         attention_dropout=b.attention_dropout, attention_impl=cfg.attention_impl,
-        deterministic=deterministic, **kw)
+        causal=cache is None, deterministic=deterministic, **kw)
     stack = layers.stack(block_kwargs, b.depth, cfg.remat_policy, name='layers',
                          unroll=cfg.scan_unroll)
     x, new_cache = stack(x, scan_cache, mask, angles, None, None, offset if cache is not None else None)
