@@ -262,3 +262,28 @@ def test_incomplete_tfds_directory_and_missing_manual_dir_stop_with_the_path(
   with pytest.raises(FileNotFoundError, match=re.escape(
       f"data.manual_dir={str(tmp_path / 'no_manual')!r} does not exist")):
     input_pipeline.create_train_iterator(config, global_batch_size=2, seed=0)
+
+
+def test_training_logs_the_per_reason_counts(bad_folder, tmp_path):
+  """The trainer writes the counts as data/skipped_<reason> and data/converted_<kind> metrics."""
+  import glob
+  import os
+  import _harness as h
+  from heptapod_jax import train
+  root, kinds, _, _, _ = bad_folder
+  c = h.config(2, str(tmp_path / "unused"), **{
+      "data.source": "image_folder", "data.folder": str(root), "data.image_size": SIZE,
+      "data.train_split": "train", "data.eval_split": "train", "tokenizer.patch": SIZE // 4,
+      "model.grid_size": (4, 4), "model.num_classes": 12, "train.log_every": 1})
+  summary = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  counts = summary["data"]
+  for kind in set(kinds):
+    if kind in input_pipeline.SKIP_REASONS:
+      assert counts[f"skipped_{kind}"] >= 1, (kind, counts)
+    elif kind in input_pipeline.CONVERSIONS:
+      assert counts[f"converted_{kind}"] >= 1, (kind, counts)
+  tags = set()
+  for path in glob.glob(os.path.join(tmp_path, "wd", "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  assert {"data/skipped_corrupt", "data/skipped_truncated", "data/converted_cmyk"} <= tags
