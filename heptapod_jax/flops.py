@@ -147,7 +147,7 @@ def peak_flops_per_device(device: Any = None, dtype: str = 'bfloat16') -> tuple[
   on TPU (matmuls run as bf16 passes at default precision). For float32 on a GPU the peak
   is unknown here (TF32 or not) and None is returned, so the caller measures it.
   """
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   kind = getattr(device, 'device_kind', '')
   if device.platform == 'gpu' and jnp.dtype(dtype) == jnp.float32:
     return None
@@ -161,22 +161,22 @@ def measure_peak_matmul_flops(dtype: Any = jnp.float32, size: int | None = None,
                               device: Any = None, repeats: int = 3) -> float:
   """Achievable matmul FLOP/s of one device: the best of `repeats` timed chains of square
   matmuls (size 1024 on CPU, 8192 on accelerators), compiled and warmed up first."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]  # A device of this process (multi-host jobs too).
   size = size or (1024 if device.platform == 'cpu' else 8192)
   chain = 8
   x = jax.device_put(jnp.ones((size, size), dtype) / size, device)
 
   @jax.jit
-  def run(a):
+  def run(a, b):
     for _ in range(chain):
-      a = a @ x
+      a = a @ b
     return a
 
-  jax.block_until_ready(run(x))
+  jax.block_until_ready(run(x, x))
   best = float('inf')
   for _ in range(repeats):
     t = time.perf_counter()
-    jax.block_until_ready(run(x))
+    jax.block_until_ready(run(x, x))
     best = min(best, time.perf_counter() - t)
   return 2.0 * size ** 3 * chain / best
 

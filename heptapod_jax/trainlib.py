@@ -246,7 +246,7 @@ class Throughput:
   def __init__(self, model_config, global_batch_size: int, peak_tflops: float = 0.0):
     from heptapod_jax import flops  # pylint: disable=g-import-not-at-top
     self.flops_per_step = flops.train_flops_per_image(model_config)['total'] * global_batch_size
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     # CPU "devices" (--xla_force_host_platform_device_count) share the host's cores, and a
     # matmul on one of them already uses all the cores: the peak is per host there.
     self.num_devices = jax.process_count() if device.platform == 'cpu' else jax.device_count()
