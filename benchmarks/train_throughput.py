@@ -1,153 +1,193 @@
-"""Training throughput and MFU of the full train step, with the peak measured in the same run.
+"""Training throughput and MFU of the full train step, with the peak measured side by side.
 
-  python benchmarks/train_throughput.py                                  # B preset, three heads
-  python benchmarks/train_throughput.py --sizes=B --heads=next_token --batch=16
-  python benchmarks/train_throughput.py --ablation                       # + the head-cost table
+  python benchmarks/train_throughput.py                                # B, three heads + ablation
+  python benchmarks/train_throughput.py --heads=next_token --batch=16 --noablation
+  python benchmarks/train_throughput.py --quick                        # a few minutes on 2 cores
 
-Times `train.train_step` (loss, gradients, AdamW update, EMA; jitted with the state donated)
-on pre-tokenized batches at ImageNet shapes (16x16 grid, 16384 codes; --grid / --vocab),
-median of --repeats calls after a warm-up. Columns:
+Times `train.train_step` (loss, gradients, clipped AdamW update, EMA; jitted with the state
+donated) on pre-tokenized batches at ImageNet shapes (16x16 grid, 16384 codes: --grid,
+--vocab), with the 2D heads as configs/imagenet256.py sets them (steps_per_image 4, window
+32, the preset's head width and depth). Before and after every timed step the peak is
+measured on the same device in the same dtype (`flops.measure_peak_matmul_flops`: a chain
+of square matmuls, the achievable peak; on CPU no table entry makes sense), so each MFU is a
+ratio of two measurements taken seconds apart, robust to other processes slowing the
+machine down. Columns of the first table (medians over --repeats steps after a warm-up):
 
-  s/step        median wall time of one step
+  s/step        wall time of one step
   img/s, tok/s  images and tokens (N per image) per second
-  TFLOP/step    analytic model FLOPs of the step (heptapod_jax/flops.py; fwd + bwd, remat not
-                counted), the backbone's and the head's share
+  TFLOP/step    analytic model FLOPs of the step (heptapod_jax/flops.py: fwd + bwd = 3 x fwd,
+                remat recomputation not counted, optimizer not counted)
+  bb%, head%    shares of the backbone and of the head (+ diffusion head) in those FLOPs
   TFLOP/s       achieved model FLOP/s
-  MFU           achieved / peak, where the peak is a chain of square matmuls of the same dtype
-                timed on the same device in the same run (on CPU the table of chips has no
-                entry: this measured peak is the honest denominator), so MFU is a ratio of two
-                measurements taken side by side.
+  peak          the measured matmul peak around the steps, TFLOP/s
+  MFU           achieved / peak, the median of the per-step ratios
 
---ablation adds the cost of the 2D head: the global and local step times over the next_token
-step time at the same backbone, for a grid of (steps_per_image, head depth, head width).
+The head ablation (--ablation, on by default) times the step of the `global` and `local` heads
+on the same backbone (--ablation_size) at a smaller batch (--ablation_batch) for several
+(steps_per_image, head depth, head width) settings, and prints each over the next_token step
+time (in parentheses: the same ratio of analytic FLOPs). --quick varies one factor at a time
+around the default (4 steps, 2 layers, width 512) with fewer repeats.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import itertools
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from _util import build_model, median_time
-from heptapod_jax import flops, optim, train
-from heptapod_jax.models.config import HeadConfig
+from heptapod_jax import config_lib, flops, optim, presets, train
+from heptapod_jax.models.config import BackboneConfig, HeadConfig, ModelConfig
+from heptapod_jax.models.heptapod import Heptapod
 
-_SIZES = flags.DEFINE_list('sizes', ['B'], 'Size presets.')
+_SIZES = flags.DEFINE_list('sizes', ['B'], 'Size presets (heptapod_jax/presets.py).')
 _HEADS = flags.DEFINE_list('heads', ['next_token', 'local', 'global'], 'Head kinds.')
 _GRID = flags.DEFINE_integer('grid', 16, 'Token grid side.')
 _VOCAB = flags.DEFINE_integer('vocab', 16384, 'Codebook size.')
-_BATCH = flags.DEFINE_integer('batch', 8, 'Global batch.')
-_STEPS = flags.DEFINE_integer('steps_per_image', 0, 'Steps per image of the 2D heads; 0 = the '
-                              'preset default (HeadConfig).')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
-_UNROLL = flags.DEFINE_integer('scan_unroll', 1, 'Layers per nn.scan iteration.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed steps (median).')
+_BATCH = flags.DEFINE_integer('batch', 8, 'Images per step.')
+_STEPS = flags.DEFINE_integer('steps_per_image', 4, 'Steps per image of the 2D heads.')
+_WINDOW = flags.DEFINE_integer('window', 32, 'Window of the local head.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Compute dtype of the model and of the peak matmul.')
+_UNROLL = flags.DEFINE_integer('scan_unroll', 0, 'Layers per nn.scan iteration; 0 = all of '
+                               'them (no loop; measurably faster on CPU).')
 _ATTN = flags.DEFINE_string('attention_impl', 'xla', 'model.attention_impl.')
-_ABLATION = flags.DEFINE_bool('ablation', False, 'Also print the head-cost ablation table.')
+_REMAT = flags.DEFINE_string('remat_policy', 'none', 'model.remat_policy.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed steps per row (median).')
+_QUICK = flags.DEFINE_bool('quick', False, 'Fewer ablation settings and repeats.')
+_ABLATION = flags.DEFINE_bool('ablation', True, 'Also print the head-cost ablation table.')
+_ABL_SIZE = flags.DEFINE_string('ablation_size', 'B', 'Backbone preset of the ablation.')
+_ABL_BATCH = flags.DEFINE_integer('ablation_batch', 2, 'Images per step in the ablation.')
+_ABL_KINDS = flags.DEFINE_list('ablation_heads', ['global', 'local'], 'Head kinds of the ablation.')
 _ABL_STEPS = flags.DEFINE_list('ablation_steps', ['2', '4', '8'], 'steps_per_image values.')
 _ABL_DEPTHS = flags.DEFINE_list('ablation_depths', ['2', '4'], 'Head depths.')
 _ABL_WIDTHS = flags.DEFINE_list('ablation_widths', ['384', '512', '768'], 'Head widths.')
-_ABL_SIZE = flags.DEFINE_string('ablation_size', 'B', 'Backbone preset of the ablation.')
-_ABL_KINDS = flags.DEFINE_list('ablation_heads', ['global', 'local'], 'Head kinds of the ablation.')
 _ABL_SETTINGS = flags.DEFINE_list('ablation_settings', [], 'Explicit STEPSxDEPTHxWIDTH settings '
-                                  '(e.g. 4x2x384); overrides the product of the three lists.')
+                                  '(e.g. 4x2x384); override the product of the three lists.')
+# One factor at a time around the default (4 steps, 2 layers, 512 wide).
+_QUICK_SETTINGS = ('2x2x512', '4x2x512', '8x2x512', '4x4x512', '4x2x384', '4x2x768')
 
 
-def step_time(size: str, kind: str, **head_over) -> tuple[float, dict]:
-  """(median seconds of one train step, analytic per-image FLOPs) for a preset and head."""
-  steps = head_over.pop('steps_per_image', _STEPS.value or HeadConfig.steps_per_image)
-  model, params = build_model(size, grid=_GRID.value, vocab=_VOCAB.value, kind=kind,
-                              steps_per_image=-1 if kind == 'next_token' else steps,
-                              window=16, num_classes=1000, dtype=_DTYPE.value,
-                              scan_unroll=_UNROLL.value, attention_impl=_ATTN.value)
-  if head_over:
-    cfg = dataclasses.replace(model.config, head=dataclasses.replace(model.config.head, **head_over))
-    cfg.validate()
-    model = type(model)(cfg)
-    from heptapod_jax.models.heptapod import init_params
-    import flax.linen as nn
-    params = nn.unbox(init_params(model, jax.random.key(0)))
-  del params
-  optim_cfg = _OptimConfig()
-  tx, schedule = optim.make_optimizer(optim_cfg, 1000)
+def model_config(size: str, kind: str, **head_over) -> ModelConfig:
+  """The preset at this benchmark's shapes and settings; `head_over` replaces HeadConfig fields."""
+  preset = presets.size_overrides(size)
+  head = dataclasses.replace(HeadConfig(**preset['head']), kind=kind, window=_WINDOW.value,
+                             steps_per_image=-1 if kind == 'next_token' else _STEPS.value)
+  head = dataclasses.replace(head, **head_over)
+  backbone = BackboneConfig(**preset['backbone'])
+  cfg = ModelConfig(vocab_size=_VOCAB.value, grid_size=(_GRID.value, _GRID.value),
+                    num_classes=1000, backbone=backbone, head=head, dtype=_DTYPE.value,
+                    scan_unroll=_UNROLL.value or max(backbone.depth, head.depth),
+                    attention_impl=_ATTN.value, remat_policy=_REMAT.value)
+  cfg.validate()
+  return cfg
+
+
+def make_step(cfg: ModelConfig, batch_size: int):
+  """A no-argument function running one jitted, state-donating train step (first call compiles)."""
+  model = Heptapod(cfg)
+  optim_config = config_lib.base_config().optim
+  tx, schedule = optim.make_optimizer(optim_config, 1000)
   state = jax.jit(functools.partial(train.init_train_state, model, tx))(jax.random.key(0))
   rng = np.random.default_rng(0)
-  batch = {'tokens': jnp.asarray(rng.integers(0, _VOCAB.value, (_BATCH.value, _GRID.value, _GRID.value)),
-                                 jnp.int32),
-           'label': jnp.asarray(rng.integers(0, 1000, (_BATCH.value,)), jnp.int32)}
-  fn = jax.jit(functools.partial(train.train_step, model=model, tokenizer=None, tx=tx,
-                                 schedule=schedule, ema_decay=0.9999), donate_argnums=0)
+  grid = cfg.grid_size
+  batch = {'tokens': jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, *grid)), jnp.int32),
+           'label': jnp.asarray(rng.integers(0, cfg.num_classes, (batch_size,)), jnp.int32)}
+  step = jax.jit(functools.partial(train.train_step, model=model, tokenizer=None, tx=tx,
+                                   schedule=schedule, ema_decay=optim_config.ema_decay),
+                 donate_argnums=0)
   holder = {'state': state}
 
   def run():
-    holder['state'], metrics = fn(holder['state'], batch, {})
+    holder['state'], metrics = step(holder['state'], batch, {})
     return metrics['loss_value']
 
-  seconds = median_time(run, repeats=_REPEATS.value)
-  return seconds, flops.train_flops_per_image(model.config)
+  return run
 
 
-@dataclasses.dataclass
-class _OptimConfig:
-  lr: float = 1e-4
-  warmup_steps: int = 10
-  schedule: str = 'constant'
-  min_lr_ratio: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 0.05
-  grad_clip: float = 1.0
+def time_step(run, flops_per_step: float, repeats: int, with_peak: bool = True) -> dict[str, float]:
+  """Median step seconds, and (with_peak) the median per-step MFU against the peak measured
+  right before and right after that step, and the median of those peaks."""
+  jax.block_until_ready(run())  # Compilation.
+  seconds, ratios, peaks = [], [], []
+  dtype = jnp.dtype(_DTYPE.value)
+  for _ in range(repeats):
+    before = flops.measure_peak_matmul_flops(dtype, repeats=2) if with_peak else 0.0
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    seconds.append(time.perf_counter() - start)
+    if with_peak:
+      peak = 0.5 * (before + flops.measure_peak_matmul_flops(dtype, repeats=2))
+      peaks.append(peak)
+      ratios.append(flops_per_step / seconds[-1] / peak)
+  out = {'seconds': statistics.median(seconds)}
+  if with_peak:
+    out.update(mfu=statistics.median(ratios), peak=statistics.median(peaks))
+  return out
+
+
+def throughput_table() -> None:
+  n = _GRID.value ** 2
+  batch = _BATCH.value
+  print(f'\ntrain step: {_GRID.value}x{_GRID.value} grid, {_VOCAB.value} codes, batch {batch}, '
+        f'{_DTYPE.value}, scan_unroll {_UNROLL.value or "all"}, attention {_ATTN.value}, '
+        f'remat {_REMAT.value}; 2D heads: steps_per_image {_STEPS.value}, window {_WINDOW.value}')
+  print(f'{"size":5s} {"head":11s} {"s/step":>7s} {"img/s":>7s} {"tok/s":>7s} {"TFLOP/step":>10s} '
+        f'{"bb%":>4s} {"head%":>5s} {"TFLOP/s":>7s} {"peak":>6s} {"MFU":>5s}')
+  for size, kind in itertools.product(_SIZES.value, _HEADS.value):
+    cfg = model_config(size, kind)
+    f = flops.train_flops_per_image(cfg)
+    per_step = f['total'] * batch
+    r = time_step(make_step(cfg, batch), per_step, _REPEATS.value)
+    s = r['seconds']
+    print(f'{size:5s} {kind:11s} {s:7.3f} {batch / s:7.2f} {batch * n / s:7.0f} '
+          f'{per_step / 1e12:10.3f} {f["backbone"] / f["total"]:4.0%} '
+          f'{(f["head"] + f["diffusion"]) / f["total"]:5.0%} {per_step / s / 1e12:7.3f} '
+          f'{r["peak"] / 1e12:6.3f} {r["mfu"]:5.2f}', flush=True)
+
+
+def ablation_table() -> None:
+  size, batch = _ABL_SIZE.value, _ABL_BATCH.value
+  repeats = 2 if _QUICK.value else _REPEATS.value
+  base_cfg = model_config(size, 'next_token')
+  base_flops = flops.train_flops_per_image(base_cfg)['total']
+  base = time_step(make_step(base_cfg, batch), 0.0, repeats, with_peak=False)['seconds']
+  kinds = _ABL_KINDS.value
+  print(f'\nhead ablation: {size} backbone, batch {batch}; step time over the next_token step '
+        f'({base:.3f} s), in parentheses the ratio of analytic FLOPs')
+  print(f'{"steps":>5s} {"depth":>5s} {"width":>5s} ' + ' '.join(f'{k:>13s}' for k in kinds))
+  if _ABL_SETTINGS.value:
+    settings = _ABL_SETTINGS.value
+  elif _QUICK.value:
+    settings = _QUICK_SETTINGS
+  else:
+    settings = ['x'.join(s) for s in itertools.product(
+        _ABL_STEPS.value, _ABL_DEPTHS.value, _ABL_WIDTHS.value)]
+  for setting in settings:
+    steps, depth, width = (int(v) for v in setting.split('x'))
+    cells = []
+    for kind in kinds:
+      cfg = model_config(size, kind, steps_per_image=steps, depth=depth, width=width,
+                         num_heads=max(1, width // 64))
+      seconds = time_step(make_step(cfg, batch), 0.0, repeats, with_peak=False)['seconds']
+      ratio = flops.train_flops_per_image(cfg)['total'] / base_flops
+      cells.append(f'{seconds / base:6.2f} ({ratio:4.2f})')
+    print(f'{steps:5d} {depth:5d} {width:5d} ' + ' '.join(f'{c:>13s}' for c in cells), flush=True)
 
 
 def main(argv):
   del argv
   device = jax.devices()[0]
-  dtype = jnp.dtype(_DTYPE.value)
-  peak = flops.measure_peak_matmul_flops(dtype=dtype, device=device)
-  print(f'device: {device.device_kind} ({device.platform}), 1 device; {_DTYPE.value}; '
-        f'measured peak {peak / 1e12:.3f} TFLOP/s (chain of square matmuls, same run)')
-  print(f'shapes: {_GRID.value}x{_GRID.value} grid, {_VOCAB.value} codes, batch {_BATCH.value}')
-  header = (f'{"size":5s} {"head":11s} {"s/step":>8s} {"img/s":>8s} {"tok/s":>9s} '
-            f'{"TFLOP/step":>11s} {"backbone":>9s} {"head":>6s} {"TFLOP/s":>8s} {"MFU":>6s}')
-  print(header)
-  for size, kind in itertools.product(_SIZES.value, _HEADS.value):
-    seconds, f = step_time(size, kind)
-    total = f['total'] * _BATCH.value
-    achieved = total / seconds
-    n = _GRID.value ** 2
-    print(f'{size:5s} {kind:11s} {seconds:8.3f} {_BATCH.value / seconds:8.2f} '
-          f'{_BATCH.value * n / seconds:9.0f} {total / 1e12:11.3f} '
-          f'{f["backbone"] / f["total"]:9.0%} {(f["head"] + f["diffusion"]) / f["total"]:6.0%} '
-          f'{achieved / 1e12:8.3f} {achieved / peak:6.2f}', flush=True)
-  # The peak again at the end: how much the machine's speed drifted during the run.
-  peak_end = flops.measure_peak_matmul_flops(dtype=dtype, device=device)
-  print(f'peak at the end of the run: {peak_end / 1e12:.3f} TFLOP/s '
-        f'({peak_end / peak - 1:+.1%} vs the start)')
-
+  print(f'device: {device.device_kind} ({device.platform}); one device timed; '
+        f'{_DTYPE.value} peak measured side by side')
+  throughput_table()
   if _ABLATION.value:
-    size = _ABL_SIZE.value
-    base, base_flops = step_time(size, 'next_token')
-    print(f'\nhead-cost ablation: {size} backbone, step time over the next_token step '
-          f'({base:.3f} s); in parentheses the same ratio of analytic FLOPs')
-    kinds = _ABL_KINDS.value
-    print(f'{"steps/img":>9s} {"depth":>5s} {"width":>5s} '
-          + ' '.join(f'{k + " (FLOPs)":>18s}' for k in kinds))
-    settings = ([tuple(x.split('x')) for x in _ABL_SETTINGS.value] or
-                list(itertools.product(_ABL_STEPS.value, _ABL_DEPTHS.value, _ABL_WIDTHS.value)))
-    for steps, depth, width in settings:
-      heads = max(1, int(width) // 64)
-      cells = []
-      for kind in kinds:
-        seconds, f = step_time(size, kind, steps_per_image=int(steps), depth=int(depth),
-                               width=int(width), num_heads=heads)
-        cells.append(f'{seconds / base:9.2f} ({f["total"] / base_flops["total"]:4.2f})')
-      print(f'{steps:>9s} {depth:>5s} {width:>5s} ' + ' '.join(f'{c:>18s}' for c in cells),
-            flush=True)
+    ablation_table()
 
 
 if __name__ == '__main__':

@@ -1,24 +1,28 @@
-"""Analytic model FLOPs of a training image, device peaks, and model FLOPs utilisation (MFU).
+"""Analytic model FLOPs (training and sampling), device peaks, and model FLOPs utilisation (MFU).
 
     from heptapod_jax import flops
-    per_image = flops.train_flops_per_image(model_config)   # {'backbone', 'head', 'diffusion', 'total'}
-    peak, source = flops.peak_flops_per_device(jax.devices()[0], 'bfloat16') or (
-        flops.measure_peak_matmul_flops(), 'measured')
+    per_image = flops.train_flops_per_image(model_config)  # backbone, head, diffusion, total
+    found = flops.peak_flops_per_device(jax.devices()[0], 'bfloat16')
+    peak, source = found or (flops.measure_peak_matmul_flops(), 'measured')
     mfu = flops.mfu(per_image['total'] * batch, steps_per_sec, jax.device_count(), peak)
 
 Conventions (those of PaLM's MFU):
-  * Every matmul of shapes [m, k] x [k, n] counts 2 m k n; elementwise work (norms,
-    softmax, RoPE, activations) and embedding gathers count 0.
-  * Attention counts the scores and the weighted sum in full, 4 * Lq * Lk * width per
-    layer, also for causal attention (what a dense kernel executes).
-  * Training = 3 x forward (the backward pass is two matmuls per forward matmul).
-    Recomputation under `nn.remat` is NOT counted: this is model FLOPs, so a remat
-    policy lowers MFU, as it should.
-The counts follow the modules exactly (models/transformer.py, heads.py, diffusion.py);
-tests/test_flops.py checks them against XLA's cost analysis of the real fwd+bwd.
+  * Every matmul of shapes [m, k] x [k, n] counts 2 m k n; elementwise work (norms, softmax,
+    RoPE, activations, the loss) and gathers (embeddings, `take_along_axis`) count 0.
+  * Attention counts the scores and the weighted sum in full, 4 * Lq * Lk * width per layer,
+    also when it is causal (the backbone in training, the KV-cached decode step over the
+    whole static cache): what a dense kernel executes, not half of it.
+  * Training = 3 x forward (the backward pass runs two matmuls per forward matmul), also for
+    layers whose input is data (`DATA_INPUT_TERMS`), where XLA runs only the weight gradient.
+    Recomputation under `nn.remat` is NOT counted: these are model FLOPs (MFU), not hardware
+    FLOPs (HFU), so a remat policy lowers the MFU, as it should.
+The counts follow the modules term by term (models/transformer.py, heads.py, diffusion.py);
+tests/test_flops.py checks them against XLA's cost analysis of the real forward + backward.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import time
 from typing import Any
 
@@ -28,160 +32,263 @@ import jax.numpy as jnp
 from heptapod_jax.models import objective
 from heptapod_jax.models.config import ModelConfig, mlp_hidden_dim
 
-# Dense bf16 peak per chip (TFLOP/s), by a substring of `jax.Device.device_kind`. Public figures
-# of the vendors; float32 on TPU runs through bf16 passes, float32 on GPU through TF32 (not
-# listed: half the bf16 rate on A100/H100, so MFU is reported against bf16 there).
+PARTS = ('backbone', 'head', 'diffusion')
+
+# Forward terms whose input is data, not an activation (the continuous-token embedding, the
+# denoiser's x_t and timestep layers): a backward pass computes only their weight gradient.
+DATA_INPUT_TERMS = ('backbone/token_proj', 'diffusion/data_input')
+
+# Dense bf16 peak per chip (TFLOP/s), matched case-insensitively as a substring of
+# `jax.Device.device_kind`, first match wins (so 'TPU v5 lite' comes before 'TPU v5').
+# Public vendor figures; NVIDIA's are the SXM parts without sparsity.
 PEAK_BF16_TFLOPS = (
-    ('TPU v6', 918.0),  # v6e (Trillium).
-    ('TPU v5p', 459.0),
+    ('TPU v6 lite', 918.0),  # v6e (Trillium).
+    ('TPU v6e', 918.0),
     ('TPU v5 lite', 197.0),  # v5e.
     ('TPU v5e', 197.0),
+    ('TPU v5p', 459.0),
     ('TPU v5', 459.0),  # v5p reports 'TPU v5'.
     ('TPU v4', 275.0),
     ('H200', 989.0),
     ('H100', 989.0),
     ('A100', 312.0),
-    ('L4', 121.0),
 )
 
 
-def _block_forward(tokens: float, width: int, heads_dim: int, kv_dim: int, mlp: int,
-                   attn_len: float) -> float:
-  """Forward FLOPs of one pre-norm block over `tokens` tokens, each attending to `attn_len` keys:
-  q and out projections (width x heads_dim), k and v (width x kv_dim), SwiGLU (3 matrices)."""
-  proj = 2 * tokens * (2 * width * heads_dim + 2 * width * kv_dim + 3 * width * mlp)
-  return proj + 4 * tokens * attn_len * heads_dim
+# --------------------------------------------------------------------------- analytic counts
+
+
+def _attention_block(terms: dict[str, float], part: str, *, queries: float, keys: float,
+                     kv_tokens: float, width: int, q_dim: int, kv_dim: int,
+                     name: str = 'attention') -> None:
+  """Adds one attention layer: q/out projections on `queries` tokens, k/v on `kv_tokens`,
+  scores and weighted sum of every query over `keys` keys (4 * queries * keys * q_dim)."""
+  terms[f'{part}/attention_proj'] += (2 * queries * 2 * width * q_dim
+                                      + 2 * kv_tokens * 2 * width * kv_dim)
+  terms[f'{part}/{name}'] += 4 * queries * keys * q_dim
+
+
+def _mlp(terms: dict[str, float], part: str, tokens: float, width: int, hidden: int) -> None:
+  """Adds one SwiGLU MLP (gate, up, down) on `tokens` tokens."""
+  terms[f'{part}/mlp'] += 2 * tokens * 3 * width * hidden
+
+
+def _head_mlp_hidden(config: ModelConfig) -> int:
+  h = config.head
+  return mlp_hidden_dim(h.width, h.mlp_ratio, h.mlp_multiple_of)
 
 
 def _pairs(config: ModelConfig) -> tuple[int, int]:
-  """(S steps per image, K targets per step) as the objective draws them."""
+  """(S steps per image, K targets per step) exactly as the objective draws them."""
   steps, targets, _ = jax.eval_shape(lambda: objective.draw_pairs(jax.random.key(0), config, 1))
   return steps.shape[1], targets.shape[2]
 
 
-def _diffusion_matmul_params(config: ModelConfig) -> int:
-  """Kernel entries of the denoiser MLP (every 2-D weight), from the real module."""
+@functools.lru_cache(maxsize=64)
+def _denoiser_kernels(config: ModelConfig) -> tuple[int, int]:
+  """(entries of the denoiser kernels whose input is data: x_t's input_proj and the timestep
+  MLP's first layer; entries of every other kernel), from the real module's shapes."""
   from heptapod_jax.models import diffusion  # pylint: disable=g-import-not-at-top
-  cond_width = config.head.width if config.head.kind != 'next_token' else config.backbone.width
+  cond_width = config.backbone.width if config.head.kind == 'next_token' else config.head.width
   module = diffusion.DenoiserMLP(config.diffusion, config.token_dim)
   shapes = jax.eval_shape(lambda: module.init(
       jax.random.key(0), jnp.zeros((1, config.token_dim)), jnp.zeros((1,), jnp.int32),
       jnp.zeros((1, cond_width))))
-  return sum(x.size for x in jax.tree.leaves(shapes) if len(x.shape) >= 2)
+  data, rest = 0, 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+    if len(leaf.shape) < 2:  # Biases and norms: elementwise.
+      continue
+    names = {getattr(p, 'key', None) for p in path}
+    if names & {'input_proj', 'time_mlp_in'}:
+      data += leaf.size
+    else:
+      rest += leaf.size
+  return data, rest
+
+
+def _backbone_block_terms(terms: dict[str, float], config: ModelConfig, tokens: float,
+                          keys: float) -> None:
+  """`depth` backbone blocks on `tokens` tokens, each attending to `keys` keys."""
+  b = config.backbone
+  head_dim = b.width // b.num_heads
+  mlp = mlp_hidden_dim(b.width, b.mlp_ratio, b.mlp_multiple_of)
+  for _ in range(b.depth):
+    _attention_block(terms, 'backbone', queries=tokens, keys=keys, kv_tokens=tokens,
+                     width=b.width, q_dim=b.num_heads * head_dim, kv_dim=b.kv_heads * head_dim)
+    _mlp(terms, 'backbone', tokens, b.width, mlp)
+
+
+def _global_head_terms(terms: dict[str, float], config: ModelConfig, steps: int) -> None:
+  """GlobalHead on `steps` steps: projections in, `depth` blocks over steps * (N+1) tokens."""
+  b, h, n = config.backbone, config.head, config.num_positions
+  terms['head/input_proj'] += 2 * steps * b.width * h.width  # context_proj on h_t.
+  if h.visible_context:
+    terms['head/input_proj'] += 2 * (n - 1) * b.width * h.width  # visible_proj on h_1..h_{N-1}.
+  tokens = steps * (n + 1)
+  for _ in range(h.depth):
+    _attention_block(terms, 'head', queries=tokens, keys=n + 1, kv_tokens=tokens, width=h.width,
+                     q_dim=h.width, kv_dim=h.width)
+    _mlp(terms, 'head', tokens, h.width, _head_mlp_hidden(config))
+
+
+def _local_head_terms(terms: dict[str, float], config: ModelConfig, steps: int) -> None:
+  """LocalHead on `steps` steps: memory_proj on the N states, then per layer cross-attention of
+  the steps * W queries to the N memory slots, self-attention inside each W window, MLP."""
+  b, h, n = config.backbone, config.head, config.num_positions
+  terms['head/input_proj'] += 2 * n * b.width * h.width  # memory_proj.
+  queries = steps * h.window
+  for _ in range(h.depth):
+    _attention_block(terms, 'head', queries=queries, keys=n, kv_tokens=n, width=h.width,
+                     q_dim=h.width, kv_dim=h.width, name='cross_attention')
+    _attention_block(terms, 'head', queries=queries, keys=h.window, kv_tokens=queries,
+                     width=h.width, q_dim=h.width, kv_dim=h.width)
+    _mlp(terms, 'head', queries, h.width, _head_mlp_hidden(config))
+
+
+def _output_terms(terms: dict[str, float], config: ModelConfig, rows: float,
+                  denoiser_calls: float) -> None:
+  """The vocabulary projection of `rows` head outputs (discrete tokens), or the denoiser MLP
+  on `rows * denoiser_calls` rows (continuous tokens)."""
+  if config.continuous:
+    data, rest = _denoiser_kernels(config)
+    terms['diffusion/data_input'] += 2 * rows * denoiser_calls * data
+    terms['diffusion/mlp'] += 2 * rows * denoiser_calls * rest
+  else:
+    width = config.backbone.width if config.head.kind == 'next_token' else config.head.width
+    terms['head/logits'] += 2 * rows * width * config.vocab_size
+
+
+def forward_flops_terms(config: ModelConfig) -> dict[str, float]:
+  """Forward FLOPs of one image's teacher-forced training pass, term by term.
+
+  Keys are 'part/term', part in PARTS: backbone/{attention_proj, attention, mlp, token_proj},
+  head/{input_proj, attention_proj, attention, cross_attention, mlp, logits},
+  diffusion/{data_input, mlp}; only the terms the config has are present.
+  """
+  terms: dict[str, float] = collections.defaultdict(float)
+  b, n, seq = config.backbone, config.num_positions, config.seq_len
+  _backbone_block_terms(terms, config, seq, seq)
+  if config.continuous:  # Linear embedding of the N-1 input latents.
+    terms['backbone/token_proj'] += 2 * (n - 1) * config.token_dim * b.width
+  s, k = _pairs(config)
+  if config.head.kind == 'global':
+    _global_head_terms(terms, config, s)
+  elif config.head.kind == 'local':
+    _local_head_terms(terms, config, s)
+  _output_terms(terms, config, s * k, config.diffusion.batch_mul)
+  return dict(terms)
+
+
+def _by_part(terms: dict[str, float], scale: float = 1.0) -> dict[str, float]:
+  out = {part: 0.0 for part in PARTS}
+  for key, value in terms.items():
+    out[key.split('/')[0]] += scale * value
+  out['total'] = sum(out[part] for part in PARTS)
+  return out
 
 
 def forward_flops_per_image(config: ModelConfig) -> dict[str, float]:
-  """Forward FLOPs of one image's teacher-forced pass, by part."""
-  b, h = config.backbone, config.head
-  n = config.num_positions
-  seq = config.seq_len
-  head_dim = b.width // b.num_heads
-  backbone = b.depth * _block_forward(seq, b.width, b.num_heads * head_dim, b.kv_heads * head_dim,
-                                      mlp_hidden_dim(b.width, b.mlp_ratio, b.mlp_multiple_of), seq)
-  if config.continuous:  # Linear embedding of the N-1 input latents.
-    backbone += 2 * (n - 1) * config.token_dim * b.width
-  s, k = _pairs(config)
-  out_width = b.width if h.kind == 'next_token' else h.width
-  head = 0.0
-  if h.kind != 'next_token':
-    hmlp = mlp_hidden_dim(h.width, h.mlp_ratio, h.mlp_multiple_of)
-  if h.kind == 'global':
-    tokens = s * (n + 1)
-    head += 2 * s * b.width * h.width  # context_proj
-    if h.visible_context:
-      head += 2 * (n - 1) * b.width * h.width  # visible_proj on h_1..h_{N-1}
-    head += h.depth * _block_forward(tokens, h.width, h.width, h.width, hmlp, n + 1)
-  elif h.kind == 'local':
-    queries = s * h.window
-    head += 2 * n * b.width * h.width  # memory_proj
-    cross = 2 * queries * 2 * h.width * h.width + 2 * n * 2 * h.width * h.width  # q, out | k, v
-    cross += 4 * queries * n * h.width  # scores and sum over the N memory slots
-    self_attn = _block_forward(queries, h.width, h.width, h.width, hmlp, h.window)
-    head += h.depth * (cross + self_attn)
-  if not config.continuous:
-    head += 2 * s * k * out_width * config.vocab_size  # logits of every supervised target
-  diffusion = 0.0
-  if config.continuous:
-    diffusion = 2 * config.diffusion.batch_mul * s * k * _diffusion_matmul_params(config)
-  return {'backbone': float(backbone), 'head': float(head), 'diffusion': float(diffusion),
-          'total': float(backbone + head + diffusion)}
+  """Forward FLOPs of one image's teacher-forced pass: backbone, head, diffusion, total."""
+  return _by_part(forward_flops_terms(config))
 
 
 def train_flops_per_image(config: ModelConfig) -> dict[str, float]:
-  """Training (forward + backward) model FLOPs of one image, by part: 3 x forward."""
-  return {k: 3.0 * v for k, v in forward_flops_per_image(config).items()}
+  """Training model FLOPs of one image (forward + backward = 3 x forward), by part:
+  {'backbone', 'head', 'diffusion' (continuous tokens; else 0), 'total'}."""
+  return _by_part(forward_flops_terms(config), 3.0)
 
 
-def sampling_flops_per_image(config: ModelConfig) -> float:
-  """Forward FLOPs of KV-cached raster sampling of one image (discrete tokens): the backbone
-  one token per step attending to the cache, and the head at every one of the N steps for
-  one target (the global head runs over all N+1 tokens each time)."""
-  b, h = config.backbone, config.head
-  n, seq = config.num_positions, config.seq_len
-  head_dim = b.width // b.num_heads
-  mlp = mlp_hidden_dim(b.width, b.mlp_ratio, b.mlp_multiple_of)
-  per_token = _block_forward(1, b.width, b.num_heads * head_dim, b.kv_heads * head_dim, mlp, seq)
-  total = b.depth * per_token * seq
-  if h.kind == 'global':
-    hmlp = mlp_hidden_dim(h.width, h.mlp_ratio, h.mlp_multiple_of)
-    per_step = 2 * b.width * h.width * (1 + (n - 1 if h.visible_context else 0))
-    per_step += h.depth * _block_forward(n + 1, h.width, h.width, h.width, hmlp, n + 1)
-    total += n * (per_step + 2 * h.width * config.vocab_size)
-  elif h.kind == 'local':
-    hmlp = mlp_hidden_dim(h.width, h.mlp_ratio, h.mlp_multiple_of)
-    w = h.window
-    per_step = 2 * n * b.width * h.width
-    per_step += h.depth * (2 * w * 2 * h.width * h.width + 2 * n * 2 * h.width * h.width
-                           + 4 * w * n * h.width
-                           + _block_forward(w, h.width, h.width, h.width, hmlp, w))
-    total += n * (per_step + 2 * h.width * config.vocab_size)
-  else:
-    total += n * 2 * b.width * config.vocab_size
-  return float(total)
+def sampling_flops_terms(config: ModelConfig) -> dict[str, float]:
+  """Forward FLOPs of KV-cached raster sampling of one image (cfg_scale 1), term by term.
 
-
-def peak_flops_per_device(device: Any = None, dtype: str = 'bfloat16') -> tuple[float, str] | None:
-  """(peak FLOP/s, where the figure comes from) of a known accelerator, or None (CPU, unknown).
-
-  The table holds dense bf16 rates; they are returned for bf16/fp16 compute and for float32
-  on TPU (matmuls run as bf16 passes at default precision). For float32 on a GPU the peak
-  is unknown here (TF32 or not) and None is returned, so the caller measures it.
+  As sampling.py runs it: the P prefix slots and N-1 decoded tokens through the backbone,
+  each attending over the whole static cache (seq_len keys); the head at each of the N
+  steps for its one target (the global head over all N+1 tokens, the local head with its W
+  queries and the N memory slots); the logits of one position per step, or for continuous
+  tokens the denoiser on one row at each of the num_sampling_steps DDPM steps.
   """
-  device = device or jax.local_devices()[0]
-  kind = getattr(device, 'device_kind', '')
+  terms: dict[str, float] = collections.defaultdict(float)
+  b, n, seq = config.backbone, config.num_positions, config.seq_len
+  _backbone_block_terms(terms, config, seq, seq)
+  if config.continuous:
+    terms['backbone/token_proj'] += 2 * (n - 1) * config.token_dim * b.width
+  for _ in range(n):
+    if config.head.kind == 'global':
+      _global_head_terms(terms, config, 1)
+    elif config.head.kind == 'local':
+      _local_head_terms(terms, config, 1)
+  _output_terms(terms, config, n, config.diffusion.num_sampling_steps)
+  return dict(terms)
+
+
+def sampling_flops_per_image(config: ModelConfig) -> dict[str, float]:
+  """Forward FLOPs of KV-cached sampling of one image: backbone, head, diffusion, total."""
+  return _by_part(sampling_flops_terms(config))
+
+
+# --------------------------------------------------------------------------- peaks and MFU
+
+
+def peak_flops_per_device(device: Any = None, dtype: Any = 'bfloat16') -> tuple[float, str] | None:
+  """(peak FLOP/s, where the figure comes from) of a known accelerator, or None.
+
+  The table holds dense bf16 rates (TPU v4 275, v5e 197, v5p 459, v6e 918; A100 312, H100
+  and H200 989 TFLOP/s). They are returned for bf16/fp16 compute, and for float32 on TPU
+  (float32 matmuls run as bf16 passes at default precision). None for CPUs, unknown chips,
+  and float32 on GPUs (TF32 or full float32 depends on the precision setting): measure those
+  with `measure_peak_matmul_flops`.
+  """
+  device = device or jax.devices()[0]
+  kind = getattr(device, 'device_kind', '') or ''
+  if device.platform == 'cpu':
+    return None
   if device.platform == 'gpu' and jnp.dtype(dtype) == jnp.float32:
     return None
   for name, tflops in PEAK_BF16_TFLOPS:
     if name.lower() in kind.lower():
-      return tflops * 1e12, f'table: {kind} {tflops:g} bf16 TFLOP/s'
+      return tflops * 1e12, f'table: {kind}, {tflops:g} dense bf16 TFLOP/s'
   return None
+
+
+@functools.lru_cache(maxsize=8)
+def _matmul_chain(chain: int):
+  """A jitted chain of `chain` square matmuls a @ x @ x ... (operands are arguments, so no
+  constant folds away)."""
+
+  def run(a, x):
+    for _ in range(chain):
+      a = a @ x
+    return a
+
+  return jax.jit(run)
 
 
 def measure_peak_matmul_flops(dtype: Any = jnp.float32, size: int | None = None,
                               device: Any = None, repeats: int = 3) -> float:
   """Achievable matmul FLOP/s of one device: the best of `repeats` timed chains of square
-  matmuls (size 1024 on CPU, 8192 on accelerators), compiled and warmed up first."""
-  device = device or jax.local_devices()[0]  # A device of this process (multi-host jobs too).
-  size = size or (1024 if device.platform == 'cpu' else 8192)
-  chain = 8
-  x = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+  [size, size] matmuls after a compiled warm-up run.
 
-  @jax.jit
-  def run(a, b):
-    for _ in range(chain):
-      a = a @ b
-    return a
-
-  jax.block_until_ready(run(x, x))
+  Default size 2048 on CPU (a chain of 4: about 1 s in all on 2 cores; smaller matrices
+  leave the thread pool's start-up in the time and read up to 2x low), 8192 elsewhere.
+  """
+  device = device or jax.devices()[0]
+  if size is None:
+    size = 2048 if device.platform == 'cpu' else 8192
+  chain = 4 if device.platform == 'cpu' else 16
+  # Entries 1/size keep every product at 1/size: no overflow, no denormals.
+  a = jax.device_put(jnp.full((size, size), 1.0 / size, dtype), device)
+  x = jax.device_put(jnp.full((size, size), 1.0 / size, dtype), device)
+  run = _matmul_chain(chain)
+  jax.block_until_ready(run(a, x))
   best = float('inf')
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(run(x, x))
-    best = min(best, time.perf_counter() - t)
+    start = time.perf_counter()
+    jax.block_until_ready(run(a, x))
+    best = min(best, time.perf_counter() - start)
   return 2.0 * size ** 3 * chain / best
 
 
 def mfu(flops_per_step: float, steps_per_sec: float, num_devices: int,
         peak_per_device: float) -> float:
-  """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
+  """Model FLOPs utilisation: achieved model FLOP/s over the devices' total peak."""
   return flops_per_step * steps_per_sec / (num_devices * peak_per_device)

@@ -6,11 +6,19 @@ sampled token is fed back. No classifier-free guidance unless `cfg_scale != 1`
 (which runs a second, null-class batch; the model must have been trained with
 class dropout for that to mean anything).
 
-    tokens = jax.jit(functools.partial(sample, model, temperature=1.0))(params, labels, rng)
+    tokens = jax.jit(functools.partial(sample, model, config=SamplingConfig()))(params, labels, rng)
+
+`use_kv_cache=False` is the baseline without a cache: before step t+1 the backbone reruns
+causally over [class, x_0 .. x_t] to get h_{t+1}. Shapes must be static under jit, so the
+steps are cut into up to `NO_CACHE_SEGMENTS` runs and every step of a run reruns the backbone
+over the run's last prefix (`recompute_runs`): about (1 + 1/runs) / 2 of rerunning the whole
+sequence at every step, while the tokens are exactly those of the cached sampler
+(causal attention: the not-yet-sampled tokens inside the prefix change no state the head reads).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -23,6 +31,12 @@ from heptapod_jax.models.transformer import KVCache, init_cache
 
 Array = jax.Array
 
+# use_kv_cache=False cuts the steps into at most NO_CACHE_SEGMENTS runs of at least
+# NO_CACHE_MIN_RUN steps; the steps of a run share one static backbone length (fewer runs:
+# fewer programs to compile, more recomputation).
+NO_CACHE_SEGMENTS = 8
+NO_CACHE_MIN_RUN = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -31,8 +45,9 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off.
   top_p: float = 1.0  # 1 = off.
   cfg_scale: float = 1.0  # 1 = off (the paper's setting).
-  # False: no KV cache; every step reruns the backbone over the whole (static-length) sequence,
-  # O(N^2) instead of O(N) backbone work per image. Same samples; a baseline for benchmarks.
+  # False: no KV cache; every step reruns the backbone causally over the tokens sampled so
+  # far (`recompute_runs`), O(N^2) instead of O(N) backbone work per image. Same samples;
+  # the baseline of benchmarks/sampling_speed.py.
   use_kv_cache: bool = True
 
   def validate(self) -> None:
@@ -49,7 +64,7 @@ class DecodeState:
   """Loop carry. `states[:, t]` holds h_t once x_{t-1} has been fed."""
   tokens: Array  # int32[B, N] (continuous: float32[B, N, C])
   states: Array  # [B', N, E]  (B' = 2B with CFG)
-  cache: KVCache
+  cache: KVCache | None  # None without the KV cache.
   rng: Array
 
 
@@ -87,7 +102,8 @@ def sample_logits(rng: Array, logits: Array, config: SamplingConfig) -> Array:
   """
   if config.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = filter_logits(logits.astype(jnp.float32) / config.temperature, config.top_k, config.top_p)
+  logits = filter_logits(logits.astype(jnp.float32) / config.temperature, config.top_k,
+                         config.top_p)
   if rng.ndim == 1:
     return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
@@ -108,6 +124,21 @@ def example_keys(seed: int | Array, indices: Array) -> Array:
   """
   base = jax.random.key(seed)
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices.astype(jnp.uint32))
+
+
+def recompute_runs(num_positions: int) -> list[tuple[int, int]]:
+  """The no-cache sampler's runs [lo, hi) of steps t = 0..N-2: every step of a run feeds the
+  backbone [class, x_0 .. x_{hi-1}] (static length; t < hi, so h_{t+1} is in it).
+
+  min(NO_CACHE_SEGMENTS, (N-1) // NO_CACHE_MIN_RUN) runs (at least one) of near-equal
+  length; the last ends at N-1, so its prefix is the whole backbone sequence. With G runs
+  the backbone processes about (1 + 1/G) / 2 * N^2 grid tokens per image, against N^2 for
+  rerunning the whole sequence at every step and N with the cache.
+  """
+  steps = num_positions - 1
+  segments = max(1, min(NO_CACHE_SEGMENTS, steps // NO_CACHE_MIN_RUN))
+  bounds = [round(i * steps / segments) for i in range(segments + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _sample_continuous(model: Heptapod, variables: Any, z: Array, rng: Array) -> Array:
@@ -136,12 +167,15 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
   n, batch = mcfg.num_positions, labels.shape[0]
   use_cfg = config.cfg_scale != 1.0
   if use_cfg and mcfg.continuous:
-    raise ValueError('sampling.cfg_scale != 1 is not supported for continuous tokens (model.tokens="kl").')
+    raise ValueError('sampling.cfg_scale != 1 is not supported for continuous tokens '
+                     '(model.tokens="kl").')
   if use_cfg:
     labels = jnp.concatenate([labels, jnp.full_like(labels, mcfg.num_classes)])
   variables = {'params': params}
   cache = init_cache(mcfg, labels.shape[0])
   h0, cache = model.apply(variables, labels, cache, method=Heptapod.prefill)
+  if not config.use_kv_cache:
+    cache = None  # Only h_0 is used; XLA drops the cache writes.
   states = jnp.zeros((labels.shape[0], n, h0.shape[-1]), h0.dtype).at[:, 0].set(h0)
   if mcfg.continuous:
     init_tokens = jnp.zeros((batch, n, mcfg.token_dim), jnp.float32)
@@ -168,12 +202,6 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
 
   def body(t, state: DecodeState) -> DecodeState:
     state, token = pick(state, t)
-    if not config.use_kv_cache:
-      # The full causal pass over [class, x_0 .. x_{N-2}]: h_{t+1} sees x_0..x_t only, so the
-      # not-yet-sampled (zero) tokens after t change nothing the head will read.
-      tokens = jnp.concatenate([state.tokens, state.tokens]) if use_cfg else state.tokens
-      states = model.apply(variables, tokens, labels, method=Heptapod.states)
-      return state.replace(states=states.astype(state.states.dtype))
     if use_cfg:
       token = jnp.concatenate([token, token])
     h, cache = model.apply(variables, token, t, state.cache, method=Heptapod.decode)
@@ -181,6 +209,21 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
                                           (0, t + 1, 0))
     return state.replace(states=states, cache=cache)
 
-  state = jax.lax.fori_loop(0, n - 1, body, state)
+  def body_no_cache(t, state: DecodeState, fed: int) -> DecodeState:
+    state, _ = pick(state, t)
+    # Causal pass over [class, x_0 .. x_{fed-1}] -> h_0..h_fed. h_{t+1} has seen x_0..x_t only;
+    # the states after it come from not-yet-sampled (zero) tokens, and the head of step t+1
+    # masks them out exactly as it masks the cached sampler's zeros there.
+    tokens = state.tokens[:, :fed + 1]
+    tokens = jnp.concatenate([tokens, tokens]) if use_cfg else tokens
+    h = model.apply(variables, tokens, labels, method=Heptapod.states)
+    states = jax.lax.dynamic_update_slice(state.states, h.astype(state.states.dtype), (0, 0, 0))
+    return state.replace(states=states)
+
+  if config.use_kv_cache:
+    state = jax.lax.fori_loop(0, n - 1, body, state)
+  else:
+    for lo, hi in recompute_runs(n):
+      state = jax.lax.fori_loop(lo, hi, functools.partial(body_no_cache, fed=hi), state)
   state, _ = pick(state, jnp.asarray(n - 1, jnp.int32))
   return state.tokens
