@@ -23,12 +23,13 @@ endif
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: venv venv-dev test test-fast demo params bench clean-venv help
+.PHONY: venv venv-dev test test-fast demo sample params bench clean-venv help
 
 help:
 	@echo "make demo       train + sample + evaluate the built-in digits demo on CPU (workdir: $(WORKDIR))"
 	@echo "                TOKENS=kl: continuous tokens (KL tokenizer, diffusion loss)"
 	@echo "make test       run the test suite (8 fake CPU devices)"
+	@echo "make sample     sample a grid from the trained demo: ARGS='--classes=3,7 --n=16 --out=grid.png'"
 	@echo "make params     print parameter counts of every size preset"
 	@echo "make bench      run the CPU step-time benchmark of the tiny preset"
 
@@ -57,6 +58,10 @@ demo: $(STAMP)
 	$(PY) -m heptapod_jax.main --config=$(DEMO_TOKENIZER) --workdir=$(WORKDIR)/tokenizer
 	$(PY) -m heptapod_jax.main --config=$(DEMO_MODEL) --workdir=$(WORKDIR) \
 	  --config.tokenizer.checkpoint=$(WORKDIR)/tokenizer/tokenizer
+
+# Images from a trained run (python -m heptapod_jax.sample --help lists the flags).
+sample: $(STAMP)
+	$(PY) -m heptapod_jax.sample --checkpoint=$(WORKDIR) $(ARGS)
 
 params: $(STAMP)
 	$(PY) -m heptapod_jax.tools.param_count $(ARGS)

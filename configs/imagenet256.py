@@ -1,50 +1,66 @@
 """Heptapod on ImageNet 256x256, class-conditional, no guidance: the paper's recipe family.
 
-Options (`--config=configs/imagenet256.py:size=L,head=global`):
-  size             B | L | XL | H            model size preset (heptapod_jax/presets.py)
-  head             global | local | next_token   2D head (paper) or the 1D baseline
-  steps_per_image  steps t drawn per image for the 2D head (the head's cost scales with it)
-  window           prediction window of the local head
-  epochs           training length in ImageNet epochs (paper: 800)
-  batch            global batch size
-  tokens           vq | kl   discrete VQ-16 codes (cross-entropy) or continuous KL-16 latents
-                   (MAR's diffusion loss on the 2D head; tokenizer: convert_mar_kl or
-                   configs/vq_imagenet256.py:kind=kl)
-  runlocal         a few tiny steps, to check a machine's set-up
+Options (`--config=configs/imagenet256.py:size=L,head=local,window=16`), one switch per ablation:
+  size              B | L | XL | H           model size preset (heptapod_jax/presets.py)
+  head              global | local | next_token   2D prediction (paper: global) or the 1D
+                    next-token baseline (2D vs 1D)
+  window            prediction window of the local head (default 32)
+  steps_per_image   steps t drawn per image for the 2D head (default 4; cost is linear in it)
+  targets_per_step  supervision density: targets drawn per step (-1 = every remaining position)
+  visible_context   true | false   the global head also sees the already-visible positions
+  tokens            vq | kl   VQ-16 codes (cross-entropy) or KL-16 latents (MAR's diffusion loss)
+  tokenizer         imported | trained   sets tokenizer.checkpoint to <tokenizer_root>/...:
+                    imported = LlamaGen VQ-16 / MAR KL-16 converted once
+                    (python -m heptapod_jax.tools.convert_llamagen_vq --src vq_ds16_c2i.pt
+                    --dst <root>/llamagen_vq16; convert_mar_kl --src kl16.ckpt --dst
+                    <root>/mar_kl16); trained = configs/vq_imagenet256.py run with
+                    --workdir=<root>/vq16 (or :kind=kl, <root>/kl16). Unset: pass
+                    --config.tokenizer.checkpoint yourself.
+  tokenizer_root    directory or bucket of the tokenizers (default tokenizers/)
+  epochs            ImageNet epochs (paper: 800)
+  batch             global batch (default 2048; lr scales as 1e-4 * batch / 256)
+  runlocal          the tiny model for a few steps, to check a machine's set-up
 
-Command (TPU pod; see launch/ for the pod scripts):
-  python -m heptapod_jax.main --config=configs/imagenet256.py:size=H,head=global \
-      --workdir=gs://BUCKET/heptapod-H --config.data.data_dir=gs://BUCKET/tfds \
-      --config.tokenizer.checkpoint=gs://BUCKET/vq16/tokenizer
+TPU pod (launch/tpu_vm.sh creates the slice, installs, runs on every worker in tmux):
+  launch/tpu_vm.sh run configs/imagenet256.py:size=H,tokenizer=imported,tokenizer_root=gs://B/tok \
+      gs://B/heptapod-H --config.data.data_dir=gs://B/tfds
+GPU node (8 GPUs, one process; launch/slurm.sbatch for several nodes):
+  launch/gpu.sh run configs/imagenet256.py:size=B,tokenizer=imported,tokenizer_root=/data/tok \
+      workdirs/heptapod-B --config.data.data_dir=/data/tfds
+Both end in `python -m heptapod_jax.main --config=... --workdir=...`; see launch/README.md.
 
+Global batch 2048 for every size; 800 epochs = 800 x (1,281,167 // 2048) = 500,000 steps.
 Data: TFDS `imagenet2012` prepared from the manual download (ILSVRC2012_img_train.tar and
 ILSVRC2012_img_val.tar in <data_dir>/downloads/manual); ADM center crop to 256, random flip.
-Tokenizer: VQ-16 (16x16 grid of a 16384-entry codebook): train it with
-configs/vq_imagenet256.py or import LlamaGen's vq_ds16_c2i.pt with
-heptapod_jax.tools.convert_llamagen_vq, and pass its directory as
---config.tokenizer.checkpoint. At scale, tokenize the data set once
-(heptapod_jax.tools.tokenize_dataset, ten-crop + flip as LlamaGen) and train from codes with
---config.data.tokenized_dir=DIR --config.data.augment=ten_crop.
+At scale, tokenize the data set once (heptapod_jax.tools.tokenize_dataset, ten-crop + flip as
+LlamaGen) and train from codes with --config.data.tokenized_dir=DIR --config.data.augment=ten_crop.
 
 Hyperparameters: the paper's method section is not available to us, so these follow MAR's
 recipe for a bidirectional/causal generator of this size: AdamW (0.9, 0.95), weight decay 0.02,
-lr = 1e-4 * batch / 256 after 100 epochs of linear warmup, constant, EMA 0.9999, batch 2048,
-800 epochs = 500,460 steps.
+lr = 1e-4 * batch / 256 after 100 epochs of linear warmup, constant, EMA 0.9999.
 
-Hardware and time (ESTIMATES, not measured runs): analytic training FLOPs per image
-(heptapod_jax/flops.py: fwd + bwd, steps_per_image 4, tokenizer and optimizer excluded;
-checked against XLA's count in tests/test_flops.py) converted to 800 epochs at an assumed 40%
-MFU on a TPU v5e-256 (197 bf16 TFLOP/s per chip):
-  size  head        TFLOP/image  est. days on v5e-256   head share
-  B     global         0.24        0.14     (next_token 0.16 TFLOP/image)   41%
-  L     global         0.68        0.40     (next_token 0.52)               28%
-  XL    global         1.36        0.80     (next_token 1.06)               24%
-  H     global         1.80        1.06     (next_token 1.39)               25%
-The global head's cost scales linearly with steps_per_image (benchmarks/scaling.py). Why 4
-steps and B's 2-layer head: benchmarks/train_throughput.py --ablation measured the global step
-at 1.73x the next_token step with this setting on the B backbone (2.23x with 4 layers, 3.52x
-at 8 steps), within the 2x budget. Per-device memory of every size on v5e-256 / v5p-128:
-`python -m heptapod_jax.tools.aot_compile --config=configs/imagenet256.py --topology=v5e-256`.
+Parameters, training FLOPs and wall time of the family (analytic FLOPs of heptapod_jax/flops.py,
+fwd + bwd, tokenizer and optimizer excluded, checked against XLA's count in tests/test_flops.py;
+tests/test_recipes.py checks that this table is what the tool prints):
+ESTIMATED days at an assumed 40% MFU (not measured; python -m heptapod_jax.tools.recipes):
+  options                          params TFLOP/img   steps  v5e-256  v5p-128   8xH100
+  size=B                             114M     0.235  500000     0.14     0.12     0.88
+  size=L                             356M     0.681  500000     0.40     0.34     2.55
+  size=XL                            725M     1.363  500000     0.80     0.69     5.11
+  size=H                             947M     1.800  500000     1.06     0.91     6.74
+  size=B,head=local                  116M     0.153  500000     0.09     0.08     0.57
+  size=B,head=local,window=16        116M     0.146  500000     0.09     0.07     0.55
+  size=B,head=next_token             111M     0.157  500000     0.09     0.08     0.59
+  size=B,targets_per_step=16         114M     0.187  500000     0.11     0.09     0.70
+  size=B,visible_context=false       114M     0.235  500000     0.14     0.12     0.88
+  size=B,tokens=kl                   113M     0.668  500000     0.39     0.34     2.50
+Measured here, on a 2-core CPU only: the B train step at ImageNet shapes (float32, batch 8)
+runs at MFU 0.62 with the next_token head (benchmarks/train_throughput.py); no accelerator
+run exists yet, so the 40% above is an assumption. Why 4 steps and B's 2-layer head:
+benchmarks/train_throughput.py --ablation measured the global step within 2x of the
+next_token step with this setting (see README). Per-device memory of every size on v5e-256 /
+v5p-128: `python -m heptapod_jax.tools.aot_compile --config=configs/imagenet256.py
+--topology=v5e-256`.
 
 Evaluation (ADM protocol: 50 samples per class, no guidance, against ADM's reference batch):
   python -m heptapod_jax.tools.convert_inception --src pt_inception-2015-12-05-6726825d.pth \
@@ -57,8 +73,9 @@ writes <workdir>/samples_<step>_seed0/samples_50000x256x256x3.npz (ADM's format,
 by ADM's own evaluator) and metrics.json. During training, --config.evaluator.every_steps=K
 (with features/weights/reference as above) logs FID on config.evaluator.num_samples (5,000).
 
-Expected numbers (the paper's, not reproduced here): Heptapod-H (941M parameters), FID 2.70,
-IS 229.8 on ImageNet 256 without classifier-free guidance.
+The paper's numbers (not reproduced here): Heptapod-H (941M parameters), FID 2.70, IS 229.8 on
+ImageNet 256 without classifier-free guidance. No other recipe has a number in the paper's
+abstract or figure captions.
 """
 from __future__ import annotations
 
@@ -71,11 +88,19 @@ import common  # noqa: E402
 from heptapod_jax import config_lib  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
+# Where option tokenizer=... looks, under option tokenizer_root (a local directory or a bucket).
+# imported: the public weights converted once (heptapod_jax.tools.convert_llamagen_vq /
+# convert_mar_kl --dst <root>/<dir>); trained: the export of configs/vq_imagenet256.py run with
+# --workdir=<root>/vq16 (or :kind=kl, --workdir=<root>/kl16).
+TOKENIZER_DIRS = {'imported': {'vq': 'llamagen_vq16', 'kl': 'mar_kl16'},
+                  'trained': {'vq': 'vq16/tokenizer', 'kl': 'kl16/tokenizer'}}
 
 
 def get_config(arg: str | None = None):
   opts = config_lib.parse_arg(arg, size='B', head='global', steps_per_image=4, window=32,
-                              tokens='vq', epochs=800, batch=2048, runlocal=False)
+                              targets_per_step=-1, visible_context=True, tokens='vq',
+                              tokenizer='', tokenizer_root='tokenizers', epochs=800,
+                              batch=2048, runlocal=False)
   c = common.base_config()
   common.apply_size(c, 'tiny' if opts.runlocal else opts.size)
   c.seed = 0
@@ -88,8 +113,15 @@ def get_config(arg: str | None = None):
   c.data.eval_split = 'validation'
 
   if opts.tokens not in ('vq', 'kl'):
-    raise ValueError(f"configs/imagenet256.py option tokens={opts.tokens!r} is not one of ['vq', 'kl'].")
+    raise ValueError(f"configs/imagenet256.py option tokens={opts.tokens!r} is not one of "
+                     "['vq', 'kl'].")
+  if opts.tokenizer and opts.tokenizer not in TOKENIZER_DIRS:
+    raise ValueError(f'configs/imagenet256.py option tokenizer={opts.tokenizer!r} is not one of '
+                     f'{sorted(TOKENIZER_DIRS)} (or unset: pass --config.tokenizer.checkpoint).')
   c.tokenizer.kind = opts.tokens
+  if opts.tokenizer:
+    c.tokenizer.checkpoint = (f'{opts.tokenizer_root}/'
+                              f'{TOKENIZER_DIRS[opts.tokenizer][opts.tokens]}')
 
   m = c.model
   m.vocab_size = 16384
@@ -97,9 +129,9 @@ def get_config(arg: str | None = None):
   m.num_classes = 1000
   m.head.kind = opts.head
   m.head.steps_per_image = opts.steps_per_image if opts.head != 'next_token' else -1
-  m.head.targets_per_step = -1
+  m.head.targets_per_step = opts.targets_per_step
   m.head.window = opts.window
-  m.head.visible_context = True
+  m.head.visible_context = opts.visible_context
   m.backbone.class_prefix_len = 1
   m.backbone.dropout = 0.1
   m.backbone.token_dropout = 0.1

@@ -162,8 +162,7 @@ def eval_step(params: Any, batch: dict[str, Array], tokenizer_params: Any, *, mo
     _, metrics = continuous_pair_loss(model, params, logits, tokens, steps, steps[..., None], valid,
                                       jax.random.key(0))
     return {'mse': jnp.stack(metrics['mse'])}
-  onehot = jax.nn.one_hot(tokens, model.config.vocab_size)
-  _, nll = objective.token_loss(logits[:, :, 0], onehot)
+  _, nll = objective.token_loss_from_ids(logits[:, :, 0], tokens)
   weight = batch['mask'].astype(jnp.float32)[:, None] * jnp.ones_like(nll)
   correct = (jnp.argmax(logits[:, :, 0], -1) == tokens).astype(jnp.float32)
   return {'nll': jnp.stack([jnp.sum(nll * weight), jnp.sum(weight)]),

@@ -99,6 +99,31 @@ def test_loss_gradient_ignores_visible_targets(kind):
   assert (np.abs(grad[:, supervised]).sum(-1) > 0).all()  # Every supervised target matters.
 
 
+@pytest.mark.parametrize('smoothing,z_loss', [(0.0, 0.0), (0.1, 1e-3)])
+def test_loss_from_ids_equals_loss_from_one_hot(smoothing, z_loss):
+  """The training loss takes token ids (no one-hot is materialised); it must give the same
+  loss, metrics and logit gradients as the explicit one-hot distribution."""
+  model, params = setup_model('global', label_smoothing=smoothing, z_loss=z_loss)
+  tokens, labels = random_batch(batch=2)
+  cfg = model.config
+  steps, targets, valid = objective.draw_pairs(jax.random.key(3), cfg, 2)
+  logits = model.apply({'params': params}, tokens, labels, steps, targets)
+  flat = tokens.reshape(2, -1)
+
+  def run(logits, target):
+    return objective.pair_loss_and_metrics(cfg, logits, target, steps, targets, valid)
+
+  (loss_ids, m_ids), g_ids = jax.value_and_grad(run, has_aux=True)(logits, flat)
+  (loss_oh, m_oh), g_oh = jax.value_and_grad(run, has_aux=True)(
+      logits, jax.nn.one_hot(flat, VOCAB))
+  np.testing.assert_allclose(loss_ids, loss_oh, rtol=1e-6)
+  np.testing.assert_allclose(g_ids, g_oh, atol=1e-7)
+  assert m_ids.keys() == m_oh.keys()
+  for name in m_ids:
+    np.testing.assert_allclose(np.stack(m_ids[name]), np.stack(m_oh[name]), rtol=1e-5,
+                               err_msg=name)
+
+
 def test_sampled_pairs_are_future_and_distinct():
   cfg = make_config('global', head=dict(steps_per_image=5, targets_per_step=3))
   steps, targets, valid = objective.draw_pairs(jax.random.key(3), cfg, 64)

@@ -174,8 +174,7 @@ def compute_loss(model: Heptapod, params: Any, tokens: Array, labels: Array, rng
                        deterministic=deterministic, rngs={'dropout': dropout_rng})
   if cfg.continuous:
     return continuous_pair_loss(model, params, logits, tokens, steps, targets, valid, noise_rng)
-  target_dist = jax.nn.one_hot(tokens, cfg.vocab_size, dtype=jnp.float32)
-  return objective.pair_loss_and_metrics(cfg, logits, target_dist, steps, targets, valid)
+  return objective.pair_loss_and_metrics(cfg, logits, tokens, steps, targets, valid)
 
 
 def continuous_pair_loss(model: Heptapod, params: Any, z: Array, target_tokens: Array, steps: Array,

@@ -50,6 +50,50 @@ def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
+def matmul(x: Array, w: Array) -> Array:
+  """x [..., D] @ w [D, F] -> [..., F]: every Dense of the model.
+
+  On accelerators, a plain einsum. On the CPU, the same product with a hand-written
+  backward pass (`_cpu_matmul`): its weight gradient is x^T @ dy (or (dy^T @ x)^T) with
+  the transposed operand materialised first, a plain row-major GEMM. Left to itself XLA:CPU computes that gradient as
+  (dy^T @ x)^T, transposing the wide [tokens, F] gradient inside the elementwise backward
+  of the layer that produced it and running a GEMM with a transposed operand at about half
+  the speed of the forward one (profile of the B preset's train step,
+  benchmarks/train_throughput.py). Same numbers either way (tests/test_attention.py
+  checks outputs and gradients against the einsum).
+  """
+  if target_platform() == 'cpu':
+    return _cpu_matmul(x, w)
+  return jnp.einsum('...d,df->...f', x, w)
+
+
+@jax.custom_vjp
+def _cpu_matmul(x: Array, w: Array) -> Array:
+  return jnp.einsum('...d,df->...f', x, w)
+
+
+def _cpu_matmul_fwd(x: Array, w: Array):
+  return _cpu_matmul(x, w), (x, w)
+
+
+def _cpu_matmul_bwd(res, dy: Array):
+  x, w = res
+  dx = jnp.einsum('...f,df->...d', dy, w)
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  # Transpose the narrower of x [T, D] and dy [T, F] (fewer bytes; and never the SwiGLU
+  # hidden state, which XLA would recompute inside a slow transposing loop), then one
+  # row-major GEMM. The barrier keeps the transposed copy materialised: without it XLA
+  # folds the transpose back into the dot's dimension numbers.
+  if x2.shape[1] <= dy2.shape[1]:
+    dw = jnp.dot(jax.lax.optimization_barrier(x2.T), dy2, preferred_element_type=jnp.float32)
+  else:
+    dw = jnp.dot(jax.lax.optimization_barrier(dy2.T), x2, preferred_element_type=jnp.float32).T
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
 class Dense(nn.Module):
   """Bias-free 2D-kernel Linear with logical axes (2D kernels shard cleanly under a mesh)."""
   features: int
@@ -63,7 +107,41 @@ class Dense(nn.Module):
     kernel = self.param('kernel', normal_init(self.axes, self.std), (x.shape[-1], self.features),
                         self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return jnp.einsum('...d,df->...f', x, kernel)
+    return matmul(x, kernel)
+
+
+class Kernel(nn.Module):
+  """The 2D kernel of a bias-free Linear, returned instead of applied: `Dense`'s parameter
+  ('<name>/kernel', same init and logical axes) for layers that apply several kernels as
+  one matmul (`stacked_dense`)."""
+  features: int
+  axes: tuple[str | None, str | None]
+  param_dtype: Dtype = jnp.float32
+  std: float = INIT_STD
+
+  @nn.compact
+  def __call__(self, in_features: int) -> Array:
+    return self.param('kernel', normal_init(self.axes, self.std), (in_features, self.features),
+                      self.param_dtype)
+
+
+def stacked_dense(x: Array, kernels: list[Array], dtype: Dtype) -> list[Array]:
+  """x @ k for every k of `kernels` ([D, F] each), run as ONE matmul with the kernels
+  stacked on a new middle axis ([D, n, F] -> out [..., n, F]).
+
+  The same numbers as separate Dense calls (each output column is the same dot product);
+  the parameters stay separate, so checkpoints and sharding rules are unchanged. One wide
+  matmul instead of n narrow ones, and in the backward pass one weight-gradient matmul
+  over [..., n, F]: on the CPU this removed a transposed copy per kernel that XLA fused
+  into the elementwise backward of SwiGLU (benchmarks/train_throughput.py: the B preset's
+  train step went from MFU 0.45 to 0.5x, see README); on accelerators it is the usual
+  fused QKV / gate-up projection.
+  """
+  w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)  # [D, n, F]
+  out = matmul(x.astype(dtype), w.reshape(w.shape[0], -1))
+  out = out.reshape(*out.shape[:-1], len(kernels), -1)  # [..., n, F]
+  # split, not indexing: its gradient is one concatenate, not a zero-padded copy per kernel.
+  return [part[..., 0, :] for part in jnp.split(out, len(kernels), axis=-2)]
 
 
 class RMSNorm(nn.Module):
@@ -294,9 +372,18 @@ class Attention(nn.Module):
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = x_q.shape[-1]
-    q = Dense(self.num_heads * self.head_dim, ('embed', 'heads'), name='query', **kw)(x_q)
-    k = Dense(self.kv_heads * self.head_dim, ('embed', 'heads'), name='key', **kw)(x_kv)
-    v = Dense(self.kv_heads * self.head_dim, ('embed', 'heads'), name='value', **kw)(x_kv)
+    pkw = dict(param_dtype=self.param_dtype)
+    wq = Kernel(self.num_heads * self.head_dim, ('embed', 'heads'), name='query', **pkw)(
+        x_q.shape[-1])
+    wk = Kernel(self.kv_heads * self.head_dim, ('embed', 'heads'), name='key', **pkw)(
+        x_kv.shape[-1])
+    wv = Kernel(self.kv_heads * self.head_dim, ('embed', 'heads'), name='value', **pkw)(
+        x_kv.shape[-1])
+    if x_q is x_kv and self.num_heads == self.kv_heads:  # Self-attention, no GQA: fused QKV.
+      q, k, v = stacked_dense(x_q, [wq, wk, wv], self.dtype)
+    else:
+      q = stacked_dense(x_q, [wq], self.dtype)[0]
+      k, v = stacked_dense(x_kv, [wk, wv], self.dtype)
     q = q.reshape(*q.shape[:2], self.num_heads, self.head_dim)
     k = k.reshape(*k.shape[:2], self.kv_heads, self.head_dim)
     v = v.reshape(*v.shape[:2], self.kv_heads, self.head_dim)
@@ -338,8 +425,9 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = Dense(self.hidden, ('embed', 'mlp'), name='gate', **kw)(x)
-    up = Dense(self.hidden, ('embed', 'mlp'), name='up', **kw)(x)
+    pkw = dict(param_dtype=self.param_dtype)
+    gate, up = stacked_dense(x, [Kernel(self.hidden, ('embed', 'mlp'), name=name, **pkw)(
+        x.shape[-1]) for name in ('gate', 'up')], self.dtype)
     h = constrain(nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
     return Dense(x.shape[-1], ('mlp', 'embed'), name='down', **kw)(h)
 

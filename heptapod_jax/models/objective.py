@@ -69,7 +69,7 @@ def draw_pairs(rng: Array, config: ModelConfig, batch_size: int):
 
 def token_loss(logits: Array, target_dist: Array, *, label_smoothing: float = 0.0,
                z_loss: float = 0.0) -> tuple[Array, Array]:
-  """Cross-entropy against a target distribution (normally one-hot), per pair.
+  """Cross-entropy against a target distribution (soft targets), per pair.
 
   Args:
     logits: float32[..., V]; target_dist: float[..., V].
@@ -79,33 +79,73 @@ def token_loss(logits: Array, target_dist: Array, *, label_smoothing: float = 0.
   log_z = jax.nn.logsumexp(logits, axis=-1)
   log_probs = logits - log_z[..., None]
   nll = -jnp.sum(target_dist * log_probs, axis=-1)
+  return _regularized(nll, log_z, lambda: jnp.mean(log_probs, axis=-1), label_smoothing, z_loss)
+
+
+def token_loss_from_ids(logits: Array, target_ids: Array, *, label_smoothing: float = 0.0,
+                        z_loss: float = 0.0) -> tuple[Array, Array]:
+  """`token_loss` against one-hot targets given as ids, without materialising the one-hot.
+
+  The same numbers as token_loss(logits, one_hot(target_ids)): nll = log Z - logits[id];
+  for the training step this skips a [B, N, V] float32 one-hot and the read of [B, S, K, V]
+  of it (a third of the loss's memory traffic at V = 16384).
+
+  Args:
+    logits: float32[..., V]; target_ids: int[...] in [0, V).
+  Returns:
+    (loss [...], plain negative log-likelihood [...]).
+  """
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, target_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = log_z - picked
+  return _regularized(nll, log_z, lambda: jnp.mean(logits, axis=-1) - log_z, label_smoothing,
+                      z_loss)
+
+
+def _regularized(nll: Array, log_z: Array, mean_log_prob, label_smoothing: float,
+                 z_loss: float) -> tuple[Array, Array]:
+  """(loss, nll): label smoothing mixes in the mean log-probability (a thunk: only computed
+  when used); z-loss adds z_loss * log(Z)^2."""
   loss = nll
   if label_smoothing > 0.0:
-    loss = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+    loss = (1.0 - label_smoothing) * nll - label_smoothing * mean_log_prob()
   if z_loss > 0.0:
     loss = loss + z_loss * jnp.square(log_z)
   return loss, nll
 
 
-def pair_loss_and_metrics(config: ModelConfig, logits: Array, target_dist: Array, steps: Array,
-                          targets: Array, valid: Array) -> tuple[Array, Mapping[str, tuple[Array, Array]]]:
+def pair_loss_and_metrics(config: ModelConfig, logits: Array, target: Array, steps: Array,
+                          targets: Array, valid: Array
+                          ) -> tuple[Array, Mapping[str, tuple[Array, Array]]]:
   """Mean loss over the supervised pairs, and metrics as (sum, count) pairs.
 
   Args:
     logits: float32[B, S, K, V] head output for `targets`.
-    target_dist: float[B, N, V] the target distribution of every grid position
-      (one-hot of the tokens); only the supervised pairs are read.
+    target: what every grid position should be: int[B, N] token ids (the training
+      step's form: one-hot targets, never materialised), or float[B, N, V] a target
+      distribution (soft targets; one-hot rows give the same numbers as the ids).
+      Only the supervised pairs are read.
     steps: int32[B, S]; targets: int32[B, S, K]; valid: bool[B, S, K].
   Returns:
     (scalar loss, {name: (sum, count)}) with names loss, nll, accuracy and the
     NLL split by distance ahead (DISTANCE_BUCKETS).
   """
-  dist = jnp.take_along_axis(target_dist[:, None], targets[..., None], axis=2)  # [B, S, K, V]
-  loss, nll = token_loss(logits, dist, label_smoothing=config.label_smoothing, z_loss=config.z_loss)
+  kw = dict(label_smoothing=config.label_smoothing, z_loss=config.z_loss)
+  if jnp.issubdtype(target.dtype, jnp.integer):
+    ids = jnp.take_along_axis(target[:, None], targets, axis=2)  # [B, S, K]
+    loss, nll = token_loss_from_ids(logits, ids, **kw)
+  else:
+    dist = jnp.take_along_axis(target[:, None], targets[..., None], axis=2)  # [B, S, K, V]
+    loss, nll = token_loss(logits, dist, **kw)
+    ids = jnp.argmax(dist, -1)
   weight = valid.astype(jnp.float32)
   count = jnp.sum(weight)
   mean_loss = jnp.sum(loss * weight) / jnp.maximum(count, 1.0)
-  correct = (jnp.argmax(logits, -1) == jnp.argmax(dist, -1)).astype(jnp.float32)
+  # Top-1 correct: the target's logit is the largest (a max, not an argmax: on the CPU a
+  # variadic (value, index) reduction over V costs as much as the whole log-softmax). Ties
+  # for the top count as correct; with float logits they do not occur in practice.
+  picked = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
+  correct = (picked >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   metrics = {
       'loss': (jnp.sum(loss * weight), count),
       'nll': (jnp.sum(nll * weight), count),
