@@ -47,11 +47,12 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(DEV_STAMP)
 
+# Two workers (pytest-xdist), each test file on one worker so that its fixtures are built once.
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS) tests
 
 test-fast: $(DEV_STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS) tests
 
 # Two stages: the VQ tokenizer (reused if already trained in the workdir), then Heptapod on its codes.
 demo: $(STAMP)

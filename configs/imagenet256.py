@@ -55,12 +55,12 @@ ESTIMATED days at an assumed 40% MFU (not measured; python -m heptapod_jax.tools
   size=B,visible_context=false       114M     0.235  500000     0.14     0.12     0.88
   size=B,tokens=kl                   113M     0.668  500000     0.39     0.34     2.50
 Measured here, on a 2-core CPU only: the B train step at ImageNet shapes (float32, batch 8)
-runs at MFU 0.62 with the next_token head (benchmarks/train_throughput.py); no accelerator
-run exists yet, so the 40% above is an assumption. Why 4 steps and B's 2-layer head:
-benchmarks/train_throughput.py --ablation measured the global step within 2x of the
-next_token step with this setting (see README). Per-device memory of every size on v5e-256 /
-v5p-128: `python -m heptapod_jax.tools.aot_compile --config=configs/imagenet256.py
---topology=v5e-256`.
+runs at MFU 0.63 with the next_token head and 0.60 with the global one
+(benchmarks/train_throughput.py); no accelerator run exists yet, so the 40% above is an
+assumption. Why 4 steps and B's 2-layer head: benchmarks/train_throughput.py --quick measured
+the global step at 1.38x the next_token step with this setting (1.57x with a 4-layer head,
+1.81x at 8 steps; README, Figures). Per-device memory of every size on v5e-256 / v5p-128:
+`python -m heptapod_jax.tools.aot_compile --config=configs/imagenet256.py --topology=v5e-256`.
 
 Evaluation (ADM protocol: 50 samples per class, no guidance, against ADM's reference batch):
   python -m heptapod_jax.tools.convert_inception --src pt_inception-2015-12-05-6726825d.pth \

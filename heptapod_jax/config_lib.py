@@ -111,8 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   # num_sampling_steps and temperature.
   # use_kv_cache=False recomputes the backbone over the whole sequence at every step (same
   # samples, O(N^2) work): the baseline of benchmarks/sampling_speed.py.
+  # parallel_tokens=k > 1 samples k positions per 2D-head call (parallel decoding, beyond the
+  # paper; approximate, see heptapod_jax/sampling.py and benchmarks/parallel_decoding.py).
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0,
-                                              use_kv_cache=True))
+                                              use_kv_cache=True, parallel_tokens=1))
 
   # Generative metrics (FID, sFID, IS, precision/recall, class accuracy): used by sample mode
   # (`main --mode=sample`) and, when every_steps / at_end ask for it, during training.

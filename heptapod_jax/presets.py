@@ -19,8 +19,9 @@ SIZES: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
     # CPU-sized (the demo and the tests); small SwiGLU rounding keeps the MLP at ~8/3 width.
     'tiny': dict(backbone=dict(width=128, depth=4, num_heads=4, mlp_multiple_of=32),
                  head=dict(width=64, depth=2, num_heads=4, mlp_multiple_of=32)),
-    # B's head: 2 layers, from benchmarks/train_throughput.py --ablation (B backbone, ImageNet
-    # shapes, steps_per_image 4): global step 1.73x the next_token step at depth 2, 2.23x at 4.
+    # B's head: 2 layers, from benchmarks/train_throughput.py --quick (B backbone, ImageNet
+    # shapes, steps_per_image 4): global step 1.38x the next_token step at depth 2, 1.57x at
+    # depth 4, 1.81x at 8 steps; 2 layers leave room for 8 steps within 2x.
     'B': dict(backbone=dict(width=768, depth=12, num_heads=12),
               head=dict(width=512, depth=2, num_heads=8)),
     'L': dict(backbone=dict(width=1024, depth=24, num_heads=16),

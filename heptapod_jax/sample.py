@@ -527,7 +527,7 @@ def _resolve_tokenizer(config: ml_collections.ConfigDict, location: RunLocation,
 def load_run(checkpoint: str, *, step: int | None = None, params: str | None = None,
              tokenizer: str | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None,
-             cfg_scale: float | None = None) -> LoadedRun:
+             cfg_scale: float | None = None, parallel_tokens: int | None = None) -> LoadedRun:
   """Restores a trained run for sampling (the Python API behind the command line).
 
   Args:
@@ -535,7 +535,8 @@ def load_run(checkpoint: str, *, step: int | None = None, params: str | None = N
     step: which step; None = the newest that restores (or the step directory's).
     params: 'ema' or 'raw'; None = the run's train.sample_with_ema.
     tokenizer: overrides the run's tokenizer checkpoint directory.
-    temperature, top_k, top_p, cfg_scale: override the run's config.sampling.
+    temperature, top_k, top_p, cfg_scale, parallel_tokens: override the run's
+      config.sampling.
 
   Returns:
     A `LoadedRun`; pass it to `sample_classes`.
@@ -550,9 +551,14 @@ def load_run(checkpoint: str, *, step: int | None = None, params: str | None = N
   config = read_run_config(location, step)
   _resolve_tokenizer(config, location, tokenizer)
   for name, value in (('temperature', temperature), ('top_k', top_k), ('top_p', top_p),
-                      ('cfg_scale', cfg_scale)):
+                      ('cfg_scale', cfg_scale), ('parallel_tokens', parallel_tokens)):
     if value is not None:
       config.sampling[name] = type(config.sampling[name])(value)
+  from heptapod_jax import sampling  # pylint: disable=g-import-not-at-top
+  from heptapod_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  sampling_config = sampling.SamplingConfig(**config.sampling.to_dict())
+  sampling_config.validate()  # The overrides' errors before anything is restored.
+  sampling_config.check_model(ModelConfig.from_dict(config.model.to_dict()))
   if params not in (None, 'ema', 'raw'):
     raise ValueError(f'--params={params!r} is not one of [\'ema\', \'raw\'].')
   if params is not None:
@@ -653,6 +659,9 @@ def _parser():
   p.add_argument('--cfg_scale', type=float, default=None,
                  help='classifier-free guidance scale (1 = off, the paper\'s setting); needs a run '
                       'trained with model.backbone.class_dropout > 0')
+  p.add_argument('--parallel_tokens', type=int, default=None,
+                 help='k > 1: sample k positions per 2D-head call (parallel decoding, beyond the '
+                      'paper; faster, approximate: see heptapod_jax/sampling.py)')
   p.add_argument('--seed', type=int, default=0, help='same seed, same images')
   p.add_argument('--step', type=int, default=None,
                  help='checkpoint step (default: the newest that restores)')
@@ -675,6 +684,8 @@ def _check_args(args) -> None:
     raise ValueError(f'--top_p={args.top_p}: must be in (0, 1] (1 = off).')
   if args.cfg_scale is not None and not np.isfinite(args.cfg_scale):
     raise ValueError(f'--cfg_scale={args.cfg_scale}: must be a finite number (1 = off).')
+  if args.parallel_tokens is not None and args.parallel_tokens < 1:
+    raise ValueError(f'--parallel_tokens={args.parallel_tokens}: must be >= 1 (1 = off).')
   if args.n is not None and args.n < 1:
     raise ValueError(f'--n={args.n}: must be >= 1.')
   if args.batch < 1:
@@ -705,7 +716,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     classes = _parse_classes(args.classes) if args.classes is not None else None
     run = load_run(args.checkpoint, step=args.step, params=args.params, tokenizer=args.tokenizer,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   cfg_scale=args.cfg_scale)
+                   cfg_scale=args.cfg_scale, parallel_tokens=args.parallel_tokens)
     classes = (check_classes(classes, run.num_classes) if classes is not None
                else default_classes(run.num_classes))
   except (ValueError, FileNotFoundError, NoRestorableStepError, KeyError) as e:

@@ -14,6 +14,23 @@ steps are cut into up to `NO_CACHE_SEGMENTS` runs and every step of a run reruns
 over the run's last prefix (`recompute_runs`): about (1 + 1/runs) / 2 of rerunning the whole
 sequence at every step, while the tokens are exactly those of the cached sampler
 (causal attention: the not-yet-sampled tokens inside the prefix change no state the head reads).
+
+Parallel decoding (`parallel_tokens = k`, beyond the paper). The 2D head at step t already
+predicts every remaining position from h_t, so one head call can give the k positions
+t..t+k-1 at once: each is drawn from its own predicted marginal (position t+i with the key
+that the one-token sampler uses for it, `fold_in(rng, t + i)`), the k tokens go through the
+backbone in one multi-token KV-cached call (k cache entries, causal inside the chunk), and
+decoding continues from h_{t+k}. ceil(N / k) head calls and backbone calls per image instead
+of N; the last chunk is shorter when k does not divide N. k = 1 is the exact sampler above.
+
+The trade-off, honestly: the k tokens of a chunk are sampled independently given h_t, so
+their joint dependence is ignored (two neighbours may each be likely and yet not fit each
+other), and positions t+1..t+k-1 are predicted from less context than the one-token sampler
+gives them. The distribution is no longer the model's autoregressive one, and sample quality
+degrades as k grows; benchmarks/parallel_decoding.py measures how much against the speed-up.
+Only the 2D heads support k > 1 ('global': any k; 'local': k <= head.window); the next-token
+head predicts one position per state. Continuous tokens draw the k rows with the diffusion
+head; classifier-free guidance and `use_kv_cache=False` work with any k.
 """
 from __future__ import annotations
 
@@ -26,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from heptapod_jax.models import layers
+from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, check_inputs
 from heptapod_jax.models.transformer import KVCache, init_cache
 
@@ -49,6 +67,8 @@ class SamplingConfig:
   # far (`recompute_runs`), O(N^2) instead of O(N) backbone work per image. Same samples;
   # the baseline of benchmarks/sampling_speed.py.
   use_kv_cache: bool = True
+  # Positions sampled per head call (parallel decoding, see the module docstring); 1 = exact.
+  parallel_tokens: int = 1
 
   def validate(self) -> None:
     if self.temperature < 0:
@@ -57,6 +77,25 @@ class SamplingConfig:
       raise ValueError(f'sampling.top_k={self.top_k}: must be >= 0 (0 = off).')
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f'sampling.top_p={self.top_p}: must be in (0, 1].')
+    if isinstance(self.parallel_tokens, bool) or not isinstance(self.parallel_tokens, int) \
+        or self.parallel_tokens < 1:
+      raise ValueError(f'sampling.parallel_tokens={self.parallel_tokens!r}: must be an integer '
+                       '>= 1 (1 = one position per step, the exact sampler).')
+
+  def check_model(self, config: ModelConfig) -> None:
+    """ValueError when the model's head cannot predict `parallel_tokens` positions at once."""
+    k = self.parallel_tokens
+    if k == 1:
+      return
+    kind = config.head.kind
+    if kind == 'next_token':
+      raise ValueError(f'sampling.parallel_tokens={k} needs a 2D head (model.head.kind global or '
+                       'local): the next_token head predicts only the next position from each '
+                       'state. Use sampling.parallel_tokens=1.')
+    if kind == 'local' and k > config.head.window:
+      raise ValueError(f'sampling.parallel_tokens={k} exceeds model.head.window='
+                       f'{config.head.window}: the local head predicts only the positions inside '
+                       'its window.')
 
 
 @flax.struct.dataclass
@@ -133,12 +172,24 @@ def recompute_runs(num_positions: int) -> list[tuple[int, int]]:
   min(NO_CACHE_SEGMENTS, (N-1) // NO_CACHE_MIN_RUN) runs (at least one) of near-equal
   length; the last ends at N-1, so its prefix is the whole backbone sequence. With G runs
   the backbone processes about (1 + 1/G) / 2 * N^2 grid tokens per image, against N^2 for
-  rerunning the whole sequence at every step and N with the cache.
+  rerunning the whole sequence at every step and N with the cache. (With parallel_tokens k
+  the runs are over the fed chunks instead of the steps: `recompute_runs(num_chunks + 1)`.)
   """
   steps = num_positions - 1
   segments = max(1, min(NO_CACHE_SEGMENTS, steps // NO_CACHE_MIN_RUN))
   bounds = [round(i * steps / segments) for i in range(segments + 1)]
   return list(zip(bounds[:-1], bounds[1:]))
+
+
+def chunk_plan(num_positions: int, parallel_tokens: int) -> tuple[int, int]:
+  """(fed, last): the sampler makes `fed` head calls of `parallel_tokens` positions whose
+  tokens are fed back through the backbone, then one final head call for the `last`
+  (1..parallel_tokens) positions that remain, which are never fed (no state follows x_{N-1}).
+
+  `fed + 1` = ceil(N / k) head calls per image; k = 1 gives N - 1 fed steps and a last one.
+  """
+  fed = (num_positions - 1) // parallel_tokens
+  return fed, num_positions - fed * parallel_tokens
 
 
 def _sample_continuous(model: Heptapod, variables: Any, z: Array, rng: Array) -> Array:
@@ -152,6 +203,29 @@ def _sample_continuous(model: Heptapod, variables: Any, z: Array, rng: Array) ->
   return model.apply(variables, z, rng, method=Heptapod.diffusion_sample)
 
 
+def _sample_chunk(draw, rng: Array, outputs: Array, t: Array) -> Array:
+  """Draws positions t..t+c-1 independently from their head outputs [B, c, ...] -> [B, c, ...].
+
+  `draw(key, outputs[:, i])` samples one position; position t+i uses `fold_in(rng, t + i)`,
+  the key the one-token sampler uses for it (c = 1 is exactly that sampler's call).
+  """
+  size = outputs.shape[1]
+  if size == 1:
+    return draw(fold_in(rng, t), outputs[:, 0])[:, None]
+  keys = jax.vmap(lambda i: fold_in(rng, t + i))(jnp.arange(size))  # key[c] or key[c, B]
+  return jax.vmap(draw, in_axes=(0, 1), out_axes=1)(keys, outputs)
+
+
+def _decode_chunk(module: Heptapod, tokens: Array, index: Array, cache: KVCache
+                  ) -> tuple[Array, KVCache]:
+  """`Heptapod.decode` for a run of grid tokens: feeds x_index..x_{index+c-1} (int32[B, c];
+  continuous: float[B, c, C]) in one backbone call that writes c cache entries (causal inside
+  the run: the backbone's cache mask is slot >= key slot); returns h_{index+1..index+c}: [B, c, E].
+  """
+  offset = module.config.backbone.class_prefix_len + index
+  return module.backbone(None, tokens, offset=offset, cache=cache)
+
+
 def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
            config: SamplingConfig = SamplingConfig()) -> Array:
   """Generates token grids for `labels`: int32[B] -> int32[B, N] (raster order;
@@ -160,11 +234,14 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
   Jit it with `config` static (functools.partial); shard `labels` over the
   data axes and `params` with their logical shardings. `rng` is one key, or one
   key per sample (key[B], e.g. from `example_keys`) for batch-independent samples.
+  `config.parallel_tokens` = k > 1 samples k positions per head call (module docstring).
   """
   mcfg = model.config
   config.validate()
+  config.check_model(mcfg)
   check_inputs(mcfg, None, labels)
-  n, batch = mcfg.num_positions, labels.shape[0]
+  n, batch, k = mcfg.num_positions, labels.shape[0], config.parallel_tokens
+  num_fed, last = chunk_plan(n, k)
   use_cfg = config.cfg_scale != 1.0
   if use_cfg and mcfg.continuous:
     raise ValueError('sampling.cfg_scale != 1 is not supported for continuous tokens '
@@ -183,37 +260,46 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
     init_tokens = jnp.zeros((batch, n), jnp.int32)
   state = DecodeState(tokens=init_tokens, states=states, cache=cache, rng=rng)
 
-  def pick(state: DecodeState, t: Array) -> tuple[DecodeState, Array]:
+  def draw_discrete(key: Array, logits: Array) -> Array:
+    return sample_logits(key, logits, config)
+
+  def draw_continuous(key: Array, z: Array) -> Array:
+    # DDPM steps and temperature: model.diffusion.num_sampling_steps / temperature.
+    return _sample_continuous(model, variables, z, key)
+
+  def pick(state: DecodeState, t: Array, size: int) -> tuple[DecodeState, Array]:
+    """Samples positions t..t+size-1 from one head call at step t: [B, size] (or [B, size, C])."""
     steps = jnp.full((state.states.shape[0], 1), t, jnp.int32)
-    logits = model.apply(variables, state.states, steps, steps[..., None],
-                         method=Heptapod.head_logits)[:, 0, 0]
+    targets = steps[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B', 1, size]
+    logits = model.apply(variables, state.states, steps, targets,
+                         method=Heptapod.head_logits)[:, 0]  # [B', size, V] (or Wz)
     if mcfg.continuous:
-      # DDPM steps and temperature: model.diffusion.num_sampling_steps / temperature.
-      token = _sample_continuous(model, variables, logits, fold_in(state.rng, t))
-      tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, t, 0))
-      return state.replace(tokens=layers.constrain(tokens, ('batch', None, None))), token
+      chunk = _sample_chunk(draw_continuous, state.rng, logits, t)
+      tokens = jax.lax.dynamic_update_slice(state.tokens, chunk, (0, t, 0))
+      return state.replace(tokens=layers.constrain(tokens, ('batch', None, None))), chunk
     if use_cfg:
       cond, uncond = jnp.split(logits, 2)
       logits = uncond + config.cfg_scale * (cond - uncond)
-    token = sample_logits(fold_in(state.rng, t), logits, config)
-    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, t))
+    chunk = _sample_chunk(draw_discrete, state.rng, logits, t)
+    tokens = jax.lax.dynamic_update_slice(state.tokens, chunk, (0, t))
     tokens = layers.constrain(tokens, ('batch', None))
-    return state.replace(tokens=tokens), token
+    return state.replace(tokens=tokens), chunk
 
-  def body(t, state: DecodeState) -> DecodeState:
-    state, token = pick(state, t)
+  def body(j, state: DecodeState) -> DecodeState:
+    t = j * k
+    state, chunk = pick(state, t, k)
     if use_cfg:
-      token = jnp.concatenate([token, token])
-    h, cache = model.apply(variables, token, t, state.cache, method=Heptapod.decode)
-    states = jax.lax.dynamic_update_slice(state.states, h[:, None].astype(state.states.dtype),
+      chunk = jnp.concatenate([chunk, chunk])
+    h, cache = model.apply(variables, chunk, t, state.cache, method=_decode_chunk)
+    states = jax.lax.dynamic_update_slice(state.states, h.astype(state.states.dtype),
                                           (0, t + 1, 0))
     return state.replace(states=states, cache=cache)
 
-  def body_no_cache(t, state: DecodeState, fed: int) -> DecodeState:
-    state, _ = pick(state, t)
-    # Causal pass over [class, x_0 .. x_{fed-1}] -> h_0..h_fed. h_{t+1} has seen x_0..x_t only;
-    # the states after it come from not-yet-sampled (zero) tokens, and the head of step t+1
-    # masks them out exactly as it masks the cached sampler's zeros there.
+  def body_no_cache(j, state: DecodeState, fed: int) -> DecodeState:
+    state, _ = pick(state, j * k, k)
+    # Causal pass over [class, x_0 .. x_{fed-1}] -> h_0..h_fed. h_{t+k} has seen x_0..x_{t+k-1}
+    # only; the states after it come from not-yet-sampled (zero) tokens, and the head of step
+    # t+k masks them out exactly as it masks the cached sampler's zeros there.
     tokens = state.tokens[:, :fed + 1]
     tokens = jnp.concatenate([tokens, tokens]) if use_cfg else tokens
     h = model.apply(variables, tokens, labels, method=Heptapod.states)
@@ -221,9 +307,10 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
     return state.replace(states=states)
 
   if config.use_kv_cache:
-    state = jax.lax.fori_loop(0, n - 1, body, state)
+    state = jax.lax.fori_loop(0, num_fed, body, state)
   else:
-    for lo, hi in recompute_runs(n):
-      state = jax.lax.fori_loop(lo, hi, functools.partial(body_no_cache, fed=hi), state)
-  state, _ = pick(state, jnp.asarray(n - 1, jnp.int32))
+    for lo, hi in recompute_runs(num_fed + 1):
+      if hi > lo:
+        state = jax.lax.fori_loop(lo, hi, functools.partial(body_no_cache, fed=hi * k), state)
+  state, _ = pick(state, jnp.asarray(num_fed * k, jnp.int32), last)
   return state.tokens

@@ -5,6 +5,7 @@ anything imports jax. TensorFlow is kept off any accelerator and quiet.
 """
 import os
 import sys
+import tempfile
 
 # TensorFlow and Triton (pulled in by torchvision -> torch._dynamo) each bundle their own
 # LLVM; loading Triton into a process that already holds TensorFlow segfaults. The tests use
@@ -17,6 +18,14 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# JAX's persistent compilation cache: the suite compiles the same tiny programs many times,
+# above all in the child processes of the fault and multi-host tests (every restart compiles
+# the train step again). Set here, in the environment, so that those children share it.
+# Executables are keyed by the program, the flags and the jax version: results are unchanged.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"heptapod-jax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -160,6 +160,7 @@ def test_damaged_latest_step_falls_back_read_only(run, tmp_path, capsys):
     (['--step', '5'], '--step=5: '),
     (['--cfg_scale', '2'], 'needs a model trained with class dropout'),
     (['--params', 'both'], "invalid choice: 'both'"),
+    (['--parallel_tokens', '0'], '--parallel_tokens=0: must be >= 1'),
 ])
 def test_errors_name_the_problem(run, capsys, args, message):
   _, wd = run
@@ -197,3 +198,17 @@ def test_command_line_in_a_fresh_process(run, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'grid (2 rows x 2 columns, one column per class): {out}' in proc.stdout
   assert _png(out).shape == (2 * TILE + 2, 2 * TILE + 2, 3)
+
+
+
+def test_parallel_tokens_flag_reaches_the_sampler(run, tmp_path):
+  """--parallel_tokens=2 gives exactly what `sampling.sample` gives with parallel_tokens=2."""
+  c, wd = run
+  summary = sample.main(['--checkpoint', wd, '--classes', '0,5', '--n', '4', '--seed', '2',
+                         '--parallel_tokens', '2', '--out_dir', str(tmp_path / 'k2')])
+  assert summary['step'] == 2
+  pngs = np.stack([_png(tmp_path / 'k2' / n) for n in sorted(os.listdir(tmp_path / 'k2'))])
+  c2 = c.copy_and_resolve_references()
+  c2.sampling.parallel_tokens = 2
+  direct = _direct_samples(c2, os.path.join(wd, 'checkpoints'), [0, 5, 0, 5], seed=2)
+  np.testing.assert_array_equal(pngs, direct)

@@ -54,13 +54,13 @@ def matmul(x: Array, w: Array) -> Array:
   """x [..., D] @ w [D, F] -> [..., F]: every Dense of the model.
 
   On accelerators, a plain einsum. On the CPU, the same product with a hand-written
-  backward pass (`_cpu_matmul`): its weight gradient is x^T @ dy (or (dy^T @ x)^T) with
-  the transposed operand materialised first, a plain row-major GEMM. Left to itself XLA:CPU computes that gradient as
-  (dy^T @ x)^T, transposing the wide [tokens, F] gradient inside the elementwise backward
-  of the layer that produced it and running a GEMM with a transposed operand at about half
-  the speed of the forward one (profile of the B preset's train step,
-  benchmarks/train_throughput.py). Same numbers either way (tests/test_attention.py
-  checks outputs and gradients against the einsum).
+  backward pass (`_cpu_matmul`): its weight gradient is x^T @ dy (or (dy^T @ x)^T) with the
+  transposed operand materialised first, a plain row-major GEMM. Left to itself XLA:CPU
+  computes that gradient as (dy^T @ x)^T, transposing the wide [tokens, F] gradient inside
+  the elementwise backward of the layer that produced it and running a GEMM with a
+  transposed operand at about half the speed of the forward one (profile of the B preset's
+  train step, benchmarks/train_throughput.py). Same numbers either way
+  (tests/test_layers.py checks values and gradients against the einsum).
   """
   if target_platform() == 'cpu':
     return _cpu_matmul(x, w)
@@ -131,11 +131,10 @@ def stacked_dense(x: Array, kernels: list[Array], dtype: Dtype) -> list[Array]:
 
   The same numbers as separate Dense calls (each output column is the same dot product);
   the parameters stay separate, so checkpoints and sharding rules are unchanged. One wide
-  matmul instead of n narrow ones, and in the backward pass one weight-gradient matmul
-  over [..., n, F]: on the CPU this removed a transposed copy per kernel that XLA fused
-  into the elementwise backward of SwiGLU (benchmarks/train_throughput.py: the B preset's
-  train step went from MFU 0.45 to 0.5x, see README); on accelerators it is the usual
-  fused QKV / gate-up projection.
+  matmul instead of n narrow ones, and in the backward pass one weight-gradient matmul over
+  [..., n, F] instead of n (on the CPU, with `matmul`'s backward and the loss on token ids,
+  the B preset's train step went from MFU 0.45 to 0.63: README, Figures); on accelerators it
+  is the usual fused QKV / gate-up projection.
   """
   w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)  # [D, n, F]
   out = matmul(x.astype(dtype), w.reshape(w.shape[0], -1))
