@@ -136,6 +136,8 @@ def stacked_dense(x: Array, kernels: list[Array], dtype: Dtype) -> list[Array]:
   the B preset's train step went from MFU 0.45 to 0.63: README, Figures); on accelerators it
   is the usual fused QKV / gate-up projection.
   """
+  if len(kernels) == 1:  # Nothing to stack (a query of cross-attention or GQA): no copy.
+    return [matmul(x.astype(dtype), kernels[0].astype(dtype))]
   w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)  # [D, n, F]
   out = matmul(x.astype(dtype), w.reshape(w.shape[0], -1))
   out = out.reshape(*out.shape[:-1], len(kernels), -1)  # [..., n, F]
