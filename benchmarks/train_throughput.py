@@ -30,20 +30,17 @@ around the default (4 steps, 2 layers, width 512) with fewer repeats.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from heptapod_jax import config_lib, flops, optim, presets, train
-from heptapod_jax.models.config import BackboneConfig, HeadConfig, ModelConfig
-from heptapod_jax.models.heptapod import Heptapod
+from _util import imagenet_model_config, make_train_step
+from heptapod_jax import flops
+from heptapod_jax.models.config import ModelConfig
 
 _SIZES = flags.DEFINE_list('sizes', ['B'], 'Size presets (heptapod_jax/presets.py).')
 _HEADS = flags.DEFINE_list('heads', ['next_token', 'local', 'global'], 'Head kinds.')
@@ -75,39 +72,10 @@ _QUICK_SETTINGS = ('2x2x512', '4x2x512', '8x2x512', '4x4x512', '4x2x384', '4x2x7
 
 def model_config(size: str, kind: str, **head_over) -> ModelConfig:
   """The preset at this benchmark's shapes and settings; `head_over` replaces HeadConfig fields."""
-  preset = presets.size_overrides(size)
-  head = dataclasses.replace(HeadConfig(**preset['head']), kind=kind, window=_WINDOW.value,
-                             steps_per_image=-1 if kind == 'next_token' else _STEPS.value)
-  head = dataclasses.replace(head, **head_over)
-  backbone = BackboneConfig(**preset['backbone'])
-  cfg = ModelConfig(vocab_size=_VOCAB.value, grid_size=(_GRID.value, _GRID.value),
-                    num_classes=1000, backbone=backbone, head=head, dtype=_DTYPE.value,
-                    scan_unroll=_UNROLL.value or max(backbone.depth, head.depth),
-                    attention_impl=_ATTN.value, remat_policy=_REMAT.value)
-  cfg.validate()
-  return cfg
-
-
-def make_step(cfg: ModelConfig, batch_size: int):
-  """A no-argument function running one jitted, state-donating train step (first call compiles)."""
-  model = Heptapod(cfg)
-  optim_config = config_lib.base_config().optim
-  tx, schedule = optim.make_optimizer(optim_config, 1000)
-  state = jax.jit(functools.partial(train.init_train_state, model, tx))(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  grid = cfg.grid_size
-  batch = {'tokens': jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, *grid)), jnp.int32),
-           'label': jnp.asarray(rng.integers(0, cfg.num_classes, (batch_size,)), jnp.int32)}
-  step = jax.jit(functools.partial(train.train_step, model=model, tokenizer=None, tx=tx,
-                                   schedule=schedule, ema_decay=optim_config.ema_decay),
-                 donate_argnums=0)
-  holder = {'state': state}
-
-  def run():
-    holder['state'], metrics = step(holder['state'], batch, {})
-    return metrics['loss_value']
-
-  return run
+  return imagenet_model_config(size, kind, dtype=_DTYPE.value, steps_per_image=_STEPS.value,
+                               window=_WINDOW.value, scan_unroll=_UNROLL.value,
+                               attention_impl=_ATTN.value, remat_policy=_REMAT.value,
+                               vocab=_VOCAB.value, grid=_GRID.value, **head_over)
 
 
 def time_step(run, flops_per_step: float, repeats: int, with_peak: bool = True) -> dict[str, float]:
@@ -143,7 +111,7 @@ def throughput_table() -> None:
     cfg = model_config(size, kind)
     f = flops.train_flops_per_image(cfg)
     per_step = f['total'] * batch
-    r = time_step(make_step(cfg, batch), per_step, _REPEATS.value)
+    r = time_step(make_train_step(cfg, batch), per_step, _REPEATS.value)
     s = r['seconds']
     print(f'{size:5s} {kind:11s} {s:7.3f} {batch / s:7.2f} {batch * n / s:7.0f} '
           f'{per_step / 1e12:10.3f} {f["backbone"] / f["total"]:4.0%} '
@@ -156,7 +124,7 @@ def ablation_table() -> None:
   repeats = 2 if _QUICK.value else _REPEATS.value
   base_cfg = model_config(size, 'next_token')
   base_flops = flops.train_flops_per_image(base_cfg)['total']
-  base = time_step(make_step(base_cfg, batch), 0.0, repeats, with_peak=False)['seconds']
+  base = time_step(make_train_step(base_cfg, batch), 0.0, repeats, with_peak=False)['seconds']
   kinds = _ABL_KINDS.value
   print(f'\nhead ablation: {size} backbone, batch {batch}; step time over the next_token step '
         f'({base:.3f} s), in parentheses the ratio of analytic FLOPs')
@@ -174,7 +142,7 @@ def ablation_table() -> None:
     for kind in kinds:
       cfg = model_config(size, kind, steps_per_image=steps, depth=depth, width=width,
                          num_heads=max(1, width // 64))
-      seconds = time_step(make_step(cfg, batch), 0.0, repeats, with_peak=False)['seconds']
+      seconds = time_step(make_train_step(cfg, batch), 0.0, repeats, with_peak=False)['seconds']
       ratio = flops.train_flops_per_image(cfg)['total'] / base_flops
       cells.append(f'{seconds / base:6.2f} ({ratio:4.2f})')
     print(f'{steps:5d} {depth:5d} {width:5d} ' + ' '.join(f'{c:>13s}' for c in cells), flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import time
 from typing import Any
 
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from heptapod_jax.models import objective
+from heptapod_jax.models.heptapod import Heptapod, init_params
 from heptapod_jax.models.config import ModelConfig, mlp_hidden_dim
 
 PARTS = ('backbone', 'head', 'diffusion')
@@ -198,32 +200,132 @@ def train_flops_per_image(config: ModelConfig) -> dict[str, float]:
   return _by_part(forward_flops_terms(config), 3.0)
 
 
-def sampling_flops_terms(config: ModelConfig) -> dict[str, float]:
+def _global_head_decode_terms(terms: dict[str, float], config: ModelConfig,
+                              predictions: int) -> None:
+  """The global head's incremental decoding of one image (models/heads.py, decode_*), with
+  `predictions` head calls for the N positions (N with one position per call).
+
+  Per fed token (N-1): visible_proj of its state and the first layer's q, k, v of the grid
+  token it makes visible. Per call: the context token (context_proj and its q, k, v), the
+  first layer over all N+1 tokens with the grid's projections read from the state, middle
+  layers in full, and the last layer's keys and values of every token; per wanted position
+  (N in all): the last layer's query, attention, output projection and MLP.
+  """
+  b, h, n = config.backbone, config.head, config.num_positions
+  wh, tokens, hidden = h.width, n + 1, _head_mlp_hidden(config)
+  if h.visible_context:
+    terms['head/input_proj'] += 2 * (n - 1) * b.width * wh
+    terms['head/attention_proj'] += 2 * (n - 1) * 3 * wh * wh
+  terms['head/input_proj'] += 2 * predictions * b.width * wh  # context_proj.
+  for i in range(h.depth):
+    last = i == h.depth - 1
+    queries = n if last else predictions * tokens  # Summed over the calls.
+    kv_tokens = predictions * (1 if i == 0 else tokens)  # Projected here, not read from state.
+    q_tokens = predictions if i == 0 else queries
+    terms['head/attention_proj'] += 2 * wh * wh * (q_tokens + 2 * kv_tokens + queries)
+    terms['head/attention'] += 4 * queries * tokens * wh
+    _mlp(terms, 'head', queries, wh, hidden)
+
+
+def _local_head_decode_terms(terms: dict[str, float], config: ModelConfig,
+                             predictions: int) -> None:
+  """The local head's incremental decoding of one image (models/heads.py, decode_*), with
+  `predictions` head calls for the N positions.
+
+  Per state (N, h_0 included): memory_proj and every layer's cross-attention k, v of that
+  memory slot. Per call: every layer cross-attends from the W window queries over the N
+  memory slots (masked), then self-attends inside the window, then the MLP; the last layer
+  has only the wanted positions (N in all) as self-attention queries and MLP rows.
+  """
+  b, h, n = config.backbone, config.head, config.num_positions
+  wh, window, hidden = h.width, h.window, _head_mlp_hidden(config)
+  terms['head/input_proj'] += 2 * n * b.width * wh
+  for i in range(h.depth):
+    queries = n if i == h.depth - 1 else predictions * window
+    windows = predictions * window
+    terms['head/attention_proj'] += 2 * n * 2 * wh * wh  # Memory k, v of each slot, once.
+    terms['head/attention_proj'] += 2 * wh * wh * (2 * windows + queries + 2 * windows + queries)
+    terms['head/cross_attention'] += 4 * windows * n * wh
+    terms['head/attention'] += 4 * queries * window * wh
+    _mlp(terms, 'head', queries, wh, hidden)
+
+
+def sampling_flops_terms(config: ModelConfig, parallel_tokens: int = 1) -> dict[str, float]:
   """Forward FLOPs of KV-cached raster sampling of one image (cfg_scale 1), term by term.
 
-  As sampling.py runs it: the P prefix slots and N-1 decoded tokens through the backbone,
-  each attending over the whole static cache (seq_len keys); the head at each of the N
-  steps for its one target (the global head over all N+1 tokens, the local head with its W
-  queries and the N memory slots); the logits of one position per step, or for continuous
-  tokens the denoiser on one row at each of the num_sampling_steps DDPM steps.
+  As sampling.py runs it (incremental decoding, `parallel_tokens` positions per head call):
+  the P prefix slots and N-1 fed tokens through the backbone, each attending over the whole
+  static cache (seq_len keys); the head's work per fed token, per call and per wanted
+  position (`_global_head_decode_terms`, `_local_head_decode_terms`); the logits of the N
+  positions, or for continuous tokens the denoiser on one row per position at each of the
+  num_sampling_steps DDPM steps.
   """
   terms: dict[str, float] = collections.defaultdict(float)
   b, n, seq = config.backbone, config.num_positions, config.seq_len
+  predictions = (n - 1) // parallel_tokens + 1  # sampling.chunk_plan: fed calls + the last.
   _backbone_block_terms(terms, config, seq, seq)
   if config.continuous:
     terms['backbone/token_proj'] += 2 * (n - 1) * config.token_dim * b.width
-  for _ in range(n):
-    if config.head.kind == 'global':
-      _global_head_terms(terms, config, 1)
-    elif config.head.kind == 'local':
-      _local_head_terms(terms, config, 1)
+  if config.head.kind == 'global':
+    _global_head_decode_terms(terms, config, predictions)
+  elif config.head.kind == 'local':
+    _local_head_decode_terms(terms, config, predictions)
   _output_terms(terms, config, n, config.diffusion.num_sampling_steps)
   return dict(terms)
 
 
-def sampling_flops_per_image(config: ModelConfig) -> dict[str, float]:
+def sampling_flops_per_image(config: ModelConfig, parallel_tokens: int = 1) -> dict[str, float]:
   """Forward FLOPs of KV-cached sampling of one image: backbone, head, diffusion, total."""
-  return _by_part(sampling_flops_terms(config))
+  return _by_part(sampling_flops_terms(config, parallel_tokens))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_sizes(config: ModelConfig) -> dict[str, int]:
+  """Entries of the model's parameters by top-level part, the embedding tables apart:
+  {'backbone', 'head', 'diffusion', 'token_embedding', 'class_embedding'} (from the module)."""
+  model = Heptapod(config)
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  sizes = collections.Counter()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
+    names = [getattr(p, 'key', None) for p in path]
+    leaf = getattr(leaf, 'value', leaf)  # Boxed with partitioning metadata.
+    part = names[1] if names[1] in ('token_embedding', 'class_embedding') else names[0]
+    sizes[part] += int(math.prod(leaf.shape))
+  return dict(sizes)
+
+
+def sampling_bytes_per_step(config: ModelConfig, batch: int, param_bytes: int = 4,
+                            activation_bytes: int = 4) -> dict[str, float]:
+  """Bytes one exact decoding step must read at the least, averaged over the N steps of an
+  image: the memory-bound floor of sampling at small batch (benchmarks/sampling_speed.py).
+
+  weights     every parameter once per step (the backbone's blocks and final norm, the head,
+              the logits; the denoiser once per DDPM step for continuous tokens), but of the
+              token embedding only the `batch` rows fed and of the class embedding nothing;
+  kv_cache    the backbone's keys and values written so far (the P prefix slots and t tokens
+              at step t: P + (N - 2) / 2 on average over the N - 1 fed tokens);
+  head_state  what the head's decoding state holds so far: the global head's grid inputs and
+              first-layer q, k, v (N positions, 4 x head width), the local head's memory keys
+              and values for every layer (t + 1 slots at step t: (N + 1) / 2 on average).
+  Cached or recomputed, a step cannot read less and still be exact; `total` is their sum.
+  """
+  b, h, n = config.backbone, config.head, config.num_positions
+  sizes = _param_sizes(config)
+  diffusion_reads = config.diffusion.num_sampling_steps if config.continuous else 0
+  weights = (sizes.get('backbone', 0) + sizes.get('head', 0)
+             + diffusion_reads * sizes.get('diffusion', 0)
+             + (0 if config.continuous else batch * b.width))
+  kv_width = b.kv_heads * (b.width // b.num_heads)
+  kv_cache = 2 * b.depth * batch * kv_width * (b.class_prefix_len + (n - 2) / 2)
+  head_state = 0.0
+  if h.kind == 'global':
+    head_state = 4 * batch * n * h.width
+  elif h.kind == 'local':
+    head_state = 2 * h.depth * batch * h.width * (n + 1) / 2
+  out = {'weights': weights * param_bytes, 'kv_cache': kv_cache * activation_bytes,
+         'head_state': head_state * activation_bytes}
+  out['total'] = sum(out.values())
+  return out
 
 
 # --------------------------------------------------------------------------- peaks and MFU
@@ -286,6 +388,29 @@ def measure_peak_matmul_flops(dtype: Any = jnp.float32, size: int | None = None,
     jax.block_until_ready(run(a, x))
     best = min(best, time.perf_counter() - start)
   return 2.0 * size ** 3 * chain / best
+
+
+@functools.lru_cache(maxsize=4)
+def _sum_fn():
+  return jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+
+
+def measure_memory_bandwidth(num_bytes: int | None = None, device: Any = None,
+                             repeats: int = 3) -> float:
+  """Achievable read bandwidth of one device in bytes/s: the best of `repeats` timed sums of
+  a float32 array of `num_bytes` (default 1 GiB, far beyond any cache) after a warm-up.
+  The physical limit that a memory-bound decoding step is held against."""
+  device = device or jax.devices()[0]
+  num_bytes = num_bytes or 2 ** 30
+  x = jax.device_put(jnp.full((num_bytes // 4,), 1.0, jnp.float32), device)
+  run = _sum_fn()
+  jax.block_until_ready(run(x))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(x))
+    best = min(best, time.perf_counter() - start)
+  return x.nbytes / best
 
 
 def mfu(flops_per_step: float, steps_per_sec: float, num_devices: int,

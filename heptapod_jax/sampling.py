@@ -44,7 +44,8 @@ import jax.numpy as jnp
 
 from heptapod_jax.models import layers
 from heptapod_jax.models.config import ModelConfig
-from heptapod_jax.models.heptapod import Heptapod, check_inputs
+from heptapod_jax.models.heads import HeadState
+from heptapod_jax.models.heptapod import Heptapod, check_inputs, split_layers
 from heptapod_jax.models.transformer import KVCache, init_cache
 
 Array = jax.Array
@@ -100,11 +101,13 @@ class SamplingConfig:
 
 @flax.struct.dataclass
 class DecodeState:
-  """Loop carry. `states[:, t]` holds h_t once x_{t-1} has been fed."""
+  """Loop carry. With the KV cache: the cache and the head's decoding state (that of the
+  next step); without it: `states[:, t]` = h_t, recomputed run by run."""
   tokens: Array  # int32[B, N] (continuous: float32[B, N, C])
-  states: Array  # [B', N, E]  (B' = 2B with CFG)
-  cache: KVCache | None  # None without the KV cache.
   rng: Array
+  cache: KVCache | None = None
+  head: HeadState | None = None
+  states: Array | None = None  # [B', N, E] (B' = 2B with CFG), no-cache sampler only.
 
 
 def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
@@ -216,16 +219,6 @@ def _sample_chunk(draw, rng: Array, outputs: Array, t: Array) -> Array:
   return jax.vmap(draw, in_axes=(0, 1), out_axes=1)(keys, outputs)
 
 
-def _decode_chunk(module: Heptapod, tokens: Array, index: Array, cache: KVCache
-                  ) -> tuple[Array, KVCache]:
-  """`Heptapod.decode` for a run of grid tokens: feeds x_index..x_{index+c-1} (int32[B, c];
-  continuous: float[B, c, C]) in one backbone call that writes c cache entries (causal inside
-  the run: the backbone's cache mask is slot >= key slot); returns h_{index+1..index+c}: [B, c, E].
-  """
-  offset = module.config.backbone.class_prefix_len + index
-  return module.backbone(None, tokens, offset=offset, cache=cache)
-
-
 def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
            config: SamplingConfig = SamplingConfig()) -> Array:
   """Generates token grids for `labels`: int32[B] -> int32[B, N] (raster order;
@@ -249,16 +242,10 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
   if use_cfg:
     labels = jnp.concatenate([labels, jnp.full_like(labels, mcfg.num_classes)])
   variables = {'params': params}
-  cache = init_cache(mcfg, labels.shape[0])
-  h0, cache = model.apply(variables, labels, cache, method=Heptapod.prefill)
-  if not config.use_kv_cache:
-    cache = None  # Only h_0 is used; XLA drops the cache writes.
-  states = jnp.zeros((labels.shape[0], n, h0.shape[-1]), h0.dtype).at[:, 0].set(h0)
   if mcfg.continuous:
     init_tokens = jnp.zeros((batch, n, mcfg.token_dim), jnp.float32)
   else:
     init_tokens = jnp.zeros((batch, n), jnp.int32)
-  state = DecodeState(tokens=init_tokens, states=states, cache=cache, rng=rng)
 
   def draw_discrete(key: Array, logits: Array) -> Array:
     return sample_logits(key, logits, config)
@@ -267,50 +254,69 @@ def sample(model: Heptapod, params: Any, labels: Array, rng: Array,
     # DDPM steps and temperature: model.diffusion.num_sampling_steps / temperature.
     return _sample_continuous(model, variables, z, key)
 
-  def pick(state: DecodeState, t: Array, size: int) -> tuple[DecodeState, Array]:
-    """Samples positions t..t+size-1 from one head call at step t: [B, size] (or [B, size, C])."""
-    steps = jnp.full((state.states.shape[0], 1), t, jnp.int32)
-    targets = steps[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B', 1, size]
-    logits = model.apply(variables, state.states, steps, targets,
-                         method=Heptapod.head_logits)[:, 0]  # [B', size, V] (or Wz)
+  def pick(state: DecodeState, t: Array, outputs: Array) -> tuple[DecodeState, Array]:
+    """Samples positions t..t+c-1 from the head's outputs [B', c, V] (or Wz) of step t."""
     if mcfg.continuous:
-      chunk = _sample_chunk(draw_continuous, state.rng, logits, t)
+      chunk = _sample_chunk(draw_continuous, state.rng, outputs, t)
       tokens = jax.lax.dynamic_update_slice(state.tokens, chunk, (0, t, 0))
       return state.replace(tokens=layers.constrain(tokens, ('batch', None, None))), chunk
     if use_cfg:
-      cond, uncond = jnp.split(logits, 2)
-      logits = uncond + config.cfg_scale * (cond - uncond)
-    chunk = _sample_chunk(draw_discrete, state.rng, logits, t)
+      cond, uncond = jnp.split(outputs, 2)
+      outputs = uncond + config.cfg_scale * (cond - uncond)
+    chunk = _sample_chunk(draw_discrete, state.rng, outputs, t)
     tokens = jax.lax.dynamic_update_slice(state.tokens, chunk, (0, t))
-    tokens = layers.constrain(tokens, ('batch', None))
-    return state.replace(tokens=tokens), chunk
+    return state.replace(tokens=layers.constrain(tokens, ('batch', None))), chunk
 
-  def body(j, state: DecodeState) -> DecodeState:
-    t = j * k
-    state, chunk = pick(state, t, k)
-    if use_cfg:
-      chunk = jnp.concatenate([chunk, chunk])
-    h, cache = model.apply(variables, chunk, t, state.cache, method=_decode_chunk)
-    states = jax.lax.dynamic_update_slice(state.states, h.astype(state.states.dtype),
-                                          (0, t + 1, 0))
-    return state.replace(states=states, cache=cache)
+  if config.use_kv_cache:
+    # Incremental decoding: per-layer parameters split once, outside the token loop.
+    layer_params = split_layers(params, layers.dtype_of(mcfg.dtype))
+
+    def predict(state: DecodeState, t: Array, size: int) -> Array:
+      return model.apply(variables, state.head, t, size, layer_params, method=Heptapod.predict)
+
+    def body(j, state: DecodeState) -> DecodeState:
+      t = j * k
+      state, chunk = pick(state, t, predict(state, t, k))
+      if use_cfg:
+        chunk = jnp.concatenate([chunk, chunk])
+      head, cache = model.apply(variables, chunk, t, state.cache, state.head, layer_params,
+                                method=Heptapod.feed)
+      return state.replace(head=head, cache=cache)
+
+    head, cache = model.apply(variables, labels, init_cache(mcfg, labels.shape[0]), layer_params,
+                              method=Heptapod.prefill)
+    state = DecodeState(tokens=init_tokens, rng=rng, cache=cache, head=head)
+    state = jax.lax.fori_loop(0, num_fed, body, state)
+    t_last = jnp.asarray(num_fed * k, jnp.int32)
+    state, _ = pick(state, t_last, predict(state, t_last, last))
+    return state.tokens
+
+  # No KV cache: h_0 from the class prefix, then the backbone reruns run by run.
+  h0 = model.apply(variables, labels, method=lambda m, lab: m.backbone(lab, None))[:, -1]
+  states = jnp.zeros((labels.shape[0], n, h0.shape[-1]), h0.dtype).at[:, 0].set(h0)
+  state = DecodeState(tokens=init_tokens, rng=rng, states=states)
+
+  def head_outputs(state: DecodeState, t: Array, size: int) -> Array:
+    steps = jnp.full((state.states.shape[0], 1), t, jnp.int32)
+    targets = steps[..., None] + jnp.arange(size, dtype=jnp.int32)  # [B', 1, size]
+    return model.apply(variables, state.states, steps, targets,
+                       method=Heptapod.head_logits)[:, 0]  # [B', size, V] (or Wz)
 
   def body_no_cache(j, state: DecodeState, fed: int) -> DecodeState:
-    state, _ = pick(state, j * k, k)
+    t = j * k
+    state, _ = pick(state, t, head_outputs(state, t, k))
     # Causal pass over [class, x_0 .. x_{fed-1}] -> h_0..h_fed. h_{t+k} has seen x_0..x_{t+k-1}
     # only; the states after it come from not-yet-sampled (zero) tokens, and the head of step
-    # t+k masks them out exactly as it masks the cached sampler's zeros there.
+    # t+k masks them out exactly as the cached sampler's head never reads them.
     tokens = state.tokens[:, :fed + 1]
     tokens = jnp.concatenate([tokens, tokens]) if use_cfg else tokens
     h = model.apply(variables, tokens, labels, method=Heptapod.states)
     states = jax.lax.dynamic_update_slice(state.states, h.astype(state.states.dtype), (0, 0, 0))
     return state.replace(states=states)
 
-  if config.use_kv_cache:
-    state = jax.lax.fori_loop(0, num_fed, body, state)
-  else:
-    for lo, hi in recompute_runs(num_fed + 1):
-      if hi > lo:
-        state = jax.lax.fori_loop(lo, hi, functools.partial(body_no_cache, fed=hi * k), state)
-  state, _ = pick(state, jnp.asarray(num_fed * k, jnp.int32), last)
+  for lo, hi in recompute_runs(num_fed + 1):
+    if hi > lo:
+      state = jax.lax.fori_loop(lo, hi, functools.partial(body_no_cache, fed=hi * k), state)
+  t_last = jnp.asarray(num_fed * k, jnp.int32)
+  state, _ = pick(state, t_last, head_outputs(state, t_last, last))
   return state.tokens

@@ -102,3 +102,17 @@ def test_cudnn_matches_xla_on_gpu():
     ref = layers.dot_product_attention(q, k, v, None, impl='xla', causal=causal)
     out = layers.dot_product_attention(q, k, v, None, impl='cudnn', causal=causal)
     np.testing.assert_allclose(np.float32(out), np.float32(ref), atol=2e-2)
+
+
+@pytest.mark.parametrize('kv_heads', [4, 2])
+def test_cached_attention_equals_masked_attention(kv_heads):
+  """Decoding's attention over a [B, K, S, D] cache = the einsum reference over [B, S, K, D]
+  with the same mask (unwritten slots hidden), for one and several new queries, with GQA."""
+  _, k, v = qkv(batch=2, length=12, heads=4, kv_heads=kv_heads, dim=8, seed=3)
+  for lq, first in ((1, 6), (3, 4)):
+    q = jax.random.normal(jax.random.key(lq), (2, lq, 4, 8))
+    slots = first + jnp.arange(lq)
+    mask = (slots[:, None] >= jnp.arange(12)[None, :])[None, None]  # [1, 1, Lq, S]
+    ref = layers.dot_product_attention(q, k, v, mask, impl='einsum')
+    got = layers.cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    np.testing.assert_allclose(got, ref, atol=1e-6)

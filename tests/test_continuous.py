@@ -46,7 +46,7 @@ def test_cached_decode_equals_full_forward(kind):
   full = model.apply({'params': params}, tokens, labels, steps, steps[..., None])[:, :, 0]
   assert full.shape == (3, N, model.config.head.width if kind != 'next_token'
                         else model.config.backbone.width)
-  cached = cached_step_logits(model, params, tokens, labels)
+  cached = cached_step_logits(model, params, tokens, labels)[:, :, 0]
   np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from heptapod_jax import flops
 from heptapod_jax.models.config import ModelConfig
-from heptapod_jax.models.heptapod import Heptapod, compute_loss, init_params
+from heptapod_jax.models.heptapod import Heptapod, compute_loss, init_params, split_layers
 from heptapod_jax.models.transformer import init_cache
 
 BATCH = 4
@@ -96,23 +96,27 @@ def test_visible_proj_matches_xla_difference():
 
 
 @pytest.mark.parametrize('config', [
-    _config('global'), _config('local', head=_LOCAL), _config('next_token', vocab_size=2048)],
-    ids=['global', 'local', 'next_token'])
+    _config('global'), _config('global', head=dict(depth=3)), _config('local', head=_LOCAL),
+    _config('next_token', vocab_size=2048)], ids=['global', 'global_depth3', 'local', 'next_token'])
 def test_sampling_flops_match_xla(config):
-  """KV-cached sampling = prefill + (N-1) decode steps + N head calls of one target each."""
+  """KV-cached sampling = prefill + (N-1) one-token feeds + N head predictions of one target."""
   model = Heptapod(config)
-  variables = {'params': jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))}
+  params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
+  variables = {'params': params}
   n = config.num_positions
-  cache = jax.eval_shape(lambda: init_cache(config, BATCH))
   ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  prefill = _cost(lambda v, y, c: model.apply(v, y, c, method=Heptapod.prefill),
-                  variables, ints(BATCH), cache)
-  decode = _cost(lambda v, x, c: model.apply(v, x, jnp.int32(n // 2), c, method=Heptapod.decode),
-                 variables, ints(BATCH), cache)
-  states = jax.ShapeDtypeStruct((BATCH, n, config.backbone.width), jnp.float32)
-  head = _cost(lambda v, h, s, t: model.apply(v, h, s, t, method=Heptapod.head_logits),
-               variables, states, ints(BATCH, 1), ints(BATCH, 1, 1))
-  xla = (prefill + (n - 1) * decode + n * head) / BATCH
+
+  def prefill(v, labels):
+    cache = init_cache(config, BATCH)
+    return model.apply(v, labels, cache, split_layers(v['params']), method=Heptapod.prefill)
+
+  head_state, cache = jax.eval_shape(prefill, variables, ints(BATCH))
+  feed = _cost(lambda v, x, c, s: model.apply(v, x, jnp.int32(n // 2), c, s,
+                                              split_layers(v['params']), method=Heptapod.feed),
+               variables, ints(BATCH, 1), cache, head_state)
+  predict = _cost(lambda v, s: model.apply(v, s, jnp.int32(n // 2), 1, split_layers(v['params']),
+                                           method=Heptapod.predict), variables, head_state)
+  xla = (_cost(prefill, variables, ints(BATCH)) + (n - 1) * feed + n * predict) / BATCH
   ratio = flops.sampling_flops_per_image(config)['total'] / xla
   assert BAND[0] <= ratio <= 1.0, ratio
 

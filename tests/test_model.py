@@ -11,7 +11,8 @@ import pytest
 from heptapod_jax import presets, sampling, sharding
 from heptapod_jax.models import objective
 from heptapod_jax.models.config import ModelConfig
-from heptapod_jax.models.heptapod import Heptapod, check_inputs, compute_loss, init_params
+from heptapod_jax.models.heptapod import (Heptapod, check_inputs, compute_loss, init_params,
+                                          split_layers)
 from heptapod_jax.models.transformer import init_cache
 
 KINDS = ('global', 'local', 'next_token')
@@ -134,25 +135,26 @@ def test_sampled_pairs_are_future_and_distinct():
     assert v.sum() == min(3, N - s) and len(set(t[v])) == v.sum()
 
 
-def cached_step_logits(model, params, tokens, labels):
-  """Head logits of position t at every step t, via prefill + one-token KV-cached decoding."""
+def cached_step_logits(model, params, tokens, labels, size=1):
+  """Head outputs of positions t..t+size-1 at every step t (t + size <= N), by incremental
+  decoding: prefill, then one token at a time through the KV cache and the head's state."""
   cfg = model.config
   variables = {'params': params}
-  cache = init_cache(cfg, tokens.shape[0])
-  h0, cache = model.apply(variables, labels, cache, method=Heptapod.prefill)
-  states = jnp.zeros((tokens.shape[0], N, h0.shape[-1])).at[:, 0].set(h0)
+  layer_params = split_layers(params)
+  head, cache = model.apply(variables, labels, init_cache(cfg, tokens.shape[0]), layer_params,
+                            method=Heptapod.prefill)
   # Each piece is jitted once (t is traced) so the Python loop stays cheap.
-  head = jax.jit(lambda states, steps: model.apply(variables, states, steps, steps[..., None],
-                                                   method=Heptapod.head_logits))
-  decode = jax.jit(lambda token, t, cache: model.apply(variables, token, t, cache,
-                                                       method=Heptapod.decode))
+  predict = jax.jit(lambda head, t: model.apply(variables, head, t, size, layer_params,
+                                                method=Heptapod.predict))
+  feed = jax.jit(lambda token, t, cache, head: model.apply(
+      variables, token[:, None], t, cache, head, layer_params, method=Heptapod.feed))
   out = []
   for t in range(N):
-    out.append(head(states, jnp.full((tokens.shape[0], 1), t))[:, 0, 0])
+    if t + size <= N:
+      out.append(predict(head, jnp.int32(t)))
     if t < N - 1:
-      h, cache = decode(tokens[:, t], jnp.int32(t), cache)
-      states = states.at[:, t + 1].set(h)
-  return jnp.stack(out, axis=1)
+      head, cache = feed(tokens[:, t], jnp.int32(t), cache, head)
+  return jnp.stack(out, axis=1)  # [B, N - size + 1, size, V]
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -162,7 +164,25 @@ def test_cached_decode_equals_full_forward(kind, prefix, kv_heads):
   tokens, labels = random_batch()
   steps = jnp.broadcast_to(jnp.arange(N), (tokens.shape[0], N))
   full = model.apply({'params': params}, tokens, labels, steps, steps[..., None])[:, :, 0]
-  cached = cached_step_logits(model, params, tokens, labels)
+  cached = cached_step_logits(model, params, tokens, labels)[:, :, 0]
+  np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('kind, over', [
+    ('global', {}), ('global', dict(head=dict(depth=1))),
+    ('global', dict(head=dict(visible_context=False))), ('local', {}),
+    ('local', dict(head=dict(depth=1)))],
+    ids=['global', 'global-depth1', 'global-no-visible', 'local', 'local-depth1'])
+def test_decoded_multi_position_outputs_equal_full_forward(kind, over):
+  """The heads' decoding state answers for several positions at once (parallel decoding):
+  each equals the full forward's prediction for that target at that step."""
+  size = 3
+  model, params = setup_model(kind, **over)
+  tokens, labels = random_batch()
+  steps = jnp.broadcast_to(jnp.arange(N - size + 1), (tokens.shape[0], N - size + 1))
+  targets = steps[..., None] + jnp.arange(size)
+  full = model.apply({'params': params}, tokens, labels, steps, targets)
+  cached = cached_step_logits(model, params, tokens, labels, size=size)
   np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from heptapod_jax import config_lib, sampling
-from heptapod_jax.models.heptapod import Heptapod
+from heptapod_jax.models.heptapod import Heptapod, split_layers
 from heptapod_jax.models.transformer import init_cache
 
 from test_model import N, VOCAB, setup_model
@@ -24,15 +24,14 @@ def _sample(model, params, labels, rng, config):
 
 
 def _one_token_reference(model, params, labels, keys, config):
-  """The raster sampler written out step by step (prefill, head at step t for position t,
-  `Heptapod.decode` of that one token): what `parallel_tokens=1` must reproduce."""
+  """The raster sampler written out step by step (teacher-forced states of the tokens drawn
+  so far, the head at step t for position t): what `parallel_tokens=1` must reproduce."""
   variables = {'params': params}
   use_cfg = config.cfg_scale != 1.0
   if use_cfg:
     labels = jnp.concatenate([labels, jnp.full_like(labels, model.config.num_classes)])
-  cache = init_cache(model.config, labels.shape[0])
-  h, cache = model.apply(variables, labels, cache, method=Heptapod.prefill)
-  states = jnp.zeros((labels.shape[0], N, h.shape[-1]), h.dtype).at[:, 0].set(h)
+  drawn = jnp.zeros((labels.shape[0], N), jnp.int32)
+  states = model.apply(variables, drawn, labels, method=Heptapod.states)
   tokens = []
   for t in range(N):
     steps = jnp.full((labels.shape[0], 1), t, jnp.int32)
@@ -43,10 +42,8 @@ def _one_token_reference(model, params, labels, keys, config):
       logits = uncond + config.cfg_scale * (cond - uncond)
     token = sampling.sample_logits(sampling.fold_in(keys, t), logits, config)
     tokens.append(token)
-    if t < N - 1:
-      fed = jnp.concatenate([token, token]) if use_cfg else token
-      h, cache = model.apply(variables, fed, t, cache, method=Heptapod.decode)
-      states = states.at[:, t + 1].set(h)
+    drawn = drawn.at[:, t].set(jnp.concatenate([token, token]) if use_cfg else token)
+    states = model.apply(variables, drawn, labels, method=Heptapod.states)
   return jnp.stack(tokens, axis=1)
 
 
@@ -74,12 +71,15 @@ def test_multi_token_cached_decode_equals_full_forward():
   @jax.jit
   def cached_states(params, tokens, labels):
     variables = {'params': params}
-    cache = init_cache(model.config, labels.shape[0])
-    h0, cache = model.apply(variables, labels, cache, method=Heptapod.prefill)
-    out = [h0[:, None]]
+    layer_params = split_layers(params)['backbone']
+    decode = lambda m, *args: m.backbone.decode(*args)
+    prefix = model.config.backbone.class_prefix_len
+    h0, cache = model.apply(variables, labels, None, 0, init_cache(model.config, 3), layer_params,
+                            method=decode)
+    out = [h0[:, -1:]]
     for lo, hi in chunks:
-      h, cache = model.apply(variables, tokens[:, lo:hi], lo, cache,
-                             method=sampling._decode_chunk)  # pylint: disable=protected-access
+      h, cache = model.apply(variables, None, tokens[:, lo:hi], prefix + lo, cache, layer_params,
+                             method=decode)
       out.append(h)
     return jnp.concatenate(out, axis=1)
 

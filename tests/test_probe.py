@@ -49,7 +49,7 @@ def manual_layer(cfg: ModelConfig, params, tokens, label: int, k: int) -> np.nda
   angles = layers.rope_2d_angles(slot_grid_index(cfg, slots), cfg.grid_size[1],
                                  b.width // b.num_heads, b.rope_base)[None]
   mask = (slots[:, None] >= slots[None, :])[None, None]
-  block = layers.Block(num_heads=b.num_heads, kv_heads=b.kv_heads,
+  block = layers.Block(width=b.width, num_heads=b.num_heads, kv_heads=b.kv_heads,
                        mlp_hidden=mlp_hidden_dim(b.width, b.mlp_ratio, b.mlp_multiple_of),
                        qk_norm=b.qk_norm, norm_eps=b.norm_eps, attention_impl=cfg.attention_impl)
   for i in range(k):

@@ -113,8 +113,8 @@ def _features_fn(config: ModelConfig):
 
   def features(params, tokens, labels):
     # Exactly Heptapod.states' call; keep all P + N - 1 slots to pool the image ones.
-    h, _ = model.apply({'params': params}, labels, tokens[:, :-1],
-                       method=lambda m, lab, tok: m.backbone(lab, tok))
+    h = model.apply({'params': params}, labels, tokens[:, :-1],
+                    method=lambda m, lab, tok: m.backbone(lab, tok))
     return jnp.mean(h[:, prefix:].astype(jnp.float32), axis=1)
 
   return jax.jit(features)

@@ -9,9 +9,26 @@ All heads share one interface (DESIGN.md section 3):
 t predicts grid positions >= t (0-indexed raster order), and `targets` holds
 the raster indices whose logits are wanted (the objective chooses them). A head
 at step t reads only h_0..h_t, so the same call serves teacher-forced training
-(all steps at once) and KV-cached sampling (one step, states filled up to t).
+(all steps at once) and sampling.
+
+Incremental decoding (the sampler's fast path) uses three more methods per head, on a
+small per-head state carried from step to step:
+
+  decode_init(h_0 [B, E], layer_params) -> state
+  decode_push(state, h [B, c, E], index, layer_params) -> state   (h_{index+1..index+c} arrived)
+  decode_outputs(state, t, size, layer_params) -> [B, size, V]    (positions t..t+size-1)
+
+The state holds what depends only on states already seen, so that a step computes only
+what changed: the global head keeps the inputs of its grid tokens and their first-layer
+projections (a grid token changes once, when it becomes visible), the local head keeps
+the cross-attention keys and values of every memory slot for every layer. In the last
+layer only the wanted positions are queries (every position is still a key).
+`layer_params` is the head's stacked 'layers' split into one tree per layer
+(`heptapod.split_layers`). tests/test_model.py checks each path against the full forward.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,6 +39,7 @@ from heptapod_jax.models import layers
 from heptapod_jax.models.config import ModelConfig, mlp_hidden_dim
 
 Array = jax.Array
+HeadState = dict[str, Any]
 
 
 def _take_steps(x: Array, steps: Array) -> Array:
@@ -38,32 +56,49 @@ class _HeadBase(nn.Module):
 
   def _block_kwargs(self, deterministic: bool) -> dict:
     h, b = self.config.head, self.config.backbone
-    return dict(num_heads=h.num_heads, kv_heads=h.num_heads,
+    return dict(width=h.width, num_heads=h.num_heads, kv_heads=h.num_heads,
                 mlp_hidden=mlp_hidden_dim(h.width, h.mlp_ratio, h.mlp_multiple_of),
                 qk_norm=b.qk_norm, norm_eps=b.norm_eps, dropout=h.dropout,
                 attention_impl=self.config.attention_impl, deterministic=deterministic,
                 **self._kw())
 
-  def _grid_pos(self, name: str) -> Array:
-    """Learned 2D position embedding: row table + column table -> [N, width]."""
+  def _decode_block(self, **over) -> layers.Block:
+    """An unbound head Block for decoding, applied to one layer's parameters at a time."""
+    return layers.Block(**dict(self._block_kwargs(True), **over), parent=None)
+
+  def _grid_pos_params(self, name: str) -> tuple[Array, Array]:
+    """Learned 2D position embedding tables `<name>_row` [rows, width], `<name>_col`."""
     rows, cols = self.config.grid_size
     width = self.config.head.width
     p_dtype = layers.dtype_of(self.config.param_dtype)
     init = layers.normal_init(('grid', 'embed'))
-    row = self.param(f'{name}_row', init, (rows, width), p_dtype)
-    col = self.param(f'{name}_col', init, (cols, width), p_dtype)
-    pos = row[:, None, :] + col[None, :, :]
-    return pos.reshape(rows * cols, width).astype(layers.dtype_of(self.config.dtype))
+    return (self.param(f'{name}_row', init, (rows, width), p_dtype),
+            self.param(f'{name}_col', init, (cols, width), p_dtype))
 
-  def _logits(self, y: Array) -> Array:
-    """Final norm and vocabulary projection, float32 logits; for continuous tokens the
-    normed features z_j themselves (the diffusion head's condition)."""
+  def _grid_pos(self, tables: tuple[Array, Array]) -> Array:
+    """Row table + column table -> [N, width] in raster order."""
+    row, col = tables
+    pos = row[:, None, :] + col[None, :, :]
+    return pos.reshape(-1, row.shape[-1]).astype(layers.dtype_of(self.config.dtype))
+
+  def _token(self, name: str) -> Array:
+    return self.param(name, layers.normal_init(('embed',)), (self.config.head.width,),
+                      layers.dtype_of(self.config.param_dtype))
+
+  def _output_layers(self):
     kw = self._kw()
-    y = layers.RMSNorm(self.config.backbone.norm_eps, name='out_norm', **kw)(y)
+    self.out_norm = layers.RMSNorm(self.config.backbone.norm_eps, **kw)
+    if not self.config.continuous:
+      self.logits = layers.Dense(self.config.vocab_size, ('embed', 'vocab'), **kw)
+
+  def _outputs(self, y: Array) -> Array:
+    """Final norm and vocabulary projection, float32 logits [B, ..., V]; for continuous
+    tokens the normed features z_j themselves (the diffusion head's condition)."""
+    y = self.out_norm(y)
+    middle = (None,) * (y.ndim - 2)
     if self.config.continuous:
-      return layers.constrain(y.astype(jnp.float32), ('batch', None, None, 'act_embed'))
-    logits = layers.Dense(self.config.vocab_size, ('embed', 'vocab'), name='logits', **kw)(y)
-    return layers.constrain(logits.astype(jnp.float32), ('batch', None, None, 'act_vocab'))
+      return layers.constrain(y.astype(jnp.float32), ('batch', *middle, 'act_embed'))
+    return layers.constrain(self.logits(y).astype(jnp.float32), ('batch', *middle, 'act_vocab'))
 
 
 class GlobalHead(_HeadBase):
@@ -75,27 +110,38 @@ class GlobalHead(_HeadBase):
   prediction for x_j.
   """
 
+  def setup(self):
+    h, kw = self.config.head, self._kw()
+    self.context_proj = layers.Dense(h.width, ('embed', None), **kw)
+    self.context_token = self._token('context_token')
+    self.pos = self._grid_pos_params('pos')
+    self.mask_token = self._token('mask_token')
+    if h.visible_context:
+      self.visible_proj = layers.Dense(h.width, ('embed', None), **kw)
+    self._output_layers()
+
+  def _context(self, h_t: Array) -> Array:
+    """The context token W_c h_t + c: [..., E] -> [..., Wh]."""
+    return self.context_proj(h_t) + self.context_token.astype(layers.dtype_of(self.config.dtype))
+
+  def _masked_grid(self) -> Array:
+    """mask + pos_j for every grid position: [N, Wh]."""
+    return self.mask_token.astype(layers.dtype_of(self.config.dtype)) + self._grid_pos(self.pos)
+
   @nn.compact
   def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True):
     cfg, h = self.config, self.config.head
-    kw = self._kw()
     n = cfg.num_positions
     batch, num_steps = steps.shape
-    dtype = kw['dtype']
-    ctx = layers.Dense(h.width, ('embed', None), name='context_proj', **kw)(_take_steps(states, steps))
-    ctx = ctx + self.param('context_token', layers.normal_init(('embed',)), (h.width,),
-                           kw['param_dtype']).astype(dtype)
-    pos = self._grid_pos('pos')  # [N, Wh]
-    mask_token = self.param('mask_token', layers.normal_init(('embed',)), (h.width,),
-                            kw['param_dtype']).astype(dtype)
-    grid = jnp.broadcast_to(mask_token, (batch, num_steps, n, h.width))
+    ctx = self._context(_take_steps(states, steps))
+    grid = jnp.broadcast_to(self.mask_token.astype(ctx.dtype), (batch, num_steps, n, h.width))
     if h.visible_context:
       # x_j lives in slot state h_{j+1}; x_{N-1} is never visible (no state after it).
-      vis = layers.Dense(h.width, ('embed', None), name='visible_proj', **kw)(states[:, 1:])
+      vis = self.visible_proj(states[:, 1:])
       vis = jnp.pad(vis, ((0, 0), (0, 1), (0, 0)))
       visible = jnp.arange(n)[None, None, :] < steps[..., None]  # [B, S, N]
       grid = jnp.where(visible[..., None], vis[:, None], grid)
-    grid = grid + pos
+    grid = grid + self._grid_pos(self.pos)
     x = jnp.concatenate([ctx[:, :, None, :], grid], axis=2)  # [B, S, N+1, Wh]
     x = rearrange(x, 'b s l e -> (b s) l e')
     stack = layers.stack(self._block_kwargs(deterministic), h.depth, cfg.remat_policy, name='layers',
@@ -103,7 +149,45 @@ class GlobalHead(_HeadBase):
     x, _ = stack(x, None, None, None, None, None, None)
     x = rearrange(x[:, 1:], '(b s) n e -> b s n e', b=batch)
     y = jnp.take_along_axis(x, targets[..., None], axis=2)  # [B, S, K, Wh]
-    return self._logits(y)
+    return self._outputs(y)
+
+  def decode_init(self, h0: Array, layer_params: tuple[Any, ...]) -> HeadState:
+    """Every grid token masked: its input mask + pos_j and its first-layer q, k, v (the same
+    for every row, computed once)."""
+    batch, n = h0.shape[0], self.config.num_positions
+    grid = self._masked_grid()[None]
+    qkv = self._decode_block().apply({'params': layer_params[0]}, grid, method=layers.Block.self_qkv)
+    expand = lambda a: jnp.broadcast_to(a, (batch, n, *a.shape[2:]))
+    return {'h': h0, 'grid': expand(grid), 'qkv': tuple(map(expand, qkv))}
+
+  def decode_push(self, state: HeadState, h: Array, index: Array,
+                  layer_params: tuple[Any, ...]) -> HeadState:
+    """States h_{index+1..index+c} arrived: grid positions index..index+c-1 become visible."""
+    state = dict(state, h=h[:, -1])
+    if not self.config.head.visible_context:
+      return state
+    pos = jax.lax.dynamic_slice_in_dim(self._grid_pos(self.pos), index, h.shape[1])
+    vis = self.visible_proj(h) + pos  # [B, c, Wh]
+    qkv = self._decode_block().apply({'params': layer_params[0]}, vis, method=layers.Block.self_qkv)
+    put = lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new.astype(a.dtype), index, axis=1)
+    return dict(state, grid=put(state['grid'], vis),
+                qkv=tuple(put(a, b) for a, b in zip(state['qkv'], qkv)))
+
+  def decode_outputs(self, state: HeadState, t: Array, size: int,
+                     layer_params: tuple[Any, ...]) -> Array:
+    """Outputs for positions t..t+size-1 at step t: [B, size, V] (or [B, size, Wz])."""
+    block = self._decode_block()
+    ctx = self._context(state['h'])[:, None]  # [B, 1, Wh]
+    ctx_qkv = block.apply({'params': layer_params[0]}, ctx, method=layers.Block.self_qkv)
+    x = jnp.concatenate([ctx, state['grid'].astype(ctx.dtype)], axis=1)  # [B, N+1, Wh]
+    qkv = tuple(jnp.concatenate([a, b.astype(a.dtype)], axis=1)
+                for a, b in zip(ctx_qkv, state['qkv']))
+    wanted = 1 + t + jnp.arange(size)  # Token 0 is the context token.
+    depth = len(layer_params)
+    for i, params in enumerate(layer_params):
+      x, _ = block.apply({'params': params}, x, None, None, None, qkv=qkv if i == 0 else None,
+                         query_index=wanted if i == depth - 1 else None)
+    return self._outputs(x)
 
 
 class LocalHead(_HeadBase):
@@ -114,53 +198,125 @@ class LocalHead(_HeadBase):
   padding and are hidden as keys). All steps run in one pass.
   """
 
+  def setup(self):
+    kw = self._kw()
+    self.memory_proj = layers.Dense(self.config.head.width, ('embed', None), **kw)
+    self.memory_start = self._token('memory_start')
+    self.memory_pos = self._grid_pos_params('memory_pos')
+    self.mask_token = self._token('mask_token')  # (Creation order fixes the initial values.)
+    self.pos = self._grid_pos_params('pos')
+    self._output_layers()
+
+  def _memory_pos(self) -> Array:
+    """Position of memory slot s: h_0 is the class slot (`memory_start`); h_s for s >= 1 is
+    the slot of x_{s-1} (grid position s-1): [N, Wh]."""
+    start = self.memory_start.astype(layers.dtype_of(self.config.dtype))
+    return jnp.concatenate([start[None], self._grid_pos(self.memory_pos)[:-1]], axis=0)
+
+  def _queries(self, steps: Array) -> tuple[Array, Array]:
+    """mask + pos_j for j = t .. t+W-1 of every step ([..., W, Wh]), and which are in the grid."""
+    n = self.config.num_positions
+    query_idx = steps[..., None] + jnp.arange(self.config.head.window)  # [..., W]
+    x = self.mask_token.astype(layers.dtype_of(self.config.dtype)) + jnp.take(
+        self._grid_pos(self.pos), jnp.minimum(query_idx, n - 1), axis=0)
+    return x, query_idx < n
+
   @nn.compact
   def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True):
     cfg, h = self.config, self.config.head
-    kw = self._kw()
     n, window = cfg.num_positions, h.window
-    batch, num_steps = steps.shape
-    dtype = kw['dtype']
-    # Memory: state h_s is the slot of x_{s-1} (grid position s-1); h_0 is the class slot.
-    mem = layers.Dense(h.width, ('embed', None), name='memory_proj', **kw)(states)
-    mem_start = self.param('memory_start', layers.normal_init(('embed',)), (h.width,),
-                           kw['param_dtype']).astype(dtype)
-    mem_pos = jnp.concatenate([mem_start[None], self._grid_pos('memory_pos')[:-1]], axis=0)
-    mem = mem + mem_pos
-    # Queries: mask + pos_j for j = t .. t+W-1.
-    offsets = jnp.arange(window)
-    query_idx = steps[..., None] + offsets  # [B, S, W]
-    in_grid = query_idx < n
-    mask_token = self.param('mask_token', layers.normal_init(('embed',)), (h.width,),
-                            kw['param_dtype']).astype(dtype)
-    x = mask_token + jnp.take(self._grid_pos('pos'), jnp.minimum(query_idx, n - 1), axis=0)
+    mem = self.memory_proj(states) + self._memory_pos()
+    x, in_grid = self._queries(steps)  # [B, S, W, Wh], [B, S, W]
     x = rearrange(x, 'b s w e -> b (s w) e')
     # Cross mask: a query of step t sees states h_0..h_t. Self mask: keys inside the grid.
     mem_mask = jnp.arange(n)[None, None, :] <= steps[..., None]  # [B, S, N]
     mem_mask = jnp.repeat(mem_mask, window, axis=1)[:, None]  # [B, 1, S*W, N]
     self_mask = rearrange(in_grid, 'b s w -> (b s) 1 1 w')
-    stack = layers.stack(dict(self._block_kwargs(deterministic), cross_attention=True,
+    stack = layers.stack(dict(self._block_kwargs(deterministic), has_cross_attention=True,
                               window=window), h.depth, cfg.remat_policy, name='layers',
                          unroll=cfg.scan_unroll)
     x, _ = stack(x, None, self_mask, None, mem, mem_mask, None)
     x = rearrange(x, 'b (s w) e -> b s w e', w=window)
     y = jnp.take_along_axis(x, (targets - steps[..., None])[..., None], axis=2)  # [B, S, K, Wh]
-    return self._logits(y)
+    return self._outputs(y)
+
+  def _push_memory(self, state: HeadState, h: Array, slot: Array,
+                   layer_params: tuple[Any, ...]) -> HeadState:
+    """Writes the cross-attention keys/values of memory slots slot..slot+c-1 (h: [B, c, E])."""
+    pos = jax.lax.dynamic_slice_in_dim(self._memory_pos(), slot, h.shape[1])
+    mem = self.memory_proj(h) + pos
+    block = self._decode_block(has_cross_attention=True)
+    kv = []
+    for params, entry in zip(layer_params, state['memory_kv']):
+      new = block.apply({'params': params}, mem, method=layers.Block.memory_kv)
+      kv.append(tuple(jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot, axis=2)
+                      for a, b in zip(entry, new)))
+    return dict(state, memory_kv=tuple(kv))
+
+  def decode_init(self, h0: Array, layer_params: tuple[Any, ...]) -> HeadState:
+    """Memory slot 0 (h_0) written; per layer (k, v) [B, heads, N, head_dim] (cache layout)."""
+    h = self.config.head
+    shape = (h0.shape[0], h.num_heads, self.config.num_positions, h.width // h.num_heads)
+    dtype = layers.dtype_of(self.config.dtype)
+    empty = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layer_params)
+    return self._push_memory({'memory_kv': empty}, h0[:, None], jnp.int32(0), layer_params)
+
+  def decode_push(self, state: HeadState, h: Array, index: Array,
+                  layer_params: tuple[Any, ...]) -> HeadState:
+    """States h_{index+1..index+c} arrived: memory slots index+1..index+c."""
+    return self._push_memory(state, h, index + 1, layer_params)
+
+  def decode_outputs(self, state: HeadState, t: Array, size: int,
+                     layer_params: tuple[Any, ...]) -> Array:
+    """Outputs for positions t..t+size-1 (size <= window) at step t: [B, size, V]."""
+    n = self.config.num_positions
+    batch = state['memory_kv'][0][0].shape[0]
+    x, in_grid = self._queries(t)  # [W, Wh], [W]
+    x = jnp.broadcast_to(x, (batch, *x.shape))
+    self_mask = in_grid[None, None, None, :]
+    mem_mask = (jnp.arange(n) <= t)[None, None, None, :]
+    # One window per row, so the block needs no window reshape (window=0, same parameters).
+    block = self._decode_block(has_cross_attention=True, window=0)
+    depth = len(layer_params)
+    for i, (params, kv) in enumerate(zip(layer_params, state['memory_kv'])):
+      x, _ = block.apply({'params': params}, x, None, self_mask, None, None, mem_mask,
+                         memory_kv=kv, query_index=jnp.arange(size) if i == depth - 1 else None)
+    return self._outputs(x)
 
 
 class NextTokenHead(_HeadBase):
   """The 1D baseline: a plain LM projection of h_t predicting x_t (position t only)."""
 
-  @nn.compact
+  def setup(self):
+    if not self.config.continuous:
+      self.logits = layers.Dense(self.config.vocab_size, ('embed', 'vocab'), **self._kw())
+
+  def _project(self, y: Array) -> Array:
+    middle = (None,) * (y.ndim - 2)
+    if self.config.continuous:  # z_t = h_t conditions the diffusion head (MAR's setting).
+      return layers.constrain(y.astype(jnp.float32), ('batch', *middle, 'act_embed'))
+    return layers.constrain(self.logits(y).astype(jnp.float32), ('batch', *middle, 'act_vocab'))
+
   def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True):
     del deterministic
     y = _take_steps(states, steps)[:, :, None, :]  # [B, S, 1, E]
-    y = jnp.broadcast_to(y, (*targets.shape, y.shape[-1]))
-    if self.config.continuous:  # z_t = h_t conditions the diffusion head (MAR's setting).
-      return layers.constrain(y.astype(jnp.float32), ('batch', None, None, 'act_embed'))
-    kw = self._kw()
-    logits = layers.Dense(self.config.vocab_size, ('embed', 'vocab'), name='logits', **kw)(y)
-    return layers.constrain(logits.astype(jnp.float32), ('batch', None, None, 'act_vocab'))
+    return self._project(jnp.broadcast_to(y, (*targets.shape, y.shape[-1])))
+
+  def decode_init(self, h0: Array, layer_params: tuple[Any, ...]) -> HeadState:
+    del layer_params
+    return {'h': h0}
+
+  def decode_push(self, state: HeadState, h: Array, index: Array,
+                  layer_params: tuple[Any, ...]) -> HeadState:
+    del index, layer_params
+    return dict(state, h=h[:, -1])
+
+  def decode_outputs(self, state: HeadState, t: Array, size: int,
+                     layer_params: tuple[Any, ...]) -> Array:
+    del t, layer_params
+    if size != 1:
+      raise ValueError(f'the next_token head predicts one position per state, not {size}.')
+    return self._project(state['h'][:, None])
 
 
 HEADS = {'global': GlobalHead, 'local': LocalHead, 'next_token': NextTokenHead}

@@ -16,7 +16,7 @@ import numpy as np
 from heptapod_jax.models import diffusion as diffusion_lib
 from heptapod_jax.models import layers, objective
 from heptapod_jax.models.config import ModelConfig
-from heptapod_jax.models.heads import make_head
+from heptapod_jax.models.heads import HeadState, make_head
 from heptapod_jax.models.transformer import CausalTransformer, KVCache
 
 Array = jax.Array
@@ -28,9 +28,11 @@ class Heptapod(nn.Module):
   Methods (use with `model.apply(variables, ..., method=...)`):
     __call__(tokens, labels, steps, targets) -> logits [B, S, K, V]   (training)
     states(tokens, labels) -> [B, N, E]                               (h_0..h_{N-1})
-    prefill(labels, cache) -> (h_0 [B, E], cache)                     (sampling)
-    decode(token, index, cache) -> (h_{index+1} [B, E], cache)        (sampling)
-    head_logits(states, steps, targets) -> logits                     (sampling)
+    head_logits(states, steps, targets) -> logits          (the head alone on given states)
+  Incremental decoding (sampling; `layer_params = split_layers(params)`, once per call):
+    prefill(labels, cache, layer_params) -> (head state, cache)
+    feed(tokens [B, c], index, cache, head_state, layer_params) -> (head state, cache)
+    predict(head_state, t, size, layer_params) -> outputs for positions t..t+size-1
   """
   config: ModelConfig
 
@@ -65,23 +67,58 @@ class Heptapod(nn.Module):
 
   def states(self, tokens: Array, labels: Array, *, deterministic: bool = True) -> Array:
     """Causal states h_0..h_{N-1}: [B, N, E] (h_t has seen x_0..x_{t-1})."""
-    h, _ = self.backbone(labels, tokens[:, :-1], deterministic=deterministic)
+    h = self.backbone(labels, tokens[:, :-1], deterministic=deterministic)
     return h[:, self.config.backbone.class_prefix_len - 1:]
 
-  def prefill(self, labels: Array, cache: KVCache) -> tuple[Array, KVCache]:
-    """Runs the class prefix into the cache; returns h_0: [B, E]."""
-    h, cache = self.backbone(labels, None, offset=0, cache=cache)
-    return h[:, -1], cache
+  def prefill(self, labels: Array, cache: KVCache, layer_params: Mapping[str, Any]
+              ) -> tuple[HeadState, KVCache]:
+    """Runs the class prefix into the cache; returns the head's decoding state at step 0."""
+    h, cache = self.backbone.decode(labels, None, 0, cache, layer_params['backbone'])
+    return self.head.decode_init(h[:, -1], layer_params['head']), cache
 
-  def decode(self, token: Array, index: Array, cache: KVCache) -> tuple[Array, KVCache]:
-    """Feeds grid token x_index: int32[B] (continuous: float[B, C]); returns h_{index+1}: [B, E]."""
+  def feed(self, tokens: Array, index: Array, cache: KVCache, head_state: HeadState,
+           layer_params: Mapping[str, Any]) -> tuple[HeadState, KVCache]:
+    """Feeds grid tokens x_index..x_{index+c-1} (int32[B, c]; continuous: float[B, c, C]) in
+    one backbone call (c cache entries, causal inside the run) and hands the new states
+    h_{index+1..index+c} to the head: its state is then that of step index + c."""
     offset = self.config.backbone.class_prefix_len + index
-    h, cache = self.backbone(None, token[:, None], offset=offset, cache=cache)
-    return h[:, 0], cache
+    h, cache = self.backbone.decode(None, tokens, offset, cache, layer_params['backbone'])
+    return self.head.decode_push(head_state, h, index, layer_params['head']), cache
+
+  def predict(self, head_state: HeadState, t: Array, size: int,
+              layer_params: Mapping[str, Any]) -> Array:
+    """The head's outputs for positions t..t+size-1 at step t: float32[B, size, V] (continuous
+    tokens: the diffusion head's conditions [B, size, Wz])."""
+    return self.head.decode_outputs(head_state, t, size, layer_params['head'])
 
   def head_logits(self, states: Array, steps: Array, targets: Array) -> Array:
     """The head alone on given states (entries after each step are never read)."""
     return self.head(states, steps, targets, deterministic=True)
+
+
+def split_layers(params: Mapping[str, Any], dtype: Any = None) -> dict[str, tuple[Any, ...]]:
+  """The backbone's and the head's stacked block parameters (leading 'layers' axis, see
+  `layers.stack`) as one tree per layer: the `layer_params` of incremental decoding.
+
+  Call it once per sampling call, outside the token loop: the copies are made once, and
+  every decoding step then reads each weight where it lies (slicing the stacked arrays
+  inside the loop copies every weight at every token on the CPU). `dtype` (the compute
+  dtype) casts the kernels as they are copied, which every matmul does to them anyway, so
+  that the copy costs what the compute dtype does (norm scales stay as they are). The
+  head's entry is () for the next_token head, which has no blocks.
+  """
+  def split(stacked):
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+
+    def take(a, i):
+      a = a[i]
+      return a.astype(dtype) if dtype is not None and a.ndim >= 2 else a
+
+    return tuple(jax.tree.map(lambda a, i=i: take(a, i), stacked) for i in range(depth))
+
+  head = params.get('head', {})
+  return {'backbone': split(params['backbone']['layers']),
+          'head': split(head['layers']) if 'layers' in head else ()}
 
 
 def init_params(model: Heptapod, rng: Array, batch_size: int = 1) -> Any:

@@ -347,11 +347,38 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, i
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
 
 
+def cached_attention(q: Array, k_cache: Array, v_cache: Array, mask: Array | None) -> Array:
+  """Attention of a few new queries over a KV cache (decoding): q [B, Lq, H, D] over
+  k_cache / v_cache [B, K, S, D] (heads before slots, K dividing H) -> [B, Lq, H, D].
+
+  The cache is laid out so that both products are plain batched matmuls over (B, K) with
+  the cache in its stored layout (no transposed copy of the cache per decoded token, which
+  the [B, S, K, D] layout of `dot_product_attention` costs). mask: bool, broadcastable to
+  [B, 1, Lq, S] (True = attend), hides the slots not written yet.
+  """
+  b, lq, h, d = q.shape
+  kh = k_cache.shape[1]
+  qg = q.reshape(b, lq, kh, h // kh, d)
+  logits = jnp.einsum('bqkgd,bksd->bkgqs', qg, k_cache.astype(q.dtype),
+                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  if mask is not None:
+    logits = jnp.where(mask[:, :, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bkgqs,bksd->bqkgd', probs.astype(q.dtype), v_cache.astype(q.dtype))
+  return out.reshape(b, lq, h, d)
+
+
 class Attention(nn.Module):
-  """Self- or cross-attention with optional 2D RoPE, QK-norm and a functional KV cache."""
+  """Self- or cross-attention with optional 2D RoPE, QK-norm and a functional KV cache.
+
+  Besides the plain call, the projections are exposed (`project`) so that decoding can
+  compute keys and values once per token and reuse them at every later step (the heads'
+  incremental decoding, models/decode.py), passing them back in as `qkv` / `kv`.
+  """
   num_heads: int
   kv_heads: int
   head_dim: int
+  features: int = 0  # Width of the output projection; 0 = num_heads * head_dim.
   qk_norm: bool = False
   norm_eps: float = 1e-5
   attention_dropout: float = 0.0
@@ -360,61 +387,87 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x_q: Array, x_kv: Array, mask: Array | None, *,
+  def setup(self):
+    pkw = dict(param_dtype=self.param_dtype)
+    self.query = Kernel(self.num_heads * self.head_dim, ('embed', 'heads'), **pkw)
+    self.key = Kernel(self.kv_heads * self.head_dim, ('embed', 'heads'), **pkw)
+    self.value = Kernel(self.kv_heads * self.head_dim, ('embed', 'heads'), **pkw)
+    self.out = Dense(self.features or self.num_heads * self.head_dim, ('heads', 'embed'), dtype=self.dtype,
+                     param_dtype=self.param_dtype)
+    if self.qk_norm:
+      self.query_norm = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+      self.key_norm = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def project(self, x_q: Array | None, x_kv: Array | None
+              ) -> tuple[Array | None, Array | None, Array | None]:
+    """(q [B, Lq, H, D], k [B, Lk, K, D], v [B, Lk, K, D]) of x_q and x_kv, QK-normed, before
+    RoPE; q is None when x_q is None, k and v when x_kv is None. Self-attention without GQA
+    runs the three projections as one matmul (`stacked_dense`)."""
+    q = k = v = None
+    if x_q is not None and x_q is x_kv and self.num_heads == self.kv_heads:
+      q, k, v = stacked_dense(x_q, [self.query(x_q.shape[-1]), self.key(x_q.shape[-1]),
+                                    self.value(x_q.shape[-1])], self.dtype)
+    else:
+      if x_q is not None:
+        q = stacked_dense(x_q, [self.query(x_q.shape[-1])], self.dtype)[0]
+      if x_kv is not None:
+        k, v = stacked_dense(x_kv, [self.key(x_kv.shape[-1]), self.value(x_kv.shape[-1])],
+                             self.dtype)
+    if q is not None:
+      q = q.reshape(*q.shape[:2], self.num_heads, self.head_dim)
+      q = self.query_norm(q) if self.qk_norm else q
+    if k is not None:
+      k = k.reshape(*k.shape[:2], self.kv_heads, self.head_dim)
+      v = v.reshape(*v.shape[:2], self.kv_heads, self.head_dim)
+      k = self.key_norm(k) if self.qk_norm else k
+    return q, k, v
+
+  def __call__(self, x_q: Array, x_kv: Array | None, mask: Array | None, *,
                angles_q: Array | None = None, angles_kv: Array | None = None,
                cache: tuple[Array, Array] | None = None, cache_index: Array | int | None = None,
-               deterministic: bool = True):
+               qkv: tuple[Array, Array, Array] | None = None,
+               kv: tuple[Array, Array] | None = None, deterministic: bool = True):
     """Attention of x_q: [B, Lq, E] over x_kv: [B, Lk, E'].
 
-    With `cache=(k, v)` ([B, Lmax, K, D] each) the new keys/values are written
-    at `cache_index` and the queries attend over the whole cache (the caller's
-    mask hides the unwritten slots). Returns (out [B, Lq, E], new cache or None).
+    qkv: (q, k, v) computed earlier by `project`, used instead of projecting x_q and x_kv
+      (RoPE is still applied to them when angles are given).
+    kv: keys and values computed earlier, in the cache layout ([B, K, Lk, D] each, e.g. the
+      local head's memory while decoding): x_kv is not read and the queries attend over them.
+    cache: (k, v) [B, K, Lmax, D] each: the new keys/values are written at slot
+      `cache_index` and the queries attend over the whole cache (the caller's mask hides the
+      unwritten slots).
+    Returns (out [B, Lq, features], new cache or None).
     """
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    width = x_q.shape[-1]
-    pkw = dict(param_dtype=self.param_dtype)
-    wq = Kernel(self.num_heads * self.head_dim, ('embed', 'heads'), name='query', **pkw)(
-        x_q.shape[-1])
-    wk = Kernel(self.kv_heads * self.head_dim, ('embed', 'heads'), name='key', **pkw)(
-        x_kv.shape[-1])
-    wv = Kernel(self.kv_heads * self.head_dim, ('embed', 'heads'), name='value', **pkw)(
-        x_kv.shape[-1])
-    if x_q is x_kv and self.num_heads == self.kv_heads:  # Self-attention, no GQA: fused QKV.
-      q, k, v = stacked_dense(x_q, [wq, wk, wv], self.dtype)
+    if kv is not None:
+      q = qkv[0] if qkv is not None else self.project(x_q, None)[0]
+      if angles_q is not None:
+        q = apply_rope(q, angles_q)
+      out = cached_attention(constrain(q, ('batch', 'length', 'act_heads', 'kv')), *kv, mask)
+      new_cache = None
     else:
-      q = stacked_dense(x_q, [wq], self.dtype)[0]
-      k, v = stacked_dense(x_kv, [wk, wv], self.dtype)
-    q = q.reshape(*q.shape[:2], self.num_heads, self.head_dim)
-    k = k.reshape(*k.shape[:2], self.kv_heads, self.head_dim)
-    v = v.reshape(*v.shape[:2], self.kv_heads, self.head_dim)
-    if self.qk_norm:
-      q = RMSNorm(self.norm_eps, name='query_norm', **kw)(q)
-      k = RMSNorm(self.norm_eps, name='key_norm', **kw)(k)
-    if angles_q is not None:
-      q = apply_rope(q, angles_q)
-    if angles_kv is not None:
-      k = apply_rope(k, angles_kv)
-    q = constrain(q, ('batch', 'length', 'act_heads', 'kv'))
-    k = constrain(k, ('batch', 'length', 'act_heads', 'kv'))
-    v = constrain(v, ('batch', 'length', 'act_heads', 'kv'))
-    new_cache = None
-    if cache is not None:
-      k_cache, v_cache = cache
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-      new_cache = (k, v)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    dropout_rng = None
-    if self.attention_dropout > 0.0 and not deterministic:
-      dropout_rng = self.make_rng('dropout')
-    out = dot_product_attention(q, k, v, mask, impl=self.impl, causal=self.causal and cache is None,
-                                dropout_rate=self.attention_dropout, dropout_rng=dropout_rng)
+      q, k, v = qkv if qkv is not None else self.project(x_q, x_kv)
+      if angles_q is not None:
+        q = apply_rope(q, angles_q)
+      if angles_kv is not None:
+        k = apply_rope(k, angles_kv)
+      q = constrain(q, ('batch', 'length', 'act_heads', 'kv'))
+      k = constrain(k, ('batch', 'length', 'act_heads', 'kv'))
+      v = constrain(v, ('batch', 'length', 'act_heads', 'kv'))
+      new_cache = None
+      if cache is not None:
+        start = (0, 0, cache_index, 0)
+        new_cache = tuple(jax.lax.dynamic_update_slice(c, a.transpose(0, 2, 1, 3).astype(c.dtype),
+                                                       start) for c, a in zip(cache, (k, v)))
+        out = cached_attention(q, *new_cache, mask)
+      else:
+        dropout_rng = None
+        if self.attention_dropout > 0.0 and not deterministic:
+          dropout_rng = self.make_rng('dropout')
+        out = dot_product_attention(q, k, v, mask, impl=self.impl, causal=self.causal,
+                                    dropout_rate=self.attention_dropout, dropout_rng=dropout_rng)
     out = checkpoint_name(out, 'attention_out')
     out = out.reshape(*out.shape[:2], self.num_heads * self.head_dim)
-    out = Dense(width, ('heads', 'embed'), name='out', **kw)(out)
-    return out, new_cache
+    return self.out(out), new_cache
 
 
 class SwiGLU(nn.Module):
@@ -434,17 +487,20 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm Transformer block: [self-attention] [cross-attention] MLP, residual dropout.
+  """Pre-norm Transformer block: [cross-attention] self-attention, MLP, residual dropout.
 
   The same block serves the causal backbone (self-attention with RoPE and a KV
   cache), the global head (bidirectional self-attention) and the local head
   (cross-attention to the causal states, then bidirectional self-attention).
-  Call signature is scan-friendly: (x, cache) -> (x, cache).
+  Call signature is scan-friendly: (x, cache) -> (x, cache). `self_qkv` and
+  `memory_kv` expose the attention inputs so that incremental decoding
+  (models/decode.py) can compute them once and pass them back in.
   """
+  width: int
   num_heads: int
   kv_heads: int
   mlp_hidden: int
-  cross_attention: bool = False
+  has_cross_attention: bool = False
   window: int = 0  # > 0: self-attention only inside consecutive chunks of `window` tokens.
   qk_norm: bool = False
   norm_eps: float = 1e-5
@@ -456,31 +512,73 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array, cache, self_mask: Array | None, angles: Array | None,
-               memory: Array | None = None, memory_mask: Array | None = None,
-               cache_index: Array | int | None = None):
+  def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    width = x.shape[-1]
-    attn_kw = dict(num_heads=self.num_heads, kv_heads=self.kv_heads, head_dim=width // self.num_heads,
+    attn_kw = dict(num_heads=self.num_heads, kv_heads=self.kv_heads,
+                   head_dim=self.width // self.num_heads, features=self.width,
                    qk_norm=self.qk_norm, norm_eps=self.norm_eps,
                    attention_dropout=self.attention_dropout, impl=self.attention_impl, **kw)
-    drop = nn.Dropout(self.dropout, deterministic=self.deterministic)
+    if self.has_cross_attention:
+      self.cross_norm = RMSNorm(self.norm_eps, **kw)
+      self.cross_attention = Attention(**attn_kw)
+    self.attention_norm = RMSNorm(self.norm_eps, **kw)
+    self.attention = Attention(causal=self.causal, **attn_kw)
+    self.mlp_norm = RMSNorm(self.norm_eps, **kw)
+    self.mlp = SwiGLU(self.mlp_hidden, **kw)
+    self.drop = nn.Dropout(self.dropout, deterministic=self.deterministic)
+
+  def self_qkv(self, x: Array) -> tuple[Array, Array, Array]:
+    """The self-attention's (q, k, v) of block inputs x [B, L, E], before RoPE (pass them
+    back as `qkv`; valid where the block's input x is what it will be at that call)."""
+    h = self.attention_norm(x)
+    return self.attention.project(h, h)
+
+  def memory_kv(self, memory: Array) -> tuple[Array, Array]:
+    """The cross-attention's (k, v) of memory [B, M, E] in the cache layout [B, K, M, D]
+    (pass them back as `memory_kv`)."""
+    _, k, v = self.cross_attention.project(None, memory)
+    return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+  def __call__(self, x: Array, cache, self_mask: Array | None, angles: Array | None,
+               memory: Array | None = None, memory_mask: Array | None = None,
+               cache_index: Array | int | None = None, *,
+               qkv: tuple[Array, Array, Array] | None = None,
+               memory_kv: tuple[Array, Array] | None = None,
+               query_index: Array | None = None):
+    """x [B, L, E] -> (x, cache).
+
+    qkv: the self-attention's projections of x from `self_qkv` (skips them; not with a
+    cross-attention, which changes x first); memory_kv: the cross-attention's keys and
+    values of the memory from `memory_kv` (memory may then be None).
+    query_index: int32[Q] positions of x whose outputs are wanted: only they are queries of
+    the self-attention and go through the MLP (every position is still a key); returns
+    [B, Q, E]. Not with RoPE or the window reshape.
+    """
     x = constrain(x, ('batch', 'length', 'act_embed'))
-    if self.cross_attention:
-      h = RMSNorm(self.norm_eps, name='cross_norm', **kw)(x)
-      h, _ = Attention(name='cross_attention', **attn_kw)(
-          h, memory, memory_mask, deterministic=self.deterministic)
-      x = x + drop(h)
-    h = RMSNorm(self.norm_eps, name='attention_norm', **kw)(x)
-    if self.window:
-      h = h.reshape(-1, self.window, width)
-    h, cache = Attention(name='attention', causal=self.causal, **attn_kw)(
-        h, h, self_mask, angles_q=angles, angles_kv=angles, cache=cache, cache_index=cache_index,
-        deterministic=self.deterministic)
-    x = x + drop(h.reshape(x.shape))
-    h = RMSNorm(self.norm_eps, name='mlp_norm', **kw)(x)
-    x = x + drop(SwiGLU(self.mlp_hidden, name='mlp', **kw)(h))
+    if self.has_cross_attention:
+      h = self.cross_norm(x)
+      h, _ = self.cross_attention(h, memory, memory_mask, kv=memory_kv,
+                                  deterministic=self.deterministic)
+      x = x + self.drop(h)
+    if query_index is not None and (angles is not None or self.window):
+      raise ValueError('Block: query_index is not supported with RoPE or windows.')
+    if qkv is None:
+      h = self.attention_norm(x)
+      if self.window:
+        h = h.reshape(-1, self.window, self.width)
+      # Only the wanted positions are projected to queries.
+      qkv = self.attention.project(h if query_index is None else jnp.take(h, query_index, axis=1),
+                                   h)
+    elif query_index is not None:
+      q, k, v = qkv
+      qkv = (jnp.take(q, query_index, axis=1), k, v)
+    if query_index is not None:
+      x = jnp.take(x, query_index, axis=1)
+    h, cache = self.attention(x, None, self_mask, angles_q=angles, angles_kv=angles, cache=cache,
+                              cache_index=cache_index, qkv=qkv, deterministic=self.deterministic)
+    x = x + self.drop(h.reshape(x.shape))
+    h = self.mlp_norm(x)
+    x = x + self.drop(self.mlp(h))
     return constrain(x, ('batch', 'length', 'act_embed')), cache
 
 

@@ -44,6 +44,18 @@ unrolled and XLA attention: the compiled TPU program's own count sees each
 attention is counted dense; rematerialised forward passes are included.
 TFLOP/dev is that total over the devices.
 
+`--program=sample` compiles the sampler instead: `sampling.sample` (incremental decoding,
+`config.sampling`'s settings) from class labels to token grids for
+`--sample_batch_per_device` images per device, jitted as sample mode runs it: parameters
+under the train state's shardings (the EMA parameters are those), labels and per-sample
+key indices sharded over the data axes. Per device: params (the shard), cache (the KV
+cache and the head's decoding state, exact from their shapes), temp and total from
+`memory_analysis()` (temp holds the per-layer copy of the kernels that decoding makes once
+per call, in the compute dtype, and the cache), and XLA's cost estimate of the compiled
+program, in which the token loop's body counts once: GFLOP/it and GB/it are one decoding
+step of the batch, next to the analytic FLOPs of a step (heptapod_jax/flops.py) and the
+bytes a step must read at the least (flops.sampling_bytes_per_step).
+
 Compile time, measured on a 2-core host: 40 to 100 s per size, about 4 minutes
 for B..H on v5e-256 or v5p-128 (peak memory 5 GB); a configuration that does not
 fit fails within seconds. The tests use the tiny preset on v5e:2x2.
@@ -77,6 +89,11 @@ _SIZES = flags.DEFINE_list('sizes', [], 'Size presets, one row each (recipe opti
 _HBM_GIB = flags.DEFINE_float('hbm_gib', 0.0, 'Usable HBM per device in GiB; 0 = what the TPU '
                               'compiler allows for the target.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the table (and raw figures) to this file.')
+_PROGRAM = flags.DEFINE_enum('program', 'train', ['train', 'sample'], "What to compile: the "
+                             "trainer's step, or the sampler's jitted loop (sample mode's "
+                             "`sampling.sample` from labels to token grids).")
+_SAMPLE_BATCH = flags.DEFINE_integer('sample_batch_per_device', 256, '--program=sample: images '
+                                     'per device in one sampling call.')
 flags.mark_flags_as_required(['config', 'topology'])
 
 ALL_SIZES = ('B', 'L', 'XL', 'H')
@@ -370,6 +387,21 @@ def step_flops(config, model_cfg) -> float:
   return float(cost['flops'])
 
 
+def _mesh_and_rules(config, devices: Sequence[Any]):
+  """The mesh of `config.mesh` over `devices` and its logical-axis rules."""
+  from heptapod_jax import sharding
+  num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if math.prod(config.mesh.dcn_shape) != num_slices:
+    raise ValueError(f'config.mesh.dcn_shape={tuple(config.mesh.dcn_shape)} spans '
+                     f'{math.prod(config.mesh.dcn_shape)} slices, the target has {num_slices} '
+                     f'(--num_slices): e.g. --config.mesh.dcn_shape={num_slices},1,1.')
+  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.dcn_shape, devices=devices)
+  if config.mesh.rules_preset not in sharding.RULE_PRESETS:
+    raise ValueError(f'config.mesh.rules_preset={config.mesh.rules_preset!r} is not one of '
+                     f'{sorted(sharding.RULE_PRESETS)}.')
+  return mesh, sharding.RULE_PRESETS[config.mesh.rules_preset]
+
+
 def compile_train_step(config, devices: Sequence[Any], *, label: str = '',
                        topology_name: str = '', hbm_bytes: int | None = None) -> StepReport:
   """AOT-compiles `config`'s train step for `devices` (a TPU topology's) and measures it.
@@ -385,16 +417,7 @@ def compile_train_step(config, devices: Sequence[Any], *, label: str = '',
 
   mcfg = model_config(config)
   model = Heptapod(mcfg)
-  num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
-  if math.prod(config.mesh.dcn_shape) != num_slices:
-    raise ValueError(f'config.mesh.dcn_shape={tuple(config.mesh.dcn_shape)} spans '
-                     f'{math.prod(config.mesh.dcn_shape)} slices, the target has {num_slices} '
-                     f'(--num_slices): e.g. --config.mesh.dcn_shape={num_slices},1,1.')
-  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.dcn_shape, devices=devices)
-  if config.mesh.rules_preset not in sharding.RULE_PRESETS:
-    raise ValueError(f'config.mesh.rules_preset={config.mesh.rules_preset!r} is not one of '
-                     f'{sorted(sharding.RULE_PRESETS)}.')
-  rules = sharding.RULE_PRESETS[config.mesh.rules_preset]
+  mesh, rules = _mesh_and_rules(config, devices)
   tcfg = config.train
   dp = sharding.data_parallel_size(mesh, rules)
   accum = tcfg.grad_accum_steps
@@ -464,6 +487,171 @@ def compile_train_step(config, devices: Sequence[Any], *, label: str = '',
   if not report.fits:
     report.advice = advice(report)
   return report
+
+
+@dataclasses.dataclass
+class SamplerReport:
+  """Per-device memory and XLA's cost estimate of one configuration's compiled sampler."""
+  label: str
+  topology: str
+  num_devices: int
+  mesh: dict[str, int]
+  rules_preset: str
+  num_params: int
+  parallel_tokens: int
+  global_batch: int
+  batch_per_device: int
+  params_bytes: int
+  cache_bytes: int  # KV cache + the head's decoding state, from their shapes.
+  hbm_bytes: int
+  fits: bool
+  argument_bytes: int | None = None
+  output_bytes: int | None = None
+  temp_bytes: int | None = None
+  code_bytes: int | None = None
+  total_bytes: int | None = None
+  required_bytes: int | None = None
+  oom_message: str | None = None
+  xla_flops: float | None = None  # The compiled program's count: the token loop's body once.
+  xla_bytes_accessed: float | None = None
+  step_flops: float = 0.0  # Analytic FLOPs of one decoding step of the device's batch.
+  step_min_bytes: float = 0.0  # Bytes such a step must read at the least.
+  compile_seconds: float = 0.0
+  advice: list[str] = dataclasses.field(default_factory=list)
+
+
+def _decode_state_bytes(model_cfg, batch: int) -> int:
+  """Bytes of the KV cache and the head's decoding state for `batch` images (their shapes)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from heptapod_jax.models.heptapod import Heptapod, init_params, split_layers
+  from heptapod_jax.models.transformer import init_cache
+  model = Heptapod(model_cfg)
+
+  def prefill():
+    params = nn.unbox(init_params(model, jax.random.key(0)))
+    return model.apply({'params': params}, jnp.zeros((batch,), jnp.int32),
+                       init_cache(model_cfg, batch), split_layers(params),
+                       method=Heptapod.prefill)
+
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(prefill)))
+
+
+def compile_sampler(config, devices: Sequence[Any], *, batch_per_device: int, label: str = '',
+                    topology_name: str = '', hbm_bytes: int | None = None) -> SamplerReport:
+  """AOT-compiles `config`'s sampler for `devices` (a TPU topology's) and measures it."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from heptapod_jax import flops, optim, sampling, sharding, train
+  from heptapod_jax.models import layers
+  from heptapod_jax.models.heptapod import Heptapod
+
+  mcfg = model_config(config)
+  model = Heptapod(mcfg)
+  mesh, rules = _mesh_and_rules(config, devices)
+  dp = sharding.data_parallel_size(mesh, rules)
+  global_batch = batch_per_device * dp
+  scfg = sampling.SamplingConfig(**config.sampling.to_dict())
+  if hbm_bytes is None:
+    hbm_bytes, _ = hbm_limit(devices[0])
+  tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
+
+  def run(params, labels, indices, seed):
+    return sampling.sample(model, params, labels, sampling.example_keys(seed, indices), scfg)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    layers.check_attention_impl(mcfg.attention_impl, layers.dtype_of(mcfg.dtype))
+    state_shardings = train.train_state_shardings(model, tx, mesh, rules)
+    params = train.abstract_train_state(model, tx, state_shardings).params
+    rows = sharding.batch_sharding(mesh, rules, 1)
+    labels = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows)
+    indices = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows)
+    seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding.replicated(mesh))
+    ndim = 3 if mcfg.continuous else 2
+    fn = jax.jit(run, out_shardings=sharding.batch_sharding(mesh, rules, ndim))
+    t0 = time.time()
+    lowered = fn.lower(params, labels, indices, seed)
+    compiled, oom = None, None
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      oom = str(e)
+      if parse_hbm_oom(oom) is None:
+        raise
+    seconds = time.time() - t0
+
+  param_bytes = 2 if mcfg.dtype == 'bfloat16' else 4
+  report = SamplerReport(
+      label=label, topology=topology_name, num_devices=len(devices), mesh=dict(mesh.shape),
+      rules_preset=config.mesh.rules_preset,
+      num_params=sum(x.size for x in jax.tree.leaves(params)),
+      parallel_tokens=scfg.parallel_tokens, global_batch=global_batch,
+      batch_per_device=batch_per_device, params_bytes=tree_shard_bytes(params),
+      cache_bytes=_decode_state_bytes(mcfg, batch_per_device), hbm_bytes=hbm_bytes, fits=False,
+      step_flops=flops.sampling_flops_per_image(mcfg, scfg.parallel_tokens)['total']
+      * batch_per_device / mcfg.num_positions,
+      step_min_bytes=flops.sampling_bytes_per_step(mcfg, batch_per_device, param_bytes,
+                                                   param_bytes)['total'],
+      compile_seconds=seconds)
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    report.argument_bytes = int(mem.argument_size_in_bytes)
+    report.output_bytes = int(mem.output_size_in_bytes)
+    report.temp_bytes = int(mem.temp_size_in_bytes)
+    report.code_bytes = int(mem.generated_code_size_in_bytes)
+    report.total_bytes = (report.argument_bytes + report.output_bytes + report.temp_bytes
+                          + report.code_bytes)
+    report.fits = report.total_bytes <= hbm_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost:
+      report.xla_flops = float(cost.get('flops', 0.0)) or None
+      report.xla_bytes_accessed = float(cost.get('bytes accessed', 0.0)) or None
+  else:
+    report.required_bytes = parse_hbm_oom(oom)[0]
+    report.oom_message = oom.splitlines()[0]
+  if not report.fits:
+    report.advice = [f'a smaller --sample_batch_per_device (now {batch_per_device}): the KV '
+                     f'cache and decoding state take {report.cache_bytes / GIB:.2f} GiB, '
+                     'linear in it',
+                     '--config.model.dtype=bfloat16 (half the cache and the decoding copy of '
+                     'the kernels)']
+  return report
+
+
+def format_sampler_table(reports: Sequence[SamplerReport]) -> str:
+  """One row per configuration's sampler, then a line per configuration that does not fit."""
+  head = (f'{"size":6s} {"params":>7s} {"mesh d,f,t":>11s} {"rules":>11s} {"k":>2s} '
+          f'{"batch/dev":>9s} | {"params":>7s} {"cache":>7s} {"temp":>7s} {"total":>7s} '
+          f'{"HBM":>7s} {"use":>5s} {"fits":>4s} | {"GFLOP/it":>9s} {"GFLOP/step":>10s} '
+          f'{"GB/it":>7s} {"GB/step":>7s} {"compile":>7s}')
+  left, right = head.index('|'), head.rindex('|')
+  units = (' ' * left + '|' + 'GiB per device'.center(right - left - 1) + '|'
+           + 'per device: XLA (loop body once) | analytic'.center(len(head) - right - 1))
+  lines = [head, units, '-' * len(head)]
+  for r in reports:
+    mesh = ','.join(str(r.mesh.get(a, 1)) for a in ('data', 'fsdp', 'tensor'))
+    total = r.total_bytes if r.total_bytes is not None else r.required_bytes
+    xla_f = '-' if r.xla_flops is None else f'{r.xla_flops / 1e9:.1f}'
+    xla_b = '-' if r.xla_bytes_accessed is None else f'{r.xla_bytes_accessed / 1e9:.2f}'
+    lines.append(
+        f'{r.label:6s} {r.num_params / 1e6:6.0f}M {mesh:>11s} {r.rules_preset:>11s} '
+        f'{r.parallel_tokens:2d} {r.batch_per_device:9d} | {_gib(r.params_bytes):>7s} '
+        f'{_gib(r.cache_bytes):>7s} {_gib(r.temp_bytes):>7s} {_gib(total):>7s} '
+        f'{_gib(r.hbm_bytes):>7s} {100 * total / r.hbm_bytes:4.0f}% '
+        f'{"yes" if r.fits else "NO":>4s} | {xla_f:>9s} {r.step_flops / 1e9:10.1f} '
+        f'{xla_b:>7s} {r.step_min_bytes / 1e9:7.2f} {r.compile_seconds:6.0f}s')
+  for r in reports:
+    if r.fits:
+      continue
+    total = r.total_bytes if r.total_bytes is not None else r.required_bytes
+    how = 'the TPU compiler ran out of memory' if r.oom_message else 'memory_analysis'
+    lines.append(f'\n{r.label}: DOES NOT FIT: needs {_gib(total)} GiB of {_gib(r.hbm_bytes)} GiB '
+                 f'per device ({how}). To reduce it:')
+    lines += [f'  {tip}' for tip in r.advice]
+  return '\n'.join(lines)
 
 
 def advice(r: StepReport) -> list[str]:
@@ -564,18 +752,25 @@ def main(argv):
   sizes = list(ALL_SIZES) if [s.lower() for s in _SIZES.value] == ['all'] else _SIZES.value
   slices = f'{_NUM_SLICES.value} x ' if _NUM_SLICES.value > 1 else ''
   flags_text = ' '.join(f'--config.{k}={_flag_text(v)}' for k, v in overrides.items())
-  print(f'Train step of {config_file} {flags_text}'
+  sample = _PROGRAM.value == 'sample'
+  what = (f'Sampler (sampling.sample, {_SAMPLE_BATCH.value} images per device)' if sample
+          else 'Train step')
+  print(f'{what} of {config_file} {flags_text}'
         f'\nAOT-compiled for {slices}{topology.name} ({topology.libtpu_name}: {len(devices)} x '
-        f'{devices[0].device_kind}); HBM per device {hbm / GIB:.2f} GiB ({source}). '
-        'Pre-tokenized batches.', flush=True)
+        f'{devices[0].device_kind}); HBM per device {hbm / GIB:.2f} GiB ({source}).'
+        + ('' if sample else ' Pre-tokenized batches.'), flush=True)
   reports = []
   for size in sizes or [None]:
     config = load_config(config_file, overrides, size) if size else _CONFIG.value
     label = size or _size_option(config_file) or 'config'
-    reports.append(compile_train_step(config, devices, label=label, topology_name=topology.name,
-                                      hbm_bytes=hbm))
+    if sample:
+      reports.append(compile_sampler(config, devices, batch_per_device=_SAMPLE_BATCH.value,
+                                     label=label, topology_name=topology.name, hbm_bytes=hbm))
+    else:
+      reports.append(compile_train_step(config, devices, label=label,
+                                        topology_name=topology.name, hbm_bytes=hbm))
     print(f'  {label}: compiled in {reports[-1].compile_seconds:.0f} s', flush=True)
-  print(format_table(reports), flush=True)
+  print((format_sampler_table if sample else format_table)(reports), flush=True)
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'config': config_file,
@@ -583,6 +778,7 @@ def main(argv):
                  'topology': topology.name, 'libtpu_topology': topology.libtpu_name,
                  'num_slices': _NUM_SLICES.value, 'num_devices': len(devices),
                  'device_kind': devices[0].device_kind, 'hbm_bytes': hbm, 'hbm_source': source,
+                 'program': _PROGRAM.value,
                  'rows': [dataclasses.asdict(r) for r in reports]}, f, indent=2)
   return 0 if all(r.fits for r in reports) else 2
 
