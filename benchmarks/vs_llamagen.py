@@ -36,6 +36,11 @@ import statistics
 import sys
 import time
 
+# TensorFlow (the project's input pipeline) and Triton (torch._dynamo, which LlamaGen's
+# generate.py imports) each bundle an LLVM; Triton loaded beside TensorFlow segfaults. Nothing
+# here compiles with torch (LlamaGen runs eager), so `import triton` fails cleanly instead.
+sys.modules.setdefault('triton', None)
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -1,12 +1,22 @@
 """Raster-order sampling with a functional KV cache, entirely inside `jax.jit`.
 
 At step t the backbone has consumed x_0..x_{t-1} (one token per step through
-the KV cache), the head reads h_0..h_t and predicts position t only, and the
+the KV cache), the head predicts position t from h_0..h_t only, and the
 sampled token is fed back. No classifier-free guidance unless `cfg_scale != 1`
 (which runs a second, null-class batch; the model must have been trained with
 class dropout for that to mean anything).
 
     tokens = jax.jit(functools.partial(sample, model, config=SamplingConfig()))(params, labels, rng)
+
+Incremental decoding (`Heptapod.prefill / feed / predict`): the blocks' parameters are split
+into one tree per layer once per call (`split_layers`), the layer loop is unrolled inside the
+token loop, each layer's KV cache is a [B, heads, slots, head_dim] buffer written in place,
+and the head carries a decoding state so that a step computes only what changed (models/
+heads.py: the global head keeps its grid tokens' inputs and first-layer projections, the
+local head its memory's keys and values; the last head layer has the wanted positions as its
+only queries). The samples are those of the straightforward sampler, which reran the head
+over every state at every step: tests/test_model.py checks the outputs against the full
+forward, and benchmarks/sampling_speed.py and vs_llamagen.py measure the speed.
 
 `use_kv_cache=False` is the baseline without a cache: before step t+1 the backbone reruns
 causally over [class, x_0 .. x_t] to get h_{t+1}. Shapes must be static under jit, so the

@@ -133,3 +133,28 @@ def test_cli_absurd_batch_does_not_fit(tmp_path):
   assert row['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
   # Data parallel: every device holds all float32 parameters.
   assert row['params_bytes'] == 4 * row['num_params'] and row['batch_per_device'] == 1024
+
+
+def test_tiny_sampler_on_v5e_2x2():
+  """The sampler's jitted loop compiles for a TPU slice: the per-device parameters and cache
+  are exact, the cache grows linearly with the batch, and XLA's estimate of the loop body is
+  one decoding step of the device's batch (within the elementwise share of the analytic count)."""
+  devices = aot.topology_devices(aot.parse_topology('v5e:2x2'))
+  config = aot.load_config(f'{RECIPE}:runlocal=True', {'mesh.shape': (-1, 1, 1)})
+  with jax.default_matmul_precision('default'):
+    small = aot.compile_sampler(config, devices, batch_per_device=4, label='tiny',
+                                hbm_bytes=16 * 2**30)
+    large = aot.compile_sampler(config, devices, batch_per_device=8, label='tiny',
+                                hbm_bytes=16 * 2**30)
+  assert small.fits and small.global_batch == 16 and small.mesh['data'] == 4
+  assert small.params_bytes == 4 * small.num_params  # Data parallel: replicated float32.
+  mcfg = aot.model_config(config)
+  b, n = mcfg.backbone, mcfg.num_positions
+  kv = 2 * b.depth * 4 * mcfg.seq_len * b.width * 2  # bf16 K and V of 4 images.
+  head = 4 * 4 * n * mcfg.head.width * 2  # Global head: grid inputs and q, k, v.
+  assert small.cache_bytes >= kv + head and large.cache_bytes == 2 * small.cache_bytes
+  assert small.cache_bytes <= small.temp_bytes
+  # XLA also counts elementwise work (softmax, norms), a large share at the tiny widths.
+  assert 0.8 <= small.step_flops / small.xla_flops <= 1.0, small.step_flops / small.xla_flops
+  assert small.step_min_bytes <= small.xla_bytes_accessed
+  assert 'tiny' in aot.format_sampler_table([small, large])

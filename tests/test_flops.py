@@ -157,3 +157,21 @@ def test_measured_peak_and_mfu():
   measured = flops.measure_peak_matmul_flops(size=256, repeats=2)
   assert 1e8 < measured < 1e14
   assert flops.mfu(2e12, 0.5, 4, 1e12) == pytest.approx(0.25)
+
+
+def test_sampling_bytes_per_step_count_the_weights_and_caches():
+  """The memory-bound floor of a decoding step, against the shapes written out by hand."""
+  config = _config('next_token', vocab_size=2048)
+  b, n, w = config.backbone, config.num_positions, config.backbone.width
+  hidden = 64 * -(-int(8 / 3 * w) // 64)
+  kv_width = b.kv_heads * (w // b.num_heads)
+  block = w * w * 2 + 2 * w * kv_width + 3 * w * hidden + 2 * w  # q, out, k, v, MLP, norms
+  weights = b.depth * block + w + w * config.vocab_size + 3 * w  # final norm, logits, 3 rows
+  got = flops.sampling_bytes_per_step(config, batch=3)
+  assert got['weights'] == 4 * weights
+  assert got['kv_cache'] == 4 * 2 * b.depth * 3 * kv_width * (b.class_prefix_len + (n - 2) / 2)
+  assert got['head_state'] == 0 and got['total'] == got['weights'] + got['kv_cache']
+  bf16 = flops.sampling_bytes_per_step(config, batch=3, param_bytes=2, activation_bytes=2)
+  assert bf16['total'] == got['total'] / 2
+  glob = flops.sampling_bytes_per_step(_config('global'), batch=3)
+  assert glob['head_state'] == 4 * 4 * 3 * n * 64  # Grid inputs and q, k, v of width 64.

@@ -109,6 +109,11 @@ class ModelConfig:
   attention_impl: str = 'xla'
   label_smoothing: float = 0.0
   z_loss: float = 0.0
+  # Discrete tokens: 0 = the head's logits [B, S, K, V] then the cross-entropy; > 0 = the
+  # vocabulary projection fused with the cross-entropy over chunks of this many (step,
+  # target) pairs per image (objective.fused_vocab_loss): the logits are never all alive,
+  # for one more vocabulary matmul in the backward pass. Same loss and gradients.
+  loss_chunk: int = 0
 
   @property
   def num_positions(self) -> int:
@@ -199,6 +204,13 @@ class ModelConfig:
       if self.token_dim < 1:
         raise ValueError(f'model.token_dim={self.token_dim}: must be >= 1 for tokens="kl".')
       self.diffusion.validate()
+    if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) \
+        or self.loss_chunk < 0:
+      raise ValueError(f'model.loss_chunk={self.loss_chunk!r}: must be an int >= 0 (0 = off).')
+    if self.loss_chunk and self.continuous:
+      raise ValueError(f'model.loss_chunk={self.loss_chunk} fuses the vocabulary projection with '
+                       'the cross-entropy of discrete tokens; tokens="kl" trains with the '
+                       'diffusion loss: set model.loss_chunk=0.')
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f'model.label_smoothing={self.label_smoothing}: must be in [0, 1).')
 

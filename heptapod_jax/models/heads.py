@@ -91,11 +91,14 @@ class _HeadBase(nn.Module):
     if not self.config.continuous:
       self.logits = layers.Dense(self.config.vocab_size, ('embed', 'vocab'), **kw)
 
-  def _outputs(self, y: Array) -> Array:
+  def _outputs(self, y: Array, features_only: bool = False) -> Array:
     """Final norm and vocabulary projection, float32 logits [B, ..., V]; for continuous
-    tokens the normed features z_j themselves (the diffusion head's condition)."""
+    tokens (or `features_only`: the fused loss projects them itself) the normed features
+    z_j themselves (the diffusion head's condition)."""
     y = self.out_norm(y)
     middle = (None,) * (y.ndim - 2)
+    if features_only:
+      return y
     if self.config.continuous:
       return layers.constrain(y.astype(jnp.float32), ('batch', *middle, 'act_embed'))
     return layers.constrain(self.logits(y).astype(jnp.float32), ('batch', *middle, 'act_vocab'))
@@ -129,7 +132,8 @@ class GlobalHead(_HeadBase):
     return self.mask_token.astype(layers.dtype_of(self.config.dtype)) + self._grid_pos(self.pos)
 
   @nn.compact
-  def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True):
+  def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True,
+               features_only: bool = False):
     cfg, h = self.config, self.config.head
     n = cfg.num_positions
     batch, num_steps = steps.shape
@@ -149,7 +153,7 @@ class GlobalHead(_HeadBase):
     x, _ = stack(x, None, None, None, None, None, None)
     x = rearrange(x[:, 1:], '(b s) n e -> b s n e', b=batch)
     y = jnp.take_along_axis(x, targets[..., None], axis=2)  # [B, S, K, Wh]
-    return self._outputs(y)
+    return self._outputs(y, features_only)
 
   def decode_init(self, h0: Array, layer_params: tuple[Any, ...]) -> HeadState:
     """Every grid token masked: its input mask + pos_j and its first-layer q, k, v (the same
@@ -222,7 +226,8 @@ class LocalHead(_HeadBase):
     return x, query_idx < n
 
   @nn.compact
-  def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True):
+  def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True,
+               features_only: bool = False):
     cfg, h = self.config, self.config.head
     n, window = cfg.num_positions, h.window
     mem = self.memory_proj(states) + self._memory_pos()
@@ -238,7 +243,7 @@ class LocalHead(_HeadBase):
     x, _ = stack(x, None, self_mask, None, mem, mem_mask, None)
     x = rearrange(x, 'b (s w) e -> b s w e', w=window)
     y = jnp.take_along_axis(x, (targets - steps[..., None])[..., None], axis=2)  # [B, S, K, Wh]
-    return self._outputs(y)
+    return self._outputs(y, features_only)
 
   def _push_memory(self, state: HeadState, h: Array, slot: Array,
                    layer_params: tuple[Any, ...]) -> HeadState:
@@ -297,10 +302,12 @@ class NextTokenHead(_HeadBase):
       return layers.constrain(y.astype(jnp.float32), ('batch', *middle, 'act_embed'))
     return layers.constrain(self.logits(y).astype(jnp.float32), ('batch', *middle, 'act_vocab'))
 
-  def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True):
+  def __call__(self, states: Array, steps: Array, targets: Array, *, deterministic: bool = True,
+               features_only: bool = False):
     del deterministic
     y = _take_steps(states, steps)[:, :, None, :]  # [B, S, 1, E]
-    return self._project(jnp.broadcast_to(y, (*targets.shape, y.shape[-1])))
+    y = jnp.broadcast_to(y, (*targets.shape, y.shape[-1]))
+    return y if features_only else self._project(y)
 
   def decode_init(self, h0: Array, layer_params: tuple[Any, ...]) -> HeadState:
     del layer_params

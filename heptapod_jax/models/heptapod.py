@@ -45,11 +45,14 @@ class Heptapod(nn.Module):
           param_dtype=layers.dtype_of(self.config.param_dtype), name='diffusion')
 
   def __call__(self, tokens: Array, labels: Array, steps: Array, targets: Array, *,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, features_only: bool = False) -> Array:
     """Teacher-forced logits for the (step, target) pairs: float32[B, S, K, V]
-    (continuous tokens: the diffusion head's conditions z, float32[B, S, K, Wz])."""
+    (continuous tokens: the diffusion head's conditions z, float32[B, S, K, Wz]).
+    features_only: the head's outputs before its vocabulary projection ([B, S, K, D], for
+    the fused loss, which projects them chunk by chunk)."""
     states = self.states(tokens, labels, deterministic=deterministic)
-    out = self.head(states, steps, targets, deterministic=deterministic)
+    out = self.head(states, steps, targets, deterministic=deterministic,
+                    features_only=features_only)
     if self.config.continuous and self.is_initializing():
       z = out.reshape(-1, out.shape[-1])[:1]
       self.diffusion(jnp.zeros((1, self.config.token_dim)), jnp.zeros((1,), jnp.int32), z)
@@ -207,10 +210,16 @@ def compute_loss(model: Heptapod, params: Any, tokens: Array, labels: Array, rng
   pair_rng, dropout_rng = jax.random.split(rng)
   noise_rng = jax.random.fold_in(rng, 2)  # Diffusion noise (continuous tokens only).
   steps, targets, valid = objective.draw_pairs(pair_rng, cfg, tokens.shape[0])
+  fused = cfg.loss_chunk > 0 and not cfg.continuous
   logits = model.apply({'params': params}, tokens, labels, steps, targets,
-                       deterministic=deterministic, rngs={'dropout': dropout_rng})
+                       deterministic=deterministic, features_only=fused,
+                       rngs={'dropout': dropout_rng})
   if cfg.continuous:
     return continuous_pair_loss(model, params, logits, tokens, steps, targets, valid, noise_rng)
+  if fused:  # `logits` are the head's features; the loss projects them chunk by chunk.
+    kernel = params['head']['logits']['kernel']
+    return objective.fused_pair_loss_and_metrics(cfg, logits, kernel, tokens, steps, targets,
+                                                 valid)
   return objective.pair_loss_and_metrics(cfg, logits, tokens, steps, targets, valid)
 
 

@@ -77,7 +77,12 @@ def _cpu_matmul_fwd(x: Array, w: Array):
 
 
 def _cpu_matmul_bwd(res, dy: Array):
-  x, w = res
+  return _row_major_grads(*res, dy)
+
+
+def _row_major_grads(x: Array, w: Array, dy: Array, dw_dtype: Dtype = None
+                     ) -> tuple[Array, Array]:
+  """(dx, dw) of x @ w with the weight gradient as one row-major GEMM (the CPU's fast form)."""
   dx = jnp.einsum('...f,df->...d', dy, w)
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   # Transpose the narrower of x [T, D] and dy [T, F] (fewer bytes; and never the SwiGLU
@@ -88,7 +93,18 @@ def _cpu_matmul_bwd(res, dy: Array):
     dw = jnp.dot(jax.lax.optimization_barrier(x2.T), dy2, preferred_element_type=jnp.float32)
   else:
     dw = jnp.dot(jax.lax.optimization_barrier(dy2.T), x2, preferred_element_type=jnp.float32).T
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+  return dx.astype(x.dtype), dw.astype(dw_dtype or w.dtype)
+
+
+def matmul_grads(x: Array, w: Array, dy: Array, dw_dtype: Dtype = None) -> tuple[Array, Array]:
+  """(dx, dw) of `matmul(x, w)` for the cotangent dy, for hand-written backward passes (the
+  fused vocabulary loss): the CPU's row-major form there, plain einsums elsewhere. dw is
+  accumulated in float32 and returned as `dw_dtype` (default w's)."""
+  if target_platform() == 'cpu':
+    return _row_major_grads(x, w, dy, dw_dtype)
+  dx = jnp.einsum('...f,df->...d', dy, w)
+  dw = jnp.einsum('...d,...f->df', x, dy, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(dw_dtype or w.dtype)
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
@@ -312,7 +328,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, i
       attention needs a GPU and bf16/fp16), 'splash' (the Pallas TPU splash
       kernel) or 'auto' (per platform, see `resolve_attention_impl`). The fused
       kernels take static masks only: with an explicit `mask` (KV-cached
-      decoding, the local head's cross-attention) they fall back to 'xla'.
+      decoding, the local head's cross-attention) they fall back to 'xla', and so does
+      'splash' when there are fewer queries than keys (decoding's last head layer).
     causal: query i attends to keys <= i (self-attention with Lq == Lk); combined
       with `mask` if both are given.
   Returns:
@@ -325,6 +342,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, i
     causal = False
   if mask is not None and impl in ('cudnn', 'splash'):
     impl = 'xla'
+  if impl == 'splash' and q.shape[1] != k.shape[1]:
+    impl = 'xla'  # The splash path pads one run for queries and keys alike (self-attention).
   if impl == 'einsum':
     b, lq, h, d = q.shape
     kh = k.shape[2]

@@ -9,11 +9,13 @@ token cross-entropy over every supervised (t, j) pair in the batch.
 """
 from __future__ import annotations
 
-from typing import Mapping
+import functools
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from heptapod_jax.models import layers
 from heptapod_jax.models.config import ALL, ModelConfig
 
 Array = jax.Array
@@ -138,21 +140,134 @@ def pair_loss_and_metrics(config: ModelConfig, logits: Array, target: Array, ste
     dist = jnp.take_along_axis(target[:, None], targets[..., None], axis=2)  # [B, S, K, V]
     loss, nll = token_loss(logits, dist, **kw)
     ids = jnp.argmax(dist, -1)
-  weight = valid.astype(jnp.float32)
-  count = jnp.sum(weight)
-  mean_loss = jnp.sum(loss * weight) / jnp.maximum(count, 1.0)
   # Top-1 correct: the target's logit is the largest (a max, not an argmax: on the CPU a
   # variadic (value, index) reduction over V costs as much as the whole log-softmax). Ties
   # for the top count as correct; with float logits they do not occur in practice.
   picked = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
   correct = (picked >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+  return _reduce_pairs(loss, nll, correct, steps, targets, valid)
+
+
+def _row_chunks(x: Array, chunk: int) -> Array:
+  """[B, P, ...] -> [C, B, chunk, ...]: the pair axis cut into C chunks (zero-padded), the
+  batch axis kept whole so that a chunk keeps the batch's sharding."""
+  pad = (-x.shape[1]) % chunk
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape(x.shape[0], -1, chunk, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _unchunk(x: Array, pairs: int) -> Array:
+  """[C, B, chunk] -> [B, P]."""
+  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1)[:, :pairs]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def fused_vocab_loss(features: Array, kernel: Array, ids: Array, label_smoothing: float,
+                     z_loss: float, chunk: int, dtype: Any) -> tuple[Array, Array, Array]:
+  """The vocabulary projection and `token_loss_from_ids` in one, over chunks of pairs: the
+  [B, P, V] logits are never materialised, only [B, chunk, V] at a time.
+
+  Args:
+    features: [B, P, D] the head's normed outputs, one row per (step, target) pair.
+    kernel: [D, V] the vocabulary projection (the head's `logits` Dense kernel).
+    ids: int32[B, P] target token ids.
+    label_smoothing, z_loss: as `token_loss_from_ids`; chunk: pairs per chunk;
+    dtype: the compute dtype of the projection (the logits are float32 afterwards, as the
+      head's own Dense gives them).
+  Returns:
+    (loss, nll, correct) float32[B, P] each: the same numbers as the plain path (the head's
+    logits, then `token_loss_from_ids`, and top-1 correct as in `pair_loss_and_metrics`).
+
+  The backward pass recomputes each chunk's logits (one more vocabulary matmul than the
+  plain path: the price of not keeping [B, P, V] float32 alive between the passes) and
+  forms the logits' gradient in closed form: for loss = log Z - (1 - ls) l_id - ls mean(l) +
+  z log^2 Z, d loss / d l = softmax(l) (1 + 2 z log Z) - (1 - ls) onehot(id) - ls / V.
+  """
+  out, _ = _fused_vocab_loss_fwd(features, kernel, ids, label_smoothing, z_loss, chunk, dtype)
+  return out
+
+
+def _chunk_logits(f: Array, kernel: Array, dtype: Any) -> Array:
+  return layers.matmul(f.astype(dtype), kernel.astype(dtype)).astype(jnp.float32)
+
+
+def _fused_vocab_loss_fwd(features, kernel, ids, label_smoothing, z_loss, chunk, dtype):
+  pairs = features.shape[1]
+
+  def one(args):
+    f, i = args
+    logits = _chunk_logits(f, kernel, dtype)
+    loss, nll = token_loss_from_ids(logits, i, label_smoothing=label_smoothing, z_loss=z_loss)
+    picked = jnp.take_along_axis(logits, i[..., None], axis=-1)[..., 0]
+    correct = (picked >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+    return loss, nll, correct, jax.nn.logsumexp(logits, axis=-1)
+
+  loss, nll, correct, log_z = jax.lax.map(one, (_row_chunks(features, chunk),
+                                                _row_chunks(ids, chunk)))
+  out = tuple(_unchunk(x, pairs) for x in (loss, nll, correct))
+  return out, (features, kernel, ids, _unchunk(log_z, pairs))
+
+
+def _fused_vocab_loss_bwd(label_smoothing, z_loss, chunk, dtype, res, cotangents):
+  features, kernel, ids, log_z = res
+  g_loss, g_nll, _ = cotangents
+  vocab = kernel.shape[-1]
+
+  def one(d_kernel, args):
+    f, i, lz, gl, gn = args
+    probs = jnp.exp(_chunk_logits(f, kernel, dtype) - lz[..., None])
+    d_logits = probs * (gl * (1.0 + 2.0 * z_loss * lz) + gn)[..., None]
+    d_logits = d_logits - jax.nn.one_hot(i, vocab, dtype=jnp.float32) * (
+        gl * (1.0 - label_smoothing) + gn)[..., None]
+    if label_smoothing > 0.0:
+      d_logits = d_logits - (gl * label_smoothing / vocab)[..., None]
+    d_f, d_k = layers.matmul_grads(f.astype(dtype), kernel.astype(dtype),
+                                   d_logits.astype(dtype), dw_dtype=jnp.float32)
+    return d_kernel + d_k, d_f
+
+  chunks = tuple(_row_chunks(x, chunk) for x in (features, ids, log_z, g_loss, g_nll))
+  d_kernel, d_features = jax.lax.scan(one, jnp.zeros(kernel.shape, jnp.float32), chunks)
+  d_features = _unchunk_rows(d_features, features.shape[1]).astype(features.dtype)
+  return d_features, d_kernel.astype(kernel.dtype), None
+
+
+def _unchunk_rows(x: Array, pairs: int) -> Array:
+  """[C, B, chunk, D] -> [B, P, D]."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, x.shape[-1])[:, :pairs]
+
+
+fused_vocab_loss.defvjp(_fused_vocab_loss_fwd, _fused_vocab_loss_bwd)
+
+
+def fused_pair_loss_and_metrics(config: ModelConfig, features: Array, kernel: Array,
+                                target: Array, steps: Array, targets: Array, valid: Array
+                                ) -> tuple[Array, Mapping[str, tuple[Array, Array]]]:
+  """`pair_loss_and_metrics` from the head's features [B, S, K, D] and its vocabulary kernel
+  [D, V] instead of logits, through `fused_vocab_loss` (`model.loss_chunk` pairs per chunk):
+  the same loss and metrics without the [B, S, K, V] logits. Token ids only."""
+  b, s, k, d = features.shape
+  ids = jnp.take_along_axis(target[:, None], targets, axis=2)  # [B, S, K]
+  loss, nll, correct = fused_vocab_loss(
+      features.reshape(b, s * k, d), kernel, ids.reshape(b, s * k).astype(jnp.int32),
+      config.label_smoothing, config.z_loss, config.loss_chunk, layers.dtype_of(config.dtype))
+  loss, nll, correct = (x.reshape(b, s, k) for x in (loss, nll, correct))
+  return _reduce_pairs(loss, nll, correct, steps, targets, valid)
+
+
+def _reduce_pairs(loss: Array, nll: Array, correct: Array, steps: Array, targets: Array,
+                  valid: Array) -> tuple[Array, Mapping[str, tuple[Array, Array]]]:
+  """The mean loss over the valid pairs and the (sum, count) metrics from per-pair values."""
+  weight = valid.astype(jnp.float32)
+  count = jnp.sum(weight)
   metrics = {
       'loss': (jnp.sum(loss * weight), count),
       'nll': (jnp.sum(nll * weight), count),
       'accuracy': (jnp.sum(correct * weight), count),
   }
   metrics.update(distance_metrics('nll', nll, steps, targets, valid))
-  return mean_loss, metrics
+  return metrics['loss'][0] / jnp.maximum(count, 1.0), metrics
 
 
 def distance_metrics(prefix: str, per_pair: Array, steps: Array, targets: Array,

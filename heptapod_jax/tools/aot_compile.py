@@ -51,10 +51,12 @@ under the train state's shardings (the EMA parameters are those), labels and per
 key indices sharded over the data axes. Per device: params (the shard), cache (the KV
 cache and the head's decoding state, exact from their shapes), temp and total from
 `memory_analysis()` (temp holds the per-layer copy of the kernels that decoding makes once
-per call, in the compute dtype, and the cache), and XLA's cost estimate of the compiled
-program, in which the token loop's body counts once: GFLOP/it and GB/it are one decoding
-step of the batch, next to the analytic FLOPs of a step (heptapod_jax/flops.py) and the
-bytes a step must read at the least (flops.sampling_bytes_per_step).
+per call, in the compute dtype, and the cache), and XLA's cost estimate of one decoding step
+(the loop body: the head's prediction and feeding the sampled tokens, compiled for the
+target with the same shardings and XLA attention, since the count cannot see inside the
+Pallas splash kernel): GFLOP/step and GB/step per device, next to the analytic
+FLOPs of a step (heptapod_jax/flops.py) and the bytes it must read at the least
+(flops.sampling_bytes_per_step).
 
 Compile time, measured on a 2-core host: 40 to 100 s per size, about 4 minutes
 for B..H on v5e-256 or v5p-128 (peak memory 5 GB); a configuration that does not
@@ -374,7 +376,8 @@ def step_flops(config, model_cfg) -> float:
   from heptapod_jax import optim, train
   from heptapod_jax.models.heptapod import Heptapod
   depth = max(model_cfg.backbone.depth, model_cfg.head.depth, 1)
-  cfg = dataclasses.replace(model_cfg, scan_unroll=depth, attention_impl='xla')
+  # The plain loss: the fused one's chunk loop (model.loss_chunk) would be counted once.
+  cfg = dataclasses.replace(model_cfg, scan_unroll=depth, attention_impl='xla', loss_chunk=0)
   model = Heptapod(cfg)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   state = jax.eval_shape(lambda: train.init_train_state(model, tx, jax.random.key(0)))
@@ -512,7 +515,7 @@ class SamplerReport:
   total_bytes: int | None = None
   required_bytes: int | None = None
   oom_message: str | None = None
-  xla_flops: float | None = None  # The compiled program's count: the token loop's body once.
+  xla_flops: float | None = None  # XLA's estimate of one decoding step, per device.
   xla_bytes_accessed: float | None = None
   step_flops: float = 0.0  # Analytic FLOPs of one decoding step of the device's batch.
   step_min_bytes: float = 0.0  # Bytes such a step must read at the least.
@@ -536,6 +539,66 @@ def _decode_state_bytes(model_cfg, batch: int) -> int:
                        method=Heptapod.prefill)
 
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(prefill)))
+
+
+def _decode_step_cost(model, params, global_batch: int, parallel_tokens: int, mesh, rules
+                      ) -> tuple[float | None, float | None]:
+  """XLA's (FLOPs, bytes accessed) of one decoding step of the sampler's loop body, compiled
+  for the target as the loop runs it: the head's prediction for `parallel_tokens` positions,
+  then feeding them (KV cache and the head's state), on per-layer parameters, all sharded as
+  in the sampler (batch over the data axes; a layer's kernels as its stacked parameters),
+  with XLA attention so that the count sees it. The sampling of the tokens between the two
+  is elementwise."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+  from heptapod_jax import sharding
+  from heptapod_jax.models import layers
+  from heptapod_jax.models.heptapod import Heptapod, split_layers
+  from heptapod_jax.models.transformer import init_cache
+  # XLA attention: the cost analysis does not see inside Pallas kernels (splash attention).
+  mcfg = dataclasses.replace(model.config, attention_impl='xla')
+  model = Heptapod(mcfg)
+  dtype = layers.dtype_of(mcfg.dtype)
+
+  def per_layer(stacked):  # ShapeDtypeStructs of one layer, sharded as the stack minus its axis.
+    def one(a):
+      spec = tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))
+      return jax.ShapeDtypeStruct(a.shape[1:], dtype if a.ndim >= 3 else a.dtype,
+                                  sharding=NamedSharding(mesh, PartitionSpec(*spec[1:])))
+    return jax.tree.map(one, stacked)
+
+  depths = {k: len(v) for k, v in jax.eval_shape(lambda p: split_layers(p), params).items()}
+  layer_params = {'backbone': (per_layer(params['backbone']['layers']),) * depths['backbone'],
+                  'head': ((per_layer(params['head']['layers']),) * depths['head']
+                           if depths['head'] else ())}
+  labels = jax.ShapeDtypeStruct((global_batch,), jnp.int32)
+  state = jax.eval_shape(lambda p, y: model.apply(
+      {'params': p}, y, init_cache(mcfg, global_batch), split_layers(p, dtype),
+      method=Heptapod.prefill), params, labels)
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=sharding.batch_sharding(mesh, rules, a.ndim)), state)
+  head_state, cache = state
+  rows = sharding.batch_sharding(mesh, rules, 2 if not mcfg.continuous else 3)
+  shape = (global_batch, parallel_tokens) + ((mcfg.token_dim,) if mcfg.continuous else ())
+  chunk = jax.ShapeDtypeStruct(shape, jnp.float32 if mcfg.continuous else jnp.int32,
+                               sharding=rows)
+  t = mcfg.num_positions // 2
+  variables = {'params': params}
+  predict = jax.jit(lambda v, s, lp: model.apply(v, s, jnp.int32(t), parallel_tokens, lp,
+                                                 method=Heptapod.predict))
+  feed = jax.jit(lambda v, x, c, s, lp: model.apply(v, x, jnp.int32(t), c, s, lp,
+                                                    method=Heptapod.feed))
+  flops_total = bytes_total = 0.0
+  for fn, args in ((predict, (variables, head_state, layer_params)),
+                   (feed, (variables, chunk, cache, head_state, layer_params))):
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost or 'flops' not in cost:
+      return None, None
+    flops_total += float(cost['flops'])
+    bytes_total += float(cost.get('bytes accessed', 0.0))
+  return flops_total, bytes_total
 
 
 def compile_sampler(config, devices: Sequence[Any], *, batch_per_device: int, label: str = '',
@@ -604,11 +667,9 @@ def compile_sampler(config, devices: Sequence[Any], *, batch_per_device: int, la
     report.total_bytes = (report.argument_bytes + report.output_bytes + report.temp_bytes
                           + report.code_bytes)
     report.fits = report.total_bytes <= hbm_bytes
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost:
-      report.xla_flops = float(cost.get('flops', 0.0)) or None
-      report.xla_bytes_accessed = float(cost.get('bytes accessed', 0.0)) or None
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      report.xla_flops, report.xla_bytes_accessed = _decode_step_cost(
+          model, params, global_batch, scfg.parallel_tokens, mesh, rules)
   else:
     report.required_bytes = parse_hbm_oom(oom)[0]
     report.oom_message = oom.splitlines()[0]
@@ -621,15 +682,30 @@ def compile_sampler(config, devices: Sequence[Any], *, batch_per_device: int, la
   return report
 
 
+def _misfit_lines(reports: Sequence[Any]) -> list[str]:
+  """A paragraph per configuration that does not fit: what it needs and the knobs."""
+  lines = []
+  for r in reports:
+    if r.fits:
+      continue
+    total = r.total_bytes if r.total_bytes is not None else r.required_bytes
+    how = 'the TPU compiler ran out of memory' if r.oom_message else 'memory_analysis'
+    lines.append(f'\n{r.label}: DOES NOT FIT: needs {_gib(total)} GiB of {_gib(r.hbm_bytes)} GiB '
+                 f'per device ({how}). To reduce it:')
+    lines += [f'  {tip}' for tip in r.advice]
+  return lines
+
+
 def format_sampler_table(reports: Sequence[SamplerReport]) -> str:
   """One row per configuration's sampler, then a line per configuration that does not fit."""
   head = (f'{"size":6s} {"params":>7s} {"mesh d,f,t":>11s} {"rules":>11s} {"k":>2s} '
           f'{"batch/dev":>9s} | {"params":>7s} {"cache":>7s} {"temp":>7s} {"total":>7s} '
-          f'{"HBM":>7s} {"use":>5s} {"fits":>4s} | {"GFLOP/it":>9s} {"GFLOP/step":>10s} '
-          f'{"GB/it":>7s} {"GB/step":>7s} {"compile":>7s}')
-  left, right = head.index('|'), head.rindex('|')
-  units = (' ' * left + '|' + 'GiB per device'.center(right - left - 1) + '|'
-           + 'per device: XLA (loop body once) | analytic'.center(len(head) - right - 1))
+          f'{"HBM":>7s} {"use":>5s} {"fits":>4s} | {"GFLOP/step":>10s} {"GB/step":>7s} | '
+          f'{"GFLOP/step":>10s} {"GB/step":>7s} {"compile":>7s}')
+  bars = [i for i, c in enumerate(head) if c == '|']
+  units = (' ' * bars[0] + '|' + 'GiB per device'.center(bars[1] - bars[0] - 1) + '|'
+           + 'XLA, per device'.center(bars[2] - bars[1] - 1) + '|'
+           + 'analytic (floor)'.center(len(head) - bars[2] - 1))
   lines = [head, units, '-' * len(head)]
   for r in reports:
     mesh = ','.join(str(r.mesh.get(a, 1)) for a in ('data', 'fsdp', 'tensor'))
@@ -641,17 +717,9 @@ def format_sampler_table(reports: Sequence[SamplerReport]) -> str:
         f'{r.parallel_tokens:2d} {r.batch_per_device:9d} | {_gib(r.params_bytes):>7s} '
         f'{_gib(r.cache_bytes):>7s} {_gib(r.temp_bytes):>7s} {_gib(total):>7s} '
         f'{_gib(r.hbm_bytes):>7s} {100 * total / r.hbm_bytes:4.0f}% '
-        f'{"yes" if r.fits else "NO":>4s} | {xla_f:>9s} {r.step_flops / 1e9:10.1f} '
-        f'{xla_b:>7s} {r.step_min_bytes / 1e9:7.2f} {r.compile_seconds:6.0f}s')
-  for r in reports:
-    if r.fits:
-      continue
-    total = r.total_bytes if r.total_bytes is not None else r.required_bytes
-    how = 'the TPU compiler ran out of memory' if r.oom_message else 'memory_analysis'
-    lines.append(f'\n{r.label}: DOES NOT FIT: needs {_gib(total)} GiB of {_gib(r.hbm_bytes)} GiB '
-                 f'per device ({how}). To reduce it:')
-    lines += [f'  {tip}' for tip in r.advice]
-  return '\n'.join(lines)
+        f'{"yes" if r.fits else "NO":>4s} | {xla_f:>10s} {xla_b:>7s} | '
+        f'{r.step_flops / 1e9:10.1f} {r.step_min_bytes / 1e9:7.2f} {r.compile_seconds:6.0f}s')
+  return '\n'.join(lines + _misfit_lines(reports))
 
 
 def advice(r: StepReport) -> list[str]:
@@ -708,15 +776,7 @@ def format_table(reports: Sequence[StepReport]) -> str:
         f'{100 * total / r.hbm_bytes:4.0f}% {"yes" if r.fits else "NO":>4s} | '
         f'{r.flops_per_step / 1e12:10.1f} {r.flops_per_device / 1e12:9.2f} '
         f'{r.compile_seconds:6.0f}s')
-  for r in reports:
-    if r.fits:
-      continue
-    total = r.total_bytes if r.total_bytes is not None else r.required_bytes
-    how = 'the TPU compiler ran out of memory' if r.oom_message else 'memory_analysis'
-    lines.append(f'\n{r.label}: DOES NOT FIT: needs {_gib(total)} GiB of {_gib(r.hbm_bytes)} GiB '
-                 f'per device ({how}). To reduce it:')
-    lines += [f'  {tip}' for tip in r.advice]
-  return '\n'.join(lines)
+  return '\n'.join(lines + _misfit_lines(reports))
 
 
 def _flag_text(value: Any) -> str:
