@@ -5,7 +5,7 @@
 
 For each k, from the run's checkpoint (EMA parameters when train.sample_with_ema, as sample
 mode uses): `--num_samples` class-balanced samples drawn exactly as sample mode draws them
-(`sample.generate`: one key per sample from the run's sample seed, so k = 1 reproduces the
+(`generation.generate`: one key per sample from the run's sample seed, so k = 1 reproduces the
 run's own sample-mode metrics), scored by the run's evaluator (`GenerativeEvaluator`: for
 the built-in digits the feature net under <workdir>/feature_net, against the train split),
 and the throughput of one --batch call of the jitted class-labels -> decoded-images function,
@@ -25,6 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from _util import median_time
+from heptapod_jax import generation
 from heptapod_jax import sample as sample_lib
 from heptapod_jax import train, trainlib
 from heptapod_jax.evaluators import generative
@@ -56,12 +57,12 @@ def main(argv):
     for k in (int(v) for v in _KS.value):
       config.sampling.parallel_tokens = k
       trainer.__dict__.pop('_generate_fn', None)  # Rebuilt (and recompiled) for this k.
-      labels = sample_lib.class_balanced_labels(_BATCH.value, trainer.model_config.num_classes)
+      labels = generation.class_balanced_labels(_BATCH.value, trainer.model_config.num_classes)
       seconds = median_time(
           lambda: trainer.sample_images(params, labels, seed=seed, pad_to=_BATCH.value),
           repeats=_REPEATS.value)
       t0 = time.time()
-      imgs, img_labels = sample_lib.generate(trainer, params, num_samples=_NUM_SAMPLES.value,
+      imgs, img_labels = generation.generate(trainer, params, num_samples=_NUM_SAMPLES.value,
                                              seed=seed, chunk_size=_BATCH.value, progress=False)
       gen_seconds = time.time() - t0
       metrics = evaluator.evaluate(imgs, img_labels)

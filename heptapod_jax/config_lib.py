@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from heptapod_jax import sharding
-from heptapod_jax.data import input_pipeline
+from heptapod_jax.data import input_pipeline, record_order
 from heptapod_jax.models import tokenizers
 from heptapod_jax.models.config import ModelConfig
 
@@ -286,7 +286,7 @@ def _validate_optim(o: ml_collections.ConfigDict, path: str) -> None:
 def _validate_common(config: ml_collections.ConfigDict) -> None:
   """The sections both trainers share: data, mesh, optim, train."""
   _choice('config.data.source', config.data.source, input_pipeline.SOURCES)
-  _choice('config.data.augment', config.data.augment, input_pipeline.AUGMENTS)
+  _choice('config.data.augment', config.data.augment, record_order.AUGMENTS)
   _choice('config.mesh.rules_preset', config.mesh.rules_preset, sharding.RULE_PRESETS)
   if len(config.mesh.shape) != 3 or len(config.mesh.dcn_shape) != 3:
     raise ValueError(f'config.mesh.shape / dcn_shape need 3 sizes (data, fsdp, tensor); got '

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from heptapod_jax import checkpoint as ckpt_lib
 from heptapod_jax import config_lib, images, optim, sampling, sharding, trainlib
-from heptapod_jax import sample as sample_lib
+from heptapod_jax import generation
 from heptapod_jax.trainlib import NonFiniteError, ema_decay_at  # noqa: F401  (public API)
 from heptapod_jax.data import builtin, input_pipeline
 from heptapod_jax.data import tokenized as tokenized_lib
@@ -526,7 +526,7 @@ def _generative_eval(trainer: Trainer, evaluator, state: TrainState, writer,
   config.sample.seed at every evaluation, so that runs and steps compare on the same noise)."""
   cfg = trainer.config
   t0 = time.time()
-  imgs, labels = sample_lib.generate(
+  imgs, labels = generation.generate(
       trainer, _eval_params(trainer, state), num_samples=cfg.evaluator.num_samples,
       seed=cfg.sample.seed, chunk_size=cfg.sample.chunk_size or cfg.train.global_batch_size,
       progress=False)

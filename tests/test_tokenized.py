@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from heptapod_jax.data import builtin
 from heptapod_jax.data import input_pipeline
-from heptapod_jax.data import preprocess
+from heptapod_jax.data import preprocess, record_order
 from heptapod_jax.data import tokenized
 from heptapod_jax.models.tokenizers import io as tokenizer_io
 from heptapod_jax.models.tokenizers import kl
@@ -330,7 +330,7 @@ def test_reader_replays_the_image_pipeline(digits_dir, reference_dir, process_co
       np.testing.assert_array_equal(resumed_codes['label'], image_batches[k]['label'])
 
   # The views really vary with the record.
-  variant = input_pipeline.variant_fn('ten_crop', 7, 0)
+  variant = record_order.variant_fn('ten_crop', 7, 0)
   assert len({int(variant(tf.constant(r, tf.int64))) for r in range(64)}) == 10
 
 

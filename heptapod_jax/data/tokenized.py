@@ -53,7 +53,7 @@ Size: the reader holds its process's slice in memory: moments take
 bfloat16), divided over the processes; ten_crop is five times that.
 
 The reader (`create_train_iterator`) replays the image pipeline's record order
-(`input_pipeline.RecordOrder`) and view choice (`input_pipeline.variant_fn`),
+(`record_order.RecordOrder`) and view choice (`record_order.variant_fn`),
 so for the same data config, seed and batch size it yields the codes (moments) of
 exactly the images the image pipeline would yield, with the same `get_state()`.
 """
@@ -70,8 +70,7 @@ import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
-from heptapod_jax.data import input_pipeline
-from heptapod_jax.data import preprocess
+from heptapod_jax.data import preprocess, record_order
 
 FORMAT_VERSION = 1
 METADATA_FILE = 'metadata.json'
@@ -481,14 +480,14 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
   Returns:
     A `TokenizedTrainIterator`.
   """
-  process_index, process_count = input_pipeline.resolve_process(process_index, process_count)
-  local_batch_size = input_pipeline.per_process_batch_size(global_batch_size, process_count)
+  process_index, process_count = record_order.resolve_process(process_index, process_count)
+  local_batch_size = record_order.per_process_batch_size(global_batch_size, process_count)
   directory = data_config.tokenized_dir
   metadata = open_metadata(directory)
   check_data_config(metadata, data_config, directory)
-  variant_of = input_pipeline.variant_fn(data_config.augment, seed, process_index)
-  position, num_skipped = input_pipeline.parse_data_state(state)
-  order = input_pipeline.train_record_order(
+  variant_of = record_order.variant_fn(data_config.augment, seed, process_index)
+  position, num_skipped = record_order.parse_data_state(state)
+  order = record_order.train_record_order(
       data_config, num_examples=int(metadata['num_examples']), seed=seed,
       process_index=process_index, process_count=process_count)
   codes, labels, row_of = _load_slice(directory, metadata, order.slice_start,

@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from heptapod_jax.data import input_pipeline
-from heptapod_jax.data import preprocess
+from heptapod_jax.data import preprocess, record_order
 from heptapod_jax.data import tokenized
 from heptapod_jax.models.tokenizers import LatentTokenizer
 from heptapod_jax.models.tokenizers import make_tokenizer
@@ -182,7 +182,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
     that already existed, 'metadata': the metadata dict once the directory is
     complete, else None}.
   """
-  process_index, process_count = input_pipeline.resolve_process(process_index, process_count)
+  process_index, process_count = record_order.resolve_process(process_index, process_count)
   data_config = config.data
   split = data_config.train_split if split is None else split
   if batch_size <= 0:

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from heptapod_jax.data import input_pipeline
-from heptapod_jax.data import preprocess
+from heptapod_jax.data import preprocess, record_order
 
 SIZE = 16  # Good images are SIZE x SIZE: the center crop keeps their pixels.
 BATCH = 3
@@ -107,7 +107,7 @@ def _config(root, **overrides):
 
 def _stream_sources(config, num_examples, count):
   """Source index of records 0..count-1 of the training stream (its documented order)."""
-  order = input_pipeline.train_record_order(config, num_examples=num_examples, seed=SEED,
+  order = record_order.train_record_order(config, num_examples=num_examples, seed=SEED,
                                             process_index=0, process_count=1)
   return [int(source) for _, source in order.stream().take(count).as_numpy_iterator()]
 

@@ -1,0 +1,120 @@
+"""The package's import graph: no circles, and layers that read top-down.
+
+Every `import` of a heptapod_jax module counts, at module level or inside a function (a
+function-local import is still a dependency: it only hides the circle until run time).
+"""
+import ast
+import os
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'heptapod_jax'
+
+TRAINING = ('heptapod_jax.train', 'heptapod_jax.trainlib', 'heptapod_jax.train_tokenizer',
+            'heptapod_jax.main')
+# Who may not import whom: (importer prefix, forbidden prefixes, why).
+LAYERS = (
+    ('heptapod_jax.models', TRAINING + ('heptapod_jax.sampling', 'heptapod_jax.sample',
+                                        'heptapod_jax.generation', 'heptapod_jax.data'),
+     'models never import training, sampling or data'),
+    ('heptapod_jax.sampling', TRAINING + ('heptapod_jax.sample', 'heptapod_jax.generation'),
+     'sampling never imports training or sample mode'),
+    ('heptapod_jax.generation', TRAINING + ('heptapod_jax.sample',),
+     'sample generation needs neither the trainer nor the CLI'),
+)
+
+
+def module_names(root: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Dotted module name -> file, for every .py file of the package at `root`."""
+  out = {}
+  for path in root.rglob('*.py'):
+    parts = list(path.relative_to(root.parent).with_suffix('').parts)
+    if parts[-1] == '__init__':
+      parts = parts[:-1]
+    out['.'.join(parts)] = path
+  return out
+
+
+def import_graph(root: pathlib.Path) -> dict[str, set[str]]:
+  """module -> the package's modules it imports (anywhere in the file)."""
+  modules = module_names(root)
+  graph = {name: set() for name in modules}
+  for name, path in modules.items():
+    package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ''
+        if node.level:
+          anchor = package.split('.')[:len(package.split('.')) - node.level + 1]
+          base = '.'.join(anchor + ([base] if base else []))
+        # `from a.b import c`: on the module a.b.c if there is one, else on a.b (c is a name
+        # defined there; a package's own __init__ running first does not count).
+        targets = [f'{base}.{alias.name}' if f'{base}.{alias.name}' in modules else base
+                   for alias in node.names]
+      else:
+        continue
+      graph[name].update(t for t in targets if t in modules and t != name)
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One import circle as a path [a, b, ..., a], or None."""
+  state = {}  # 1 = on the current path, 2 = done.
+  path = []
+
+  def visit(node):
+    state[node] = 1
+    path.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 1:
+        return path[path.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt)
+        if found:
+          return found
+    path.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_the_package_has_no_import_circles():
+  cycle = find_cycle(import_graph(PACKAGE))
+  assert cycle is None, 'import circle: ' + ' -> '.join(cycle)
+
+
+@pytest.mark.parametrize('importer, forbidden, why', LAYERS, ids=[l[0] for l in LAYERS])
+def test_layers_read_top_down(importer, forbidden, why):
+  graph = import_graph(PACKAGE)
+  bad = sorted(f'{src} -> {dst}' for src, dsts in graph.items()
+               if src == importer or src.startswith(importer + '.')
+               for dst in dsts if any(dst == f or dst.startswith(f + '.') for f in forbidden))
+  assert not bad, f'{why}: ' + '; '.join(bad)
+
+
+def test_the_checker_finds_circles_and_function_local_imports(tmp_path):
+  pkg = tmp_path / 'toy'
+  (pkg / 'sub').mkdir(parents=True)
+  (pkg / '__init__.py').write_text('')
+  (pkg / 'sub' / '__init__.py').write_text('')
+  (pkg / 'a.py').write_text('from toy.sub import b\n')
+  (pkg / 'sub' / 'b.py').write_text('def f():\n  from .. import c\n')
+  (pkg / 'c.py').write_text('import os\n')
+  graph = import_graph(pkg)
+  assert graph['toy.a'] == {'toy.sub.b'} and graph['toy.sub.b'] == {'toy.c'}
+  (pkg / 'c.py').write_text('from toy.sub import VALUE\n')  # A name of a package.
+  assert import_graph(pkg)['toy.c'] == {'toy.sub'}
+  (pkg / 'c.py').write_text('import os\n')
+  assert find_cycle(graph) is None
+  (pkg / 'c.py').write_text('def g():\n  import toy.a\n')
+  assert find_cycle(import_graph(pkg)) == ['toy.a', 'toy.sub.b', 'toy.c', 'toy.a']
+  assert os.path.isdir(PACKAGE)
