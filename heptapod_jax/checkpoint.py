@@ -732,3 +732,60 @@ def load_params(
   finally:
     manager.close()
   return _subtree(restored, keys)
+
+
+class NoRestorableStepError(RuntimeError):
+  """Checkpoints exist but the wanted one (or, for the latest, every one) fails to restore."""
+
+
+def load_newest_intact_params(checkpoint_dir: str, abstract: Any, *, step: int | None, key: str,
+                              what: str = 'sampling', hint: str = 'train first',
+                              step_name: str = '--step'
+                              ) -> tuple[Any, int, list[tuple[int, str]]]:
+  """(params, step, skipped): one parameter tree of a run's checkpoint, read-only.
+
+  `abstract`: the tree's ShapeDtypeStructs with their shardings (`load_params`); `key`: its
+  name in the saved state ('params' or 'ema_params'); what / hint / step_name: how the
+  caller's errors name the job, what to do, and the setting that chose `step`.
+
+  With `step` None the newest step that restores is used: a newer step that
+  fails to restore (truncated or missing array data, unreadable metadata) is
+  logged and skipped, and listed in `skipped` as (step, reason). Nothing on disk
+  is moved (a training run may still be writing there; resuming the run is what
+  sets damaged steps aside, `Checkpointer.restore_latest_intact`). An explicit
+  `step` is never replaced by another one. Call inside the mesh of the shardings.
+
+  Raises:
+    FileNotFoundError: no checkpoint in `checkpoint_dir`, or no such step.
+    NoRestorableStepError: every candidate step fails to restore (each with its reason).
+    KeyError: the saved state has no subtree `key`.
+  """
+  steps = checkpoint_steps(checkpoint_dir)
+  if not steps:
+    raise FileNotFoundError(f'{what}: no checkpoint in {checkpoint_dir} ({hint}).')
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f'{step_name}={step}: {checkpoint_dir} has steps {steps}.')
+  failed: list[tuple[int, str]] = []
+  for candidate in [step] if step is not None else sorted(steps, reverse=True):
+    try:
+      params = load_params(checkpoint_dir, abstract, step=candidate, key=key)
+    except (KeyError, ProcessCountMismatchError):
+      raise
+    except Exception as e:  # noqa: BLE001  Damage or a mismatch: named below, then the next step.
+      if _is_environment_error(e):
+        raise
+      reason = _describe(e)
+      logging.warning('Checkpoint %s/%d cannot be restored, trying an older step: %s',
+                      checkpoint_dir, candidate, reason)
+      failed.append((candidate, reason))
+      continue
+    if failed:
+      logging.warning('%s: using step %d of %s; newer steps fail to restore: %s', what, candidate,
+                      checkpoint_dir, failed)
+    return params, candidate, failed
+  lines = '\n'.join(f'  step {s} ({checkpoint_dir}/{s}): {r}' for s, r in failed)
+  tried = f'{step_name}={step}' if step is not None else 'every step tried, newest first'
+  raise NoRestorableStepError(
+      f'{what}: no step of {checkpoint_dir} restores ({tried}):\n{lines}\n'
+      'If every step reports the same shape or structure mismatch, the config (model settings) '
+      'does not match the checkpoint rather than the checkpoint being damaged.')

@@ -68,67 +68,20 @@ from heptapod_jax import images as images_lib
 from heptapod_jax import trainlib
 
 
+def _abstract(trainer: Any, key: str) -> Any:
+  """The sharded ShapeDtypeStructs of the train state's subtree `key` (KeyError if none)."""
+  return getattr(trainer.abstract_state(trainer.state_shardings()), key)
+
+
 def restore_params(trainer: Any, workdir: str, step: int = -1) -> tuple[Any, int, str]:
   """(params, step, key) from the workdir's checkpoint: the EMA tree if train.sample_with_ema."""
   key = 'ema_params' if trainer.config.train.sample_with_ema else 'params'
-  params, step, _ = restore_intact_params(
-      trainer, os.path.join(workdir, 'checkpoints'), step=None if step < 0 else step, key=key,
+  params, step, _ = ckpt_lib.load_newest_intact_params(
+      os.path.join(workdir, 'checkpoints'), _abstract(trainer, key),
+      step=None if step < 0 else step, key=key,
       what='sample mode', hint='train first, or point --workdir at a trained run',
       step_name='config.sample.checkpoint_step')
   return params, step, key
-
-
-class NoRestorableStepError(RuntimeError):
-  """Checkpoints exist but the wanted one (or, for the latest, every one) fails to restore."""
-
-
-def restore_intact_params(trainer: Any, checkpoint_dir: str, *, step: int | None, key: str,
-                          what: str = 'sampling', hint: str = 'train first',
-                          step_name: str = '--step') -> tuple[Any, int, list[tuple[int, str]]]:
-  """(params, step, skipped): one parameter tree of a run's checkpoint, read-only.
-
-  With `step` None the newest step that restores is used: a newer step that
-  fails to restore (truncated or missing array data, unreadable metadata) is
-  logged and skipped, and listed in `skipped` as (step, reason). Nothing on disk
-  is moved (a training run may still be writing there; resuming the run is what
-  sets damaged steps aside, `Checkpointer.restore_latest_intact`). An explicit
-  `step` is never replaced by another one. Call inside the trainer's mesh.
-
-  Raises:
-    FileNotFoundError: no checkpoint in `checkpoint_dir`, or no such step.
-    NoRestorableStepError: every candidate step fails to restore (each with its reason).
-    KeyError: the train state has no subtree `key`.
-  """
-  steps = ckpt_lib.checkpoint_steps(checkpoint_dir)
-  if not steps:
-    raise FileNotFoundError(f'{what}: no checkpoint in {checkpoint_dir} ({hint}).')
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f'{step_name}={step}: {checkpoint_dir} has steps {steps}.')
-  abstract = getattr(trainer.abstract_state(trainer.state_shardings()), key)
-  failed: list[tuple[int, str]] = []
-  for candidate in [step] if step is not None else sorted(steps, reverse=True):
-    try:
-      params = ckpt_lib.load_params(checkpoint_dir, abstract, step=candidate, key=key)
-    except (KeyError, ckpt_lib.ProcessCountMismatchError):
-      raise
-    except Exception as e:  # noqa: BLE001  Damage or a mismatch: named below, then the next step.
-      if ckpt_lib._is_environment_error(e):  # pylint: disable=protected-access
-        raise
-      reason = ckpt_lib._describe(e)  # pylint: disable=protected-access
-      logging.warning('Checkpoint %s/%d cannot be restored, trying an older step: %s',
-                      checkpoint_dir, candidate, reason)
-      failed.append((candidate, reason))
-      continue
-    if failed:
-      logging.warning('%s: using step %d of %s; newer steps fail to restore: %s', what, candidate,
-                      checkpoint_dir, failed)
-    return params, candidate, failed
-  lines = '\n'.join(f'  step {s} ({checkpoint_dir}/{s}): {r}' for s, r in failed)
-  tried = f'{step_name}={step}' if step is not None else 'every step tried, newest first'
-  raise NoRestorableStepError(
-      f'{what}: no step of {checkpoint_dir} restores ({tried}):\n{lines}\n'
-      'If every step reports the same shape or structure mismatch, the config (model settings) '
-      'does not match the checkpoint rather than the checkpoint being damaged.')
 
 
 def write_pngs(images: np.ndarray, labels: np.ndarray, directory: str, count: int) -> int:
@@ -428,8 +381,8 @@ def load_run(checkpoint: str, *, step: int | None = None, params: str | None = N
   trainer = train.Trainer(config, workdir)
   key = 'ema_params' if config.train.sample_with_ema else 'params'
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-    restored, step, skipped = restore_intact_params(
-        trainer, location.checkpoint_dir, step=step, key=key, what='sampling',
+    restored, step, skipped = ckpt_lib.load_newest_intact_params(
+        location.checkpoint_dir, _abstract(trainer, key), step=step, key=key, what='sampling',
         hint='train first, or point --checkpoint at a trained run')
   return LoadedRun(trainer, restored, step, key, location, skipped)
 
@@ -565,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    cfg_scale=args.cfg_scale, parallel_tokens=args.parallel_tokens)
     classes = (check_classes(classes, run.num_classes) if classes is not None
                else default_classes(run.num_classes))
-  except (ValueError, FileNotFoundError, NoRestorableStepError, KeyError) as e:
+  except (ValueError, FileNotFoundError, ckpt_lib.NoRestorableStepError, KeyError) as e:
     parser.error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
   num = args.n if args.n is not None else 4 * len(classes)
   t0 = time.time()
