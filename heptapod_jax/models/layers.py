@@ -544,7 +544,8 @@ class Block(nn.Module):
     self.attention = Attention(causal=self.causal, **attn_kw)
     self.mlp_norm = RMSNorm(self.norm_eps, **kw)
     self.mlp = SwiGLU(self.mlp_hidden, **kw)
-    self.drop = nn.Dropout(self.dropout, deterministic=self.deterministic)
+    # Named as the compact version named it, so that the dropout masks of a seed stay the same.
+    self.drop = nn.Dropout(self.dropout, deterministic=self.deterministic, name='Dropout_0')
 
   def self_qkv(self, x: Array) -> tuple[Array, Array, Array]:
     """The self-attention's (q, k, v) of block inputs x [B, L, E], before RoPE (pass them
