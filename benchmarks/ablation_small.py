@@ -247,7 +247,7 @@ def real_baseline(config: ml_collections.ConfigDict, workdir: str, log=print) ->
   if os.path.exists(path):
     return _read_json(path)
   from heptapod_jax.evaluators import generative
-  from heptapod_jax.models.tokenizers import make_tokenizer
+  from heptapod_jax.tokenizer_checkpoint import make_tokenizer
   tokenizer, params = make_tokenizer(config.tokenizer, config.data.image_size)
   out = generative.GenerativeEvaluator(config, workdir).real_baseline(tokenizer, params)
   out = {name: {k: float(v) for k, v in m.items()} for name, m in out.items()}

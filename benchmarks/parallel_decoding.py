@@ -26,8 +26,9 @@ from ml_collections import config_flags
 
 from _util import median_time
 from heptapod_jax import generation
-from heptapod_jax import sample as sample_lib
-from heptapod_jax import train, trainlib
+from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import runs
+from heptapod_jax.image_sampler import ImageSampler
 from heptapod_jax.evaluators import generative
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'The run\'s recipe.',
@@ -43,26 +44,26 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per k (median reporte
 def main(argv):
   del argv
   config = _CONFIG.value
-  workdir = trainlib.resolve_workdir(_WORKDIR.value)
-  trainer = train.Trainer(config, workdir)
-  n = trainer.model_config.num_positions
+  workdir = ckpt_lib.local_abspath(_WORKDIR.value)
+  sampler = ImageSampler(config)
+  n = sampler.model_config.num_positions
   evaluator = generative.GenerativeEvaluator(config, workdir)
   seed = config.sample.seed
   rows = []
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-    params, step, key = sample_lib.restore_params(trainer, workdir, config.sample.checkpoint_step)
+  with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sampler.rules):
+    params, step, key = runs.restore_params(sampler, workdir, config.sample.checkpoint_step)
     print(f'{workdir} step {step} ({key}), head {config.model.head.kind}, N = {n}, '
           f'{_NUM_SAMPLES.value} samples, batch {_BATCH.value}, '
           f'devices {jax.devices()[0].device_kind} x{jax.device_count()}', flush=True)
     for k in (int(v) for v in _KS.value):
       config.sampling.parallel_tokens = k
-      trainer.__dict__.pop('_generate_fn', None)  # Rebuilt (and recompiled) for this k.
-      labels = generation.class_balanced_labels(_BATCH.value, trainer.model_config.num_classes)
+      sampler.__dict__.pop('_generate_fn', None)  # Rebuilt (and recompiled) for this k.
+      labels = generation.class_balanced_labels(_BATCH.value, sampler.model_config.num_classes)
       seconds = median_time(
-          lambda: trainer.sample_images(params, labels, seed=seed, pad_to=_BATCH.value),
+          lambda: sampler.sample_images(params, labels, seed=seed, pad_to=_BATCH.value),
           repeats=_REPEATS.value)
       t0 = time.time()
-      imgs, img_labels = generation.generate(trainer, params, num_samples=_NUM_SAMPLES.value,
+      imgs, img_labels = generation.generate(sampler, params, num_samples=_NUM_SAMPLES.value,
                                              seed=seed, chunk_size=_BATCH.value, progress=False)
       gen_seconds = time.time() - t0
       metrics = evaluator.evaluate(imgs, img_labels)

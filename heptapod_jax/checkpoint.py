@@ -32,6 +32,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import re
 import time
 from typing import Any, Mapping, NamedTuple
@@ -116,6 +117,11 @@ class RestoredCheckpoint(NamedTuple):
   config: dict[str, Any]
   step: int
   skipped: list[tuple[int, str]]
+
+
+def local_abspath(path: str) -> str:
+  """Absolute local path (Orbax needs one); remote URLs (gs://...) stay as given."""
+  return path if '://' in path else os.path.abspath(path)
 
 
 def to_jsonable(value: Any) -> Any:

@@ -4,7 +4,8 @@ A recipe (`configs/*.py`) defines `get_config(arg=None)`; `arg` is the text
 after the colon in `--config=configs/imagenet256.py:size=L,head=global,runlocal`
 and is parsed into typed options by `parse_arg`. Every field of the experiment
 is declared in `base_config()`; `validate()` runs once at start-up and stops
-with a message naming the first bad field and its valid choices.
+with a message naming the first bad field and its valid choices. Nothing here
+reads a file: configs only describe.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from heptapod_jax import sharding
-from heptapod_jax.data import input_pipeline, record_order
+from heptapod_jax.data import input_pipeline, record_order, sources
 from heptapod_jax.models import tokenizers
 from heptapod_jax.models.config import ModelConfig
 
@@ -285,7 +286,7 @@ def _validate_optim(o: ml_collections.ConfigDict, path: str) -> None:
 
 def _validate_common(config: ml_collections.ConfigDict) -> None:
   """The sections both trainers share: data, mesh, optim, train."""
-  _choice('config.data.source', config.data.source, input_pipeline.SOURCES)
+  _choice('config.data.source', config.data.source, sources.SOURCES)
   _choice('config.data.augment', config.data.augment, record_order.AUGMENTS)
   _choice('config.mesh.rules_preset', config.mesh.rules_preset, sharding.RULE_PRESETS)
   if len(config.mesh.shape) != 3 or len(config.mesh.dcn_shape) != 3:
@@ -348,21 +349,12 @@ def _validate_evaluator(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.sample: num_samples or num_per_class must be > 0.')
 
 
-def _check_tokenizer_grid(config: ml_collections.ConfigDict, model: ModelConfig, name: str,
-                          stride: int) -> None:
-  """The model's grid must be the learned tokenizer's: data.image_size / its stride."""
-  size, ckpt = config.data.image_size, config.tokenizer.checkpoint
-  if size % stride:
-    raise ValueError(f'config.data.image_size={size} is not a multiple of the {name} tokenizer\'s '
-                     f'stride {stride} ({ckpt}).')
-  grid = (size // stride,) * 2
-  if tuple(model.grid_size) != grid:
-    raise ValueError(f'config.model.grid_size={tuple(model.grid_size)} does not match the {name} '
-                     f'tokenizer grid {grid} (data.image_size={size} / stride {stride}).')
-
-
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   """Checks the whole experiment config once, at start-up; returns the typed ModelConfig.
+
+  Pure: reads no file. The checks against a tokenizer checkpoint on disk (grid, codebook
+  size, latent channels) are `tokenizer_checkpoint.check_model_config`, run where the run
+  is assembled (the trainer, the probe, sample mode).
 
   Raises:
     ValueError naming the field (dotted path) and, for choices, the valid values.
@@ -386,19 +378,6 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     if model.vocab_size != tok.levels:
       raise ValueError(f'config.model.vocab_size={model.vocab_size} must equal '
                        f'config.tokenizer.levels={tok.levels} for the pixel tokenizer.')
-  elif tok.kind == 'kl':
-    klc = tokenizers.stored_config(tok, 'kl')
-    _check_tokenizer_grid(config, model, 'KL', klc.downsample_factor)
-    if not model.continuous or model.token_dim != klc.embed_dim:
-      raise ValueError(f'config.tokenizer.kind="kl" needs config.model.tokens="kl" and '
-                       f'config.model.token_dim={klc.embed_dim} (the latent channels of '
-                       f'{tok.checkpoint}); got tokens={model.tokens!r}, token_dim={model.token_dim}.')
-  elif tok.kind == 'vq':
-    vq = tokenizers.stored_vq_config(tok)
-    _check_tokenizer_grid(config, model, 'VQ', vq.downsample_factor)
-    if model.vocab_size != vq.codebook_size:
-      raise ValueError(f'config.model.vocab_size={model.vocab_size} must equal the VQ codebook size '
-                       f'{vq.codebook_size} of {tok.checkpoint}.')
   _validate_common(config)
   t = config.train
   for name in ('sample_every', 'eval_every', 'eval_batches', 'num_sample_images'):

@@ -1,12 +1,14 @@
-"""Class-balanced sample generation, resumable in chunks: what sample mode (`sample.py`) and
-the trainer's periodic evaluation (`train.py`) both run.
+"""Class-conditional image generation over a sampler: class-balanced and resumable in chunks
+(what sample mode, `sample.py`, and the trainer's periodic evaluation, `train.py`, both run),
+or for chosen classes (the sampling command line and the notebooks).
 
-  images, labels = generation.generate(trainer, params, num_samples=..., seed=..., chunk_size=...,
+  images, labels = generation.generate(sampler, params, num_samples=..., seed=..., chunk_size=...,
                                        out_dir=...)
+  images, labels = generation.sample_classes(run, classes=[3, 7], num=16, seed=0)
 
-`trainer` is anything with `model_config`, `config.data.image_size` and
-`sample_images(params, labels, seed=, start_index=, pad_to=)` (a `train.Trainer`; this module
-does not import it). Sample i has class i mod C and its own key from (seed, i), so chunks of
+`sampler` is an `image_sampler.ImageSampler` (or the trainer, which is one): anything with
+`model_config`, `config.data.image_size` and `sample_images(params, labels, seed=,
+start_index=, pad_to=)`. Sample i has class i mod C and its own key from (seed, i), so chunks of
 `chunk_size` are independent: each is one call and, with `out_dir`, one file
 `<out_dir>/chunks/chunk_<start>_<end>.npz` written atomically by process 0. A rerun skips the
 chunks on disk (damaged ones are made again) and `<out_dir>/manifest.json` refuses to mix
@@ -20,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -116,23 +119,23 @@ def _check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
     os.replace(path + '.tmp', path)
 
 
-def generate(trainer: Any, params: Any, *, num_samples: int, seed: int, chunk_size: int,
+def generate(sampler: Any, params: Any, *, num_samples: int, seed: int, chunk_size: int,
              out_dir: str | None = None, manifest: dict[str, Any] | None = None,
              progress: bool = True, stop_after_chunks: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
   """Class-balanced samples: (uint8[N, S, S, 3], int32[N]).
 
   Args:
-    trainer: a `train.Trainer` (model, tokenizer, mesh); call inside its mesh context.
-    params: model parameters, sharded like the trainer's state.
+    sampler: an `ImageSampler` (model, tokenizer, mesh); call inside its mesh context.
+    params: model parameters, sharded as `sampler.abstract_params()`.
     num_samples, seed, chunk_size: see the module docstring.
     out_dir: when given, each chunk is written there and reused on a rerun.
     manifest: settings recorded in out_dir (checked against an existing one).
     stop_after_chunks: generate at most this many new chunks, then return what
       exists so far (for tests of interruption); None = all.
   """
-  num_classes = trainer.model_config.num_classes
-  size = trainer.config.data.image_size
+  num_classes = sampler.model_config.num_classes
+  size = sampler.config.data.image_size
   labels = class_balanced_labels(num_samples, num_classes)
   bounds = [(s, min(s + chunk_size, num_samples)) for s in range(0, num_samples, chunk_size)]
   if out_dir is not None:
@@ -160,7 +163,7 @@ def generate(trainer: Any, params: Any, *, num_samples: int, seed: int, chunk_si
       continue
     if stop_after_chunks is not None and new >= stop_after_chunks:
       break
-    imgs = trainer.sample_images(params, labels[s:e], seed=seed, start_index=s, pad_to=chunk_size)
+    imgs = sampler.sample_images(params, labels[s:e], seed=seed, start_index=s, pad_to=chunk_size)
     chunks[i] = imgs
     new += 1
     if out_dir is not None and jax.process_index() == 0:
@@ -179,3 +182,43 @@ def generate(trainer: Any, params: Any, *, num_samples: int, seed: int, chunk_si
     imgs = np.concatenate(prefix) if prefix else np.zeros((0, size, size, 3), np.uint8)
     return imgs, labels[:len(imgs)]
   return np.concatenate(have), labels
+
+
+def check_classes(classes: Any, num_classes: int) -> list[int]:
+  """The class ids as ints, each in [0, num_classes); ValueError naming the bad ones."""
+  classes = [int(c) for c in classes]
+  if not classes:
+    raise ValueError('--classes is empty; give class ids, e.g. --classes=3,7.')
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad:
+    raise ValueError(f'--classes: {bad} out of range; this model has num_classes={num_classes} '
+                     f'(ids 0..{num_classes - 1}).')
+  return classes
+
+
+def default_classes(num_classes: int) -> list[int]:
+  """All classes up to 10 of them, else 10 spread evenly over the ids (as training's grids)."""
+  cols = min(num_classes, 10)
+  return np.linspace(0, num_classes - 1, cols).round().astype(int).tolist()
+
+
+def sample_classes(run: Any, classes: Any, num: int, *, seed: int = 0,
+                   batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8[num, S, S, 3], int32[num]): image i has class classes[i mod C] and key (seed, i).
+
+  `run` is a `runs.LoadedRun` (its `sampler`, `params` and `num_classes`).
+
+  The images depend only on (seed, i, class), not on `batch` or the device count.
+  """
+  sampler = run.sampler
+  classes = check_classes(classes, run.num_classes)
+  if num < 1 or batch < 1:
+    raise ValueError(f'--n={num} and --batch={batch} must be >= 1.')
+  labels = np.asarray([classes[i % len(classes)] for i in range(num)], np.int32)
+  batch = min(batch, num)
+  out = []
+  with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sampler.rules):
+    for start in range(0, num, batch):
+      out.append(sampler.sample_images(run.params, labels[start:start + batch], seed=seed,
+                                       start_index=start, pad_to=batch))
+  return np.concatenate(out), labels

@@ -20,20 +20,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import config_lib, images, optim, sampling, sharding, trainlib
-from heptapod_jax import generation
+from heptapod_jax import config_lib, generation, image_sampler, images, optim, sharding, trainlib
 from heptapod_jax.trainlib import NonFiniteError, ema_decay_at  # noqa: F401  (public API)
 from heptapod_jax.data import builtin, input_pipeline
 from heptapod_jax.data import tokenized as tokenized_lib
 from heptapod_jax.evaluators import generative
 from heptapod_jax.models import layers, objective
-from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, compute_loss, continuous_pair_loss, init_params
-from heptapod_jax.models.tokenizers import decode_tokens, encode_images, make_tokenizer
+from heptapod_jax.models.tokenizers import batch_tokens, decode_tokens, encode_images
 
 Array = jax.Array
 
@@ -45,25 +43,6 @@ class TrainState:
   opt_state: Any
   ema_params: Any
   rng: Array  # Typed PRNG key; each step folds in the step number.
-
-
-def batch_tokens(batch: dict[str, Array], tokenizer: Any, tokenizer_params: Any,
-                 rng: Array | None = None) -> Array:
-  """int32[B, N] codes of a batch: pre-tokenized ('tokens') or encoded on the fly ('image').
-  Continuous tokenizers give float32[B, N, C] latents (posterior samples drawn with `rng`),
-  on the fly or from pre-tokenized moments ('latent_mean', 'latent_std'), the same way."""
-  if 'latent_mean' in batch:  # Pre-tokenized KL moments: sample (or take the mean), then scale.
-    mean = batch['latent_mean'].astype(jnp.float32)
-    if tokenizer.sample_posterior and rng is not None:
-      mean = mean + batch['latent_std'].astype(jnp.float32) * jax.random.normal(rng, mean.shape)
-    tokens = mean * tokenizer.scale
-  elif 'tokens' in batch:
-    tokens = batch['tokens'].astype(jnp.int32)
-  else:
-    tokens = jax.lax.stop_gradient(encode_images(tokenizer, tokenizer_params, batch['image'], rng))
-  if tokens.ndim == 4:  # [B, h, w, C] latents.
-    return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
-  return tokens.reshape(tokens.shape[0], -1)
 
 
 def train_step(state: TrainState, batch: dict[str, Array], tokenizer_params: Any, *,
@@ -204,19 +183,14 @@ def jit_train_step(model: Heptapod, tokenizer: Any, tx, schedule, *, ema_decay: 
       donate_argnums=0)
 
 
-class Trainer:
-  """Holds the pieces of one run; `train_and_evaluate` drives it."""
+class Trainer(image_sampler.ImageSampler):
+  """Holds the pieces of one run; `train_and_evaluate` drives it. The sampling side (model,
+  tokenizer, mesh, `sample_images`) is `ImageSampler`'s; this adds the optimizer, the batch
+  shardings and the train state."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config = config
+    super().__init__(config)
     self.workdir = workdir
-    self.model_config: ModelConfig = config_lib.validate(config)
-    layers.check_attention_impl(self.model_config.attention_impl,
-                                layers.dtype_of(self.model_config.dtype))
-    self.model = Heptapod(self.model_config)
-    self.is_chief = jax.process_index() == 0
-    self.mesh = sharding.create_mesh(config.mesh.shape, config.mesh.dcn_shape)
-    self.rules = sharding.RULE_PRESETS[config.mesh.rules_preset]
     dp = sharding.data_parallel_size(self.mesh, self.rules)
     if config.train.global_batch_size % dp:
       raise ValueError(f'config.train.global_batch_size={config.train.global_batch_size} is not '
@@ -226,10 +200,6 @@ class Trainer:
       raise ValueError(f'config.train.global_batch_size={config.train.global_batch_size} is not '
                        f'divisible by config.train.grad_accum_steps={accum} microbatches x {dp} '
                        'data-parallel shards.')
-    self.tokenizer, tokenizer_params = make_tokenizer(config.tokenizer, config.data.image_size)
-    # Frozen and replicated on every device; passed to the jitted functions as an argument
-    # (a closure would bake tens of MB of weights into the program as constants).
-    self.tokenizer_params = jax.device_put(tokenizer_params, sharding.replicated(self.mesh))
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.num_steps)
     self.batch_shardings = {'image': sharding.batch_sharding(self.mesh, self.rules, 4),
                             'tokens': sharding.batch_sharding(self.mesh, self.rules, 3),
@@ -277,43 +247,6 @@ class Trainer:
       state = state.replace(params=params, ema_params=params)
     return state, None
 
-  # ------------------------------------------------------------------ sampling
-  def sample_images(self, params: Any, labels: np.ndarray, seed: int, start_index: int = 0,
-                    pad_to: int | None = None) -> np.ndarray:
-    """uint8[B, S, S, 3] images for class `labels` (sharded over the data axes).
-
-    Sample i is drawn with its own key, `sampling.example_keys(seed, start_index + i)`,
-    so it depends only on (seed, its global index) and not on the batch or mesh.
-    The batch is padded to `pad_to` rows (and to a multiple of the data-parallel
-    size) so that chunks of one run share one compiled program.
-    """
-    dp = sharding.data_parallel_size(self.mesh, self.rules)
-    n = len(labels)
-    rows = max(n, pad_to or 0)
-    rows += (-rows) % dp
-    padded = np.zeros((rows,), np.int32)
-    padded[:n] = labels
-    indices = (start_index + np.arange(rows)).astype(np.int32)
-    spec = sharding.batch_sharding(self.mesh, self.rules, 1)
-    labels_arr = jax.make_array_from_callback(padded.shape, spec, lambda idx: padded[idx])
-    indices_arr = jax.make_array_from_callback(indices.shape, spec, lambda idx: indices[idx])
-    out = self._generate_fn(params, self.tokenizer_params, labels_arr, indices_arr,
-                            jnp.asarray(seed, jnp.uint32))
-    return images.to_uint8(np.asarray(jax.device_get(out))[:n])
-
-  @functools.cached_property
-  def _generate_fn(self):
-    """Jitted (params, tokenizer params, labels, indices, seed) -> decoded images in [-1, 1]."""
-    scfg = sampling.SamplingConfig(**self.config.sampling.to_dict())
-
-    def generate(params, tokenizer_params, labels, indices, seed):
-      keys = sampling.example_keys(seed, indices)
-      tokens = sampling.sample(self.model, params, labels, keys, scfg)
-      grid = tokens.reshape(tokens.shape[0], *self.model_config.grid_size, *tokens.shape[2:])
-      return decode_tokens(self.tokenizer, tokenizer_params, grid)
-
-    return jax.jit(generate, out_shardings=sharding.replicated(self.mesh))
-
   @functools.cached_property
   def eval_fn(self):
     """Jitted eval_step: (params, batch) -> (sum, count) metrics."""
@@ -332,12 +265,26 @@ def _class_grid_labels(num_images: int, num_classes: int) -> np.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), samples and evaluates.
 
+  The phases, each a named function or method below:
+    1. `Trainer(config, workdir)`: validate the config, build the model, tokenizer, mesh
+       and optimizer.
+    2. `Trainer.initial_state`: the workdir's checkpoint (with its data position), else
+       `config.init_from`, else scratch.
+    3. `_train_input`: the training batches, from the restored data position, checked
+       against the model.
+    4. `_compile_train_step`: the sharded step, compiled once before the loop.
+    5. `_at_start`: on a fresh run, the reference grid and the hyperparameters.
+    6. The loop: one step, then `_Loop.after_step` (`trainlib.TrainLoop`: non-finite
+       checks, logging, checkpoints, periodic evaluation and samples; a signal or
+       preemption notice saves and stops).
+    7. `_at_end`: held-out NLL, the last samples, generative metrics, the final save.
+
   Returns a summary dict: final step, last train metrics, eval metrics and
-  the paths of the written sample grids.
+  the paths of the written sample grids ('preempted' when stopped early).
   """
-  workdir = trainlib.resolve_workdir(workdir)
+  workdir = ckpt_lib.local_abspath(workdir)
   trainer = Trainer(config, workdir)
-  cfg, tcfg = config, config.train
+  tcfg = config.train
   if trainer.is_chief:
     trainlib.write_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=not trainer.is_chief,
@@ -353,146 +300,158 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          async_save=tcfg.async_checkpoints)
     state, data_state = trainer.initial_state(shardings, checkpointer)
     step = int(jax.device_get(state.step))
-
-    if jax.process_count() > 1 and cfg.data.source == 'builtin_digits' and not cfg.data.tokenized_dir:
-      # Hosts sharing one data_dir would race to build the data set: process 0 builds it first
-      # (hosts with their own local data_dir build theirs after the barrier).
-      if trainer.is_chief:
-        builtin.prepare(cfg.data.data_dir)
-      multihost_utils.sync_global_devices('heptapod: built-in data set prepared')
-    train_iter = input_pipeline.create_train_iterator(
-        cfg.data, global_batch_size=tcfg.global_batch_size, seed=cfg.seed, state=data_state)
-    if train_iter.num_classes != trainer.model_config.num_classes:
-      raise ValueError(f'config.model.num_classes={trainer.model_config.num_classes} but the data '
-                       f'({cfg.data.source}) has {train_iter.num_classes} classes.')
-
-    tokenized = bool(cfg.data.tokenized_dir)
-    mcfg = trainer.model_config
-    if tokenized:
-      tokenized_lib.check_tokenizer(train_iter.metadata, cfg.tokenizer)
-      moments = getattr(train_iter, 'payload', 'codes') == 'moments'
-      have = (f'{train_iter.latent_channels}-channel latents' if moments
-              else f'{train_iter.vocab_size} codes')
-      want = f'token_dim={mcfg.token_dim}' if mcfg.continuous else f'vocab_size={mcfg.vocab_size}'
-      if (tuple(train_iter.grid_size) != tuple(mcfg.grid_size) or moments != mcfg.continuous
-          or (train_iter.latent_channels != mcfg.token_dim if moments
-              else train_iter.vocab_size != mcfg.vocab_size)):
-        raise ValueError(f'config.data.tokenized_dir={cfg.data.tokenized_dir} holds '
-                         f'{tuple(train_iter.grid_size)} grids of {have}; config.model has '
-                         f'grid_size={tuple(mcfg.grid_size)}, tokens={mcfg.tokens!r}, {want}.')
-      input_keys = ('latent_mean', 'latent_std') if moments else ('tokens',)
-    else:
-      input_keys = ('image',)
-    batch_shardings = {k: trainer.batch_shardings[k] for k in input_keys}
-    batch_shardings['label'] = trainer.batch_shardings['label']
-    step_fn = jit_train_step(trainer.model, trainer.tokenizer, trainer.tx, trainer.schedule,
-                             ema_decay=cfg.optim.ema_decay, accum_steps=tcfg.grad_accum_steps,
-                             state_shardings=shardings, batch_shardings=batch_shardings,
-                             mesh=trainer.mesh)
-    b = tcfg.global_batch_size
-    latent = jax.ShapeDtypeStruct((b, *mcfg.grid_size, mcfg.token_dim), jnp.float32)
-    abstract_batch = {
-        'tokens': jax.ShapeDtypeStruct((b, *mcfg.grid_size), jnp.int32),
-        'latent_mean': latent, 'latent_std': latent,
-        'image': jax.ShapeDtypeStruct((b, cfg.data.image_size, cfg.data.image_size, 3), jnp.float32),
-        'label': jax.ShapeDtypeStruct((b,), jnp.int32)}
-    abstract_batch = {k: abstract_batch[k] for k in batch_shardings}
-    compiled = step_fn.lower(trainer.abstract_state(shardings), abstract_batch,
-                             trainer.tokenizer_params).compile()
-    trainlib.log_compiled(compiled)
-
-    if step == 0 and tcfg.num_sample_images:
-      summary['reference'] = _write_reference(trainer, writer)
-    if step == 0 and trainer.is_chief:
-      writer.write_hparams({k: v for k, v in config_lib.to_flat_dict(config).items()
-                            if isinstance(v, (int, float, str, bool))})
-    ecfg = cfg.evaluator
-    # Built on first use (it may train the feature net and compute reference statistics).
-    evaluator = functools.lru_cache(maxsize=1)(
-        lambda: generative.GenerativeEvaluator(config, workdir))
-    report = periodic_actions.ReportProgress(num_train_steps=tcfg.num_steps, writer=writer,
-                                             every_steps=tcfg.log_every)
-    pending: list[dict[str, Array]] = []
-    prev_metrics = None
-    tokens_per_image = trainer.model_config.num_positions
-    guard = trainlib.NonFiniteGuard(tcfg.on_nonfinite, tcfg.max_nonfinite_skips, checkpointer)
-    saver = trainlib.TolerantSaver(checkpointer, tcfg.max_save_failures)
-    stop = trainlib.StopRequest(install=jax.process_count() == 1)
-    t_log, step_log = time.time(), step
-    with stop:
+    train_iter, batch_shardings = _train_input(trainer, data_state)
+    train_step_fn = _compile_train_step(trainer, shardings, batch_shardings)
+    if step == 0:
+      _at_start(trainer, writer, summary)
+    loop = _Loop(trainer, writer, checkpointer, train_iter, throughput, summary, step)
+    with loop.stop:
       while step < tcfg.num_steps:
         batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
-        state, metrics = compiled(state, batch, trainer.tokenizer_params)
-        # Check the previous update (number `step`) while this one runs: stops at the bad step.
-        if prev_metrics is not None:
-          guard.check(prev_metrics, step)
-        prev_metrics = metrics
-        pending.append(metrics)
+        state, metrics = train_step_fn(state, batch, trainer.tokenizer_params)
         step += 1
-        report(step)
-        preempted = stop.requested or checkpointer.reached_preemption(step)
-        if step % tcfg.log_every == 0 or step == tcfg.num_steps or preempted:
-          guard.check(metrics, step)
-          prev_metrics = None
-          scalars = trainlib.reduce_metrics(pending)
-          pending = []
-          now = time.time()
-          steps_per_s = (step - step_log) / max(now - t_log, 1e-9)
-          t_log, step_log = now, step
-          scalars.pop('finite', None)
-          scalars.pop('loss_value', None)
-          scalars.update(steps_per_sec=steps_per_s,
-                         images_per_sec=steps_per_s * tcfg.global_batch_size,
-                         tokens_per_sec=steps_per_s * tcfg.global_batch_size * tokens_per_image,
-                         data_skipped=train_iter.get_state()['num_skipped'],
-                         nonfinite_skipped=guard.skipped,
-                         checkpoint_save_failures=saver.total_failures)
-          scalars.update(throughput.scalars(steps_per_s))
-          data_counts = input_pipeline.count_metrics(train_iter.get_state())
-          writer.write_scalars(step, {**{f'train/{k}': v for k, v in scalars.items()},
-                                      **{f'data/{k}': v for k, v in data_counts.items()}})
-          summary['train'] = scalars
-          summary['data'] = data_counts
-          summary['history'].append(dict(scalars, step=step))
-        if preempted:  # Synchronous: the process may be killed soon after this returns.
-          summary.update(saver.save_on_stop(step, state, data_state=train_iter.get_state(),
-                                            config=config.to_dict(),
-                                            cause=stop.signal_name or 'a preemption notice'))
+        if not loop.after_step(step, state, metrics):
           break
-        if checkpointer.should_save(step) or step == tcfg.num_steps:
-          saver.save(step, state, data_state=train_iter.get_state(), config=config.to_dict(),
-                     force=step == tcfg.num_steps)
-        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
-          _evaluate(trainer, state, writer, step)
-        if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.num_steps:
-          summary['samples'].append(_write_samples(trainer, state, writer, step))
-        if ecfg.every_steps and step % ecfg.every_steps == 0 and step < tcfg.num_steps:
-          summary['generative'] = _generative_eval(trainer, evaluator(), state, writer, step)
-
-    if summary.get('preempted'):
-      checkpointer.close()
-      writer.flush()
-      writer.close()
-      return summary
-    summary['step'] = step
-    if tcfg.eval_at_end:
-      summary['eval'] = _evaluate(trainer, state, writer, step)
-    if tcfg.sample_at_end and tcfg.num_sample_images:
-      summary['samples'].append(_write_samples(trainer, state, writer, step))
-    if ecfg.at_end:
-      summary['generative'] = _generative_eval(trainer, evaluator(), state, writer, step)
-    if ecfg.real_baseline and ecfg.features:
-      real = evaluator().real_baseline(trainer.tokenizer, trainer.tokenizer_params)
-      for name, metrics in real.items():
-        writer.write_scalars(step, {f'generative_{name}/{k}': v for k, v in metrics.items()})
-      summary['generative_real'] = real
-    if ecfg.features and evaluator.cache_info().currsize:
-      summary['generative_info'] = evaluator().info
-    saver.finish(step)
+    if not summary.get('preempted'):
+      summary['step'] = step
+      _at_end(loop, state, step)
     checkpointer.close()
   writer.flush()
   writer.close()
   return summary
+
+
+def _train_input(trainer: Trainer, data_state: dict | None):
+  """(train iterator at `data_state`, batch shardings of its keys), checked against the model:
+  the data's classes, and for pre-tokenized data its grid, vocabulary or latent channels."""
+  cfg, mcfg = trainer.config, trainer.model_config
+  if jax.process_count() > 1 and cfg.data.source == 'builtin_digits' and not cfg.data.tokenized_dir:
+    # Hosts sharing one data_dir would race to build the data set: process 0 builds it first
+    # (hosts with their own local data_dir build theirs after the barrier).
+    if trainer.is_chief:
+      builtin.prepare(cfg.data.data_dir)
+    multihost_utils.sync_global_devices('heptapod: built-in data set prepared')
+  train_iter = input_pipeline.create_train_iterator(
+      cfg.data, global_batch_size=cfg.train.global_batch_size, seed=cfg.seed, state=data_state)
+  if train_iter.num_classes != mcfg.num_classes:
+    raise ValueError(f'config.model.num_classes={mcfg.num_classes} but the data '
+                     f'({cfg.data.source}) has {train_iter.num_classes} classes.')
+  if cfg.data.tokenized_dir:
+    tokenized_lib.check_tokenizer(train_iter.metadata, cfg.tokenizer)
+    moments = getattr(train_iter, 'payload', 'codes') == 'moments'
+    have = (f'{train_iter.latent_channels}-channel latents' if moments
+            else f'{train_iter.vocab_size} codes')
+    want = f'token_dim={mcfg.token_dim}' if mcfg.continuous else f'vocab_size={mcfg.vocab_size}'
+    if (tuple(train_iter.grid_size) != tuple(mcfg.grid_size) or moments != mcfg.continuous
+        or (train_iter.latent_channels != mcfg.token_dim if moments
+            else train_iter.vocab_size != mcfg.vocab_size)):
+      raise ValueError(f'config.data.tokenized_dir={cfg.data.tokenized_dir} holds '
+                       f'{tuple(train_iter.grid_size)} grids of {have}; config.model has '
+                       f'grid_size={tuple(mcfg.grid_size)}, tokens={mcfg.tokens!r}, {want}.')
+    input_keys = ('latent_mean', 'latent_std') if moments else ('tokens',)
+  else:
+    input_keys = ('image',)
+  batch_shardings = {k: trainer.batch_shardings[k] for k in input_keys + ('label',)}
+  return train_iter, batch_shardings
+
+
+def _compile_train_step(trainer: Trainer, shardings: Any, batch_shardings: dict[str, Any]):
+  """The train step for these batch keys, lowered and compiled once (its memory is logged)."""
+  cfg, mcfg = trainer.config, trainer.model_config
+  step_fn = jit_train_step(trainer.model, trainer.tokenizer, trainer.tx, trainer.schedule,
+                           ema_decay=cfg.optim.ema_decay, accum_steps=cfg.train.grad_accum_steps,
+                           state_shardings=shardings, batch_shardings=batch_shardings,
+                           mesh=trainer.mesh)
+  b = cfg.train.global_batch_size
+  latent = jax.ShapeDtypeStruct((b, *mcfg.grid_size, mcfg.token_dim), jnp.float32)
+  abstract_batch = {
+      'tokens': jax.ShapeDtypeStruct((b, *mcfg.grid_size), jnp.int32),
+      'latent_mean': latent, 'latent_std': latent,
+      'image': jax.ShapeDtypeStruct((b, cfg.data.image_size, cfg.data.image_size, 3), jnp.float32),
+      'label': jax.ShapeDtypeStruct((b,), jnp.int32)}
+  abstract_batch = {k: abstract_batch[k] for k in batch_shardings}
+  compiled = step_fn.lower(trainer.abstract_state(shardings), abstract_batch,
+                           trainer.tokenizer_params).compile()
+  trainlib.log_compiled(compiled)
+  return compiled
+
+
+def _at_start(trainer: Trainer, writer, summary: dict[str, Any]) -> None:
+  """A fresh run (step 0): the tokenized reference grid and the hyperparameters."""
+  if trainer.config.train.num_sample_images:
+    summary['reference'] = _write_reference(trainer, writer)
+  if trainer.is_chief:
+    writer.write_hparams({k: v for k, v in config_lib.to_flat_dict(trainer.config).items()
+                          if isinstance(v, (int, float, str, bool))})
+
+
+class _Loop(trainlib.TrainLoop):
+  """The AR trainer's steps between updates: the non-finite policy of config.train.on_nonfinite,
+  speed and MFU and the data counters in the log line, evaluation and samples at intervals."""
+
+  def __init__(self, trainer: Trainer, writer, checkpointer, train_iter, throughput,
+               summary: dict[str, Any], step: int):
+    super().__init__(trainer.config, writer, checkpointer, train_iter, summary, step)
+    tcfg = trainer.config.train
+    self.trainer, self.throughput = trainer, throughput
+    self.guard = trainlib.NonFiniteGuard(tcfg.on_nonfinite, tcfg.max_nonfinite_skips, checkpointer)
+    # Built on first use (it may train the feature net and compute reference statistics).
+    self.evaluator = functools.lru_cache(maxsize=1)(
+        lambda: generative.GenerativeEvaluator(trainer.config, trainer.workdir))
+
+  def check(self, metrics: dict[str, Array], step: int) -> None:
+    self.guard.check(metrics, step)
+
+  def speed(self, steps_per_sec: float) -> dict[str, float]:
+    tcfg = self.config.train
+    scalars = super().speed(steps_per_sec)
+    scalars.update(tokens_per_sec=(steps_per_sec * tcfg.global_batch_size
+                                   * self.trainer.model_config.num_positions),
+                   data_skipped=self.train_iter.get_state()['num_skipped'],
+                   nonfinite_skipped=self.guard.skipped)
+    scalars.update(self.throughput.scalars(steps_per_sec))
+    return scalars
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    """train/* as every trainer, and data/* (records read, skipped and converted, by reason)."""
+    data_counts = input_pipeline.count_metrics(self.train_iter.get_state())
+    self.writer.write_scalars(step, {**{f'train/{k}': v for k, v in scalars.items()},
+                                     **{f'data/{k}': v for k, v in data_counts.items()}})
+    self.summary['train'] = scalars
+    self.summary['data'] = data_counts
+    self.summary['history'].append(dict(scalars, step=step))
+
+  def periodic(self, step: int, state: TrainState) -> None:
+    """Held-out NLL, sample grids and generative metrics at their intervals."""
+    tcfg, ecfg = self.config.train, self.config.evaluator
+    if tcfg.eval_every and step % tcfg.eval_every == 0:
+      _evaluate(self.trainer, state, self.writer, step)
+    if tcfg.sample_every and step % tcfg.sample_every == 0:
+      self.summary['samples'].append(_write_samples(self.trainer, state, self.writer, step))
+    if ecfg.every_steps and step % ecfg.every_steps == 0:
+      self.summary['generative'] = _generative_eval(self.trainer, self.evaluator(), state,
+                                                    self.writer, step)
+
+
+def _at_end(loop: _Loop, state: TrainState, step: int) -> None:
+  """After the last step: held-out NLL, the last sample grid, generative metrics (also of real
+  images when asked), then the final checkpoint's save is waited for."""
+  trainer, writer, summary = loop.trainer, loop.writer, loop.summary
+  tcfg, ecfg = trainer.config.train, trainer.config.evaluator
+  if tcfg.eval_at_end:
+    summary['eval'] = _evaluate(trainer, state, writer, step)
+  if tcfg.sample_at_end and tcfg.num_sample_images:
+    summary['samples'].append(_write_samples(trainer, state, writer, step))
+  if ecfg.at_end:
+    summary['generative'] = _generative_eval(trainer, loop.evaluator(), state, writer, step)
+  if ecfg.real_baseline and ecfg.features:
+    real = loop.evaluator().real_baseline(trainer.tokenizer, trainer.tokenizer_params)
+    for name, metrics in real.items():
+      writer.write_scalars(step, {f'generative_{name}/{k}': v for k, v in metrics.items()})
+    summary['generative_real'] = real
+  if ecfg.features and loop.evaluator.cache_info().currsize:
+    summary['generative_info'] = loop.evaluator().info
+  loop.saver.finish(step)
 
 
 def _eval_params(trainer: Trainer, state: TrainState) -> Any:

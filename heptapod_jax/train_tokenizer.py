@@ -8,15 +8,13 @@ checkpoints with the data position (automatic resume), clu writers, the
 optimizer builder and the non-finite guard. Generator (autoencoder) and
 discriminator have separate optimizers; the GAN terms switch on at
 `loss.disc_start`. At the end the EMA and raw parameters are exported in the
-tokenizer checkpoint format (`workdir/tokenizer`, see models/tokenizers/io.py),
+tokenizer checkpoint format (`workdir/tokenizer`, see tokenizer_checkpoint.py),
 which `config.tokenizer.checkpoint` of an AR run points to.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -27,14 +25,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
 from heptapod_jax import checkpoint as ckpt_lib
 from heptapod_jax import config_lib, images, optim, sharding, trainlib
 from heptapod_jax.data import input_pipeline
 from heptapod_jax.evaluators import recon as recon_metrics
 from heptapod_jax.models.tokenizers import discriminator as disc_lib
-from heptapod_jax.models.tokenizers import io as tok_io
+from heptapod_jax import tokenizer_checkpoint as tok_io
 from heptapod_jax.models.tokenizers import kl as kl_lib
 from heptapod_jax.models.tokenizers import losses
 from heptapod_jax.models.tokenizers import lpips as lpips_lib
@@ -279,10 +277,18 @@ def _write_reconstructions(trainer: TokenizerTrainer, state: TokenizerState, wri
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the tokenizer in `workdir` (resuming if possible), evaluates it and exports it.
 
+  The phases: `TokenizerTrainer(config, workdir)` (validate, build the model, LPIPS, the
+  discriminator, mesh and optimizers); `_initial_state` (the newest intact checkpoint, else
+  scratch); `_compile_train_step`; the loop, one step then `_Loop.after_step`
+  (`trainlib.TrainLoop`: non-finite checks, logging with codebook usage, checkpoints,
+  held-out evaluation at intervals; a signal or preemption notice saves and stops); then
+  the final evaluation, the reconstruction grid and the export (`<workdir>/tokenizer`, the
+  tokenizer checkpoint that `config.tokenizer.checkpoint` of a Heptapod run points to).
+
   Returns a summary: final step, last train metrics, eval metrics, the export
   directory and the reconstruction grid.
   """
-  workdir = trainlib.resolve_workdir(workdir)
+  workdir = ckpt_lib.local_abspath(workdir)
   trainer = TokenizerTrainer(config, workdir)
   tcfg = config.train
   if trainer.is_chief:
@@ -298,96 +304,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          save_interval_steps=tcfg.checkpoint_every,
                                          max_to_keep=tcfg.keep_checkpoints,
                                          async_save=tcfg.async_checkpoints)
-    data_state, restored = None, None
-    if checkpointer.latest_step() is not None:
-      # Damaged newer steps are skipped and moved aside; none intact stops unless allow_scratch.
-      restored = checkpointer.restore_latest_intact(trainer.abstract_state(shardings),
-                                                    allow_scratch=config.allow_scratch)
-    if restored is not None:
-      logging.info('Resuming the tokenizer from %s at step %d.', checkpointer.directory,
-                   restored.step)
-      state, data_state = restored.state, restored.data_state
-    else:
-      state = jax.jit(trainer._init_state, out_shardings=shardings)(jax.random.key(config.seed))
+    state, data_state = _initial_state(trainer, shardings, checkpointer)
     step = int(jax.device_get(state.step))
     train_iter = input_pipeline.create_train_iterator(
         config.data, global_batch_size=tcfg.global_batch_size, seed=config.seed, state=data_state)
     batch_shardings = {k: trainer.batch_shardings[k] for k in ('image', 'label')}
-    step_fn = jax.jit(trainer.train_step,
-                      in_shardings=(shardings, batch_shardings, sharding.replicated(trainer.mesh)),
-                      out_shardings=(shardings, sharding.replicated(trainer.mesh)),
-                      donate_argnums=0)
-    size = config.data.image_size
-    abstract_batch = {
-        'image': jax.ShapeDtypeStruct((tcfg.global_batch_size, size, size, 3), jnp.float32),
-        'label': jax.ShapeDtypeStruct((tcfg.global_batch_size,), jnp.int32)}
-    compiled = step_fn.lower(trainer.abstract_state(shardings), abstract_batch,
-                             trainer.lpips_params).compile()
-    trainlib.log_compiled(compiled, 'tokenizer train_step')
-    report = periodic_actions.ReportProgress(num_train_steps=tcfg.num_steps, writer=writer,
-                                             every_steps=tcfg.log_every)
-    pending, prev = [], None
-    t_log, step_log = time.time(), step
-    saver = trainlib.TolerantSaver(checkpointer, tcfg.max_save_failures)
-    stop = trainlib.StopRequest(install=jax.process_count() == 1)
-    with stop:
+    train_step_fn = _compile_train_step(trainer, shardings, batch_shardings)
+    loop = _Loop(trainer, writer, checkpointer, train_iter, summary, step)
+    with loop.stop:
       while step < tcfg.num_steps:
         batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
-        state, metrics = compiled(state, batch, trainer.lpips_params)
-        if prev is not None:
-          trainlib.check_finite(prev, step, checkpointer)
-        prev = metrics
-        pending.append(metrics)
+        state, metrics = train_step_fn(state, batch, trainer.lpips_params)
         step += 1
-        report(step)
-        preempted = stop.requested or checkpointer.reached_preemption(step)
-        if step % tcfg.log_every == 0 or step == tcfg.num_steps or preempted:
-          trainlib.check_finite(metrics, step, checkpointer)
-          prev = None
-          hist = _pop_histograms(pending)
-          scalars = trainlib.reduce_metrics(pending)
-          pending = []
-          for k in ('finite', 'loss_value'):
-            scalars.pop(k, None)
-          if hist is not None:
-            usage, perplexity = recon_metrics.codebook_usage(hist)
-            scalars.update(codebook_usage=float(usage), codebook_perplexity=float(perplexity))
-          now = time.time()
-          steps_per_s = (step - step_log) / max(now - t_log, 1e-9)
-          t_log, step_log = now, step
-          scalars.update(steps_per_sec=steps_per_s,
-                         images_per_sec=steps_per_s * tcfg.global_batch_size,
-                         checkpoint_save_failures=saver.total_failures)
-          writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
-          summary['train'] = scalars
-          summary['history'].append(dict(scalars, step=step))
-        if preempted:
-          summary.update(saver.save_on_stop(step, state, data_state=train_iter.get_state(),
-                                            config=config.to_dict(),
-                                            cause=stop.signal_name or 'a preemption notice'))
-          checkpointer.close()
-          writer.flush()
-          writer.close()
-          return summary
-        if checkpointer.should_save(step) or step == tcfg.num_steps:
-          saver.save(step, state, data_state=train_iter.get_state(), config=config.to_dict(),
-                     force=step == tcfg.num_steps)
-        if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
-          _evaluate(trainer, state, writer, step)
-    summary['step'] = step
-    summary['eval'] = _evaluate(trainer, state, writer, step)
-    summary['reconstructions'] = _write_reconstructions(trainer, state, writer, step)
-    saver.finish(step)
-    checkpointer.close()
-    export = os.path.join(workdir, EXPORT_DIR)
-    if not _export_is_current(export, step):
-      tok_io.save_tokenizer(export, trainer.kind, trainer.model_config,
-                            jax.device_get(state.params), step=step,
-                            ema_params=jax.device_get(state.ema_params))
-    summary['export'] = export
+        if not loop.after_step(step, state, metrics):
+          break
+    if not summary.get('preempted'):
+      summary['step'] = step
+      summary['eval'] = _evaluate(trainer, state, writer, step)
+      summary['reconstructions'] = _write_reconstructions(trainer, state, writer, step)
+      loop.saver.finish(step)
+      checkpointer.close()
+      summary['export'] = _export(trainer, state, step)
+    else:
+      checkpointer.close()
   writer.flush()
   writer.close()
   return summary
+
+
+def _initial_state(trainer: TokenizerTrainer, shardings: Any,
+                   checkpointer: ckpt_lib.Checkpointer) -> tuple[TokenizerState, dict | None]:
+  """(state, data position): the newest intact checkpoint of the workdir, else a fresh state.
+  Damaged newer steps are skipped and moved aside; none intact stops unless allow_scratch."""
+  config = trainer.config
+  restored = None
+  if checkpointer.latest_step() is not None:
+    restored = checkpointer.restore_latest_intact(trainer.abstract_state(shardings),
+                                                  allow_scratch=config.allow_scratch)
+  if restored is not None:
+    logging.info('Resuming the tokenizer from %s at step %d.', checkpointer.directory,
+                 restored.step)
+    return restored.state, restored.data_state
+  return jax.jit(trainer._init_state, out_shardings=shardings)(jax.random.key(config.seed)), None
+
+
+def _compile_train_step(trainer: TokenizerTrainer, shardings: Any, batch_shardings: Any):
+  """The sharded train step (state donated), lowered and compiled once (its memory is logged)."""
+  tcfg, size = trainer.config.train, trainer.config.data.image_size
+  step_fn = jax.jit(trainer.train_step,
+                    in_shardings=(shardings, batch_shardings, sharding.replicated(trainer.mesh)),
+                    out_shardings=(shardings, sharding.replicated(trainer.mesh)),
+                    donate_argnums=0)
+  abstract_batch = {
+      'image': jax.ShapeDtypeStruct((tcfg.global_batch_size, size, size, 3), jnp.float32),
+      'label': jax.ShapeDtypeStruct((tcfg.global_batch_size,), jnp.int32)}
+  compiled = step_fn.lower(trainer.abstract_state(shardings), abstract_batch,
+                           trainer.lpips_params).compile()
+  trainlib.log_compiled(compiled, 'tokenizer train_step')
+  return compiled
+
+
+class _Loop(trainlib.TrainLoop):
+  """The tokenizer trainer's steps between updates: a non-finite update stops the run, the log
+  line adds codebook usage and perplexity (VQ), held-out evaluation at `train.eval_every`."""
+
+  def __init__(self, trainer: TokenizerTrainer, writer, checkpointer, train_iter,
+               summary: dict[str, Any], step: int):
+    super().__init__(trainer.config, writer, checkpointer, train_iter, summary, step)
+    self.trainer = trainer
+
+  def reduce(self, pending: list[dict[str, Array]]) -> dict[str, float]:
+    hist = _pop_histograms(pending)
+    scalars = super().reduce(pending)
+    if hist is not None:
+      usage, perplexity = recon_metrics.codebook_usage(hist)
+      scalars.update(codebook_usage=float(usage), codebook_perplexity=float(perplexity))
+    return scalars
+
+  def periodic(self, step: int, state: TokenizerState) -> None:
+    if self.config.train.eval_every and step % self.config.train.eval_every == 0:
+      _evaluate(self.trainer, state, self.writer, step)
+
+
+def _export(trainer: TokenizerTrainer, state: TokenizerState, step: int) -> str:
+  """Writes the tokenizer checkpoint of the final step to <workdir>/tokenizer (once)."""
+  export = os.path.join(trainer.workdir, EXPORT_DIR)
+  if not _export_is_current(export, step):
+    tok_io.save_tokenizer(export, trainer.kind, trainer.model_config,
+                          jax.device_get(state.params), step=step,
+                          ema_params=jax.device_get(state.ema_params))
+  return export
 
 
 def _export_is_current(export: str, step: int) -> bool:

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -81,11 +82,6 @@ def log_compiled(compiled, name: str = 'train_step') -> None:
       logging.info('%s: %.3f GFLOP per step (XLA cost analysis).', name, cost['flops'] / 1e9)
   except Exception:
     pass
-
-
-def resolve_workdir(workdir: str) -> str:
-  """Absolute local path (Orbax needs one); remote URLs (gs://...) stay as given."""
-  return workdir if '://' in workdir else os.path.abspath(workdir)
 
 
 class CheckpointSaveError(OSError):
@@ -268,3 +264,93 @@ class Throughput:
     achieved = self.flops_per_step * steps_per_sec
     return {'tflops_per_sec_per_device': achieved / self.num_devices / 1e12,
             'mfu': achieved / (self.num_devices * self.peak)}
+
+
+class TrainLoop:
+  """What a training loop does after each step, in this order (`after_step`):
+
+    1. check the previous update for non-finite values (it has finished while this one
+       was dispatched), so a run stops at the bad step without waiting on every step;
+    2. report progress; every `train.log_every` steps (and at the last step or a stop)
+       check this update too and write one log line of scalars;
+    3. on a signal or a preemption notice, save synchronously and stop;
+    4. save at the checkpoint interval (and always at the last step);
+    5. the trainer's periodic work (`periodic`: evaluation, samples).
+
+  The trainers subclass it: `check` is the non-finite policy (default: stop), `reduce`,
+  `speed` and `write` make the log line, `periodic` is the rest.
+  """
+
+  def __init__(self, config, writer, checkpointer, train_iter, summary: dict[str, Any],
+               step: int):
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    tcfg = config.train
+    self.config, self.writer, self.checkpointer = config, writer, checkpointer
+    self.train_iter, self.summary = train_iter, summary
+    self.report = periodic_actions.ReportProgress(num_train_steps=tcfg.num_steps, writer=writer,
+                                                  every_steps=tcfg.log_every)
+    self.saver = TolerantSaver(checkpointer, tcfg.max_save_failures)
+    self.stop = StopRequest(install=jax.process_count() == 1)
+    self.pending: list[dict[str, Array]] = []  # Metrics since the last log line.
+    self.unchecked = None  # The previous update's metrics, checked while this one runs.
+    self.t_log, self.step_log = time.time(), step
+
+  def after_step(self, step: int, state: Any, metrics: dict[str, Array]) -> bool:
+    """After update number `step` was dispatched; False when the run must stop now (saved)."""
+    tcfg = self.config.train
+    if self.unchecked is not None:
+      self.check(self.unchecked, step - 1)
+    self.unchecked = metrics
+    self.pending.append(metrics)
+    self.report(step)
+    preempted = self.stop.requested or self.checkpointer.reached_preemption(step)
+    if step % tcfg.log_every == 0 or step == tcfg.num_steps or preempted:
+      self.check(metrics, step)
+      self.unchecked = None
+      self._log(step)
+    if preempted:  # Synchronous: the process may be killed soon after this returns.
+      self.summary.update(self.saver.save_on_stop(
+          step, state, data_state=self.train_iter.get_state(), config=self.config.to_dict(),
+          cause=self.stop.signal_name or 'a preemption notice'))
+      return False
+    if self.checkpointer.should_save(step) or step == tcfg.num_steps:
+      self.saver.save(step, state, data_state=self.train_iter.get_state(),
+                      config=self.config.to_dict(), force=step == tcfg.num_steps)
+    if step < tcfg.num_steps:  # The last step's evaluation is the trainer's final phase.
+      self.periodic(step, state)
+    return True
+
+  def _log(self, step: int) -> None:
+    scalars = self.reduce(self.pending)
+    self.pending = []
+    now = time.time()
+    steps_per_s = (step - self.step_log) / max(now - self.t_log, 1e-9)
+    self.t_log, self.step_log = now, step
+    scalars.update(self.speed(steps_per_s))
+    self.write(step, scalars)
+
+  def check(self, metrics: dict[str, Array], step: int) -> None:
+    """Raises NonFiniteError when update `step` was not finite."""
+    check_finite(metrics, step, self.checkpointer)
+
+  def reduce(self, pending: list[dict[str, Array]]) -> dict[str, float]:
+    """The metrics of the steps since the last log line, as scalars."""
+    scalars = reduce_metrics(pending)
+    for name in ('finite', 'loss_value'):  # Internal: the non-finite checks read them.
+      scalars.pop(name, None)
+    return scalars
+
+  def speed(self, steps_per_sec: float) -> dict[str, float]:
+    return {'steps_per_sec': steps_per_sec,
+            'images_per_sec': steps_per_sec * self.config.train.global_batch_size,
+            'checkpoint_save_failures': self.saver.total_failures}
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    """train/* scalars to the writer; the summary keeps the last line and the history."""
+    self.writer.write_scalars(step, {f'train/{k}': v for k, v in scalars.items()})
+    self.summary['train'] = scalars
+    self.summary['history'].append(dict(scalars, step=step))
+
+  def periodic(self, step: int, state: Any) -> None:
+    """Work at intervals during training (not after the last step)."""
+    del step, state

@@ -9,7 +9,7 @@ import pytest
 from heptapod_jax import config_lib, sampling, train
 from heptapod_jax.models import objective
 from heptapod_jax.models.heptapod import compute_loss, continuous_pair_loss
-from heptapod_jax.models.tokenizers import io as tok_io
+from heptapod_jax import tokenizer_checkpoint as tok_io
 from heptapod_jax.models.tokenizers import kl
 
 from test_model import KINDS, N, cached_step_logits, setup_model
@@ -142,7 +142,7 @@ def test_trainer_runs_with_a_kl_tokenizer(tmp_path):
   bad = c.copy_and_resolve_references()
   bad.model.token_dim = 16
   with pytest.raises(ValueError, match='token_dim=4'):
-    config_lib.validate(bad)
+    tok_io.check_model_config(bad, config_lib.validate(bad))
   bad = c.copy_and_resolve_references()
   bad.tokenizer.kind = 'pixel'
   with pytest.raises(ValueError, match='needs config.tokenizer.kind="kl"'):

@@ -1,4 +1,4 @@
-"""Tests of evaluators.fid: FID/sFID, Inception Score, precision/recall, references, evaluate().
+"""Tests of the ADM-style metrics: FID/sFID, IS, precision/recall, references, evaluate().
 
 Every metric is checked against an independent brute-force implementation
 (closed forms, explicit Python loops, full distance matrices) on small data.
@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 from scipy import linalg
 
+from heptapod_jax.evaluators import features
 from heptapod_jax.evaluators import fid
+from heptapod_jax.evaluators import inception_score
+from heptapod_jax.evaluators import metrics
+from heptapod_jax.evaluators import precision_recall
+from heptapod_jax.evaluators import reference as reference_lib
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -158,40 +163,44 @@ def test_inception_score_matches_brute_force_both_split_modes():
   rows = logits.tolist()
   # ADM: consecutive splits of split_size, the last one shorter (5, 5, 5, 5, 3).
   adm = np.mean([_bf_split_score(rows[i:i + 5]) for i in range(0, 23, 5)])
-  np.testing.assert_allclose(fid.inception_score(logits, split_size=5), adm, rtol=1e-10)
+  np.testing.assert_allclose(inception_score.inception_score(logits, split_size=5), adm, rtol=1e-10)
   # Salimans / pytorch: num_splits splits [i N // n, (i + 1) N // n), mean and std (ddof 0).
   scores = [_bf_split_score(rows[i * 23 // 4:(i + 1) * 23 // 4]) for i in range(4)]
-  mean, std = fid.inception_score(logits, num_splits=4)
+  mean, std = inception_score.inception_score(logits, num_splits=4)
   np.testing.assert_allclose([mean, std], [np.mean(scores), np.std(scores)], rtol=1e-10)
   # One split holding everything.
-  np.testing.assert_allclose(fid.inception_score(logits), _bf_split_score(rows), rtol=1e-10)
+  np.testing.assert_allclose(inception_score.inception_score(logits), _bf_split_score(rows),
+                             rtol=1e-10)
   # Probabilities in, same score.
   probs = np.exp(logits - logits.max(1, keepdims=True))
   probs /= probs.sum(1, keepdims=True)
-  np.testing.assert_allclose(fid.inception_score(probs, 5, from_logits=False), adm, rtol=1e-10)
+  np.testing.assert_allclose(inception_score.inception_score(probs, 5, from_logits=False), adm,
+                             rtol=1e-10)
 
 
 def test_inception_score_of_confident_uniform_predictions_is_the_class_count():
   k = 5
   labels = np.arange(30) % k
   one_hot = np.eye(k)[labels]
-  assert fid.inception_score(one_hot, split_size=10, from_logits=False) == pytest.approx(k, 1e-12)
-  mean, std = fid.inception_score(one_hot, num_splits=3, from_logits=False)
+  assert inception_score.inception_score(one_hot, split_size=10,
+                                         from_logits=False) == pytest.approx(k, 1e-12)
+  mean, std = inception_score.inception_score(one_hot, num_splits=3, from_logits=False)
   assert mean == pytest.approx(k, 1e-12) and std == pytest.approx(0.0, abs=1e-12)
-  assert fid.inception_score(100.0 * one_hot, split_size=10) == pytest.approx(k, 1e-9)
+  assert inception_score.inception_score(100.0 * one_hot, split_size=10) == pytest.approx(k, 1e-9)
   # All samples the same class: IS = 1.
-  assert fid.inception_score(np.eye(k)[np.zeros(30, int)], from_logits=False) == pytest.approx(1.0)
+  assert inception_score.inception_score(np.eye(k)[np.zeros(30, int)],
+                                         from_logits=False) == pytest.approx(1.0)
 
 
 def test_inception_score_bad_inputs():
   with pytest.raises(ValueError, match=r'\[N, D\]'):
-    fid.inception_score(np.zeros(5))
+    inception_score.inception_score(np.zeros(5))
   with pytest.raises(ValueError, match='probabilities'):
-    fid.inception_score(np.full((4, 3), 0.5), from_logits=False)
+    inception_score.inception_score(np.full((4, 3), 0.5), from_logits=False)
   with pytest.raises(ValueError, match='split_size'):
-    fid.inception_score(np.zeros((4, 3)), split_size=0)
+    inception_score.inception_score(np.zeros((4, 3)), split_size=0)
   with pytest.raises(ValueError, match=r'num_splits must be in \[1, 4\]'):
-    fid.inception_score(np.zeros((4, 3)), num_splits=5)
+    inception_score.inception_score(np.zeros((4, 3)), num_splits=5)
 
 
 # ----------------------------------------------------------------------------- precision / recall
@@ -253,85 +262,89 @@ BATCHES = dict(row_batch_size=7, col_batch_size=5)
 
 def test_pairwise_sq_distances():
   ref, sam = _float_sets()
-  d = fid.pairwise_sq_distances(ref, sam)
+  d = precision_recall.pairwise_sq_distances(ref, sam)
   assert d.dtype == np.float32 and d.shape == (31, 23)
   np.testing.assert_allclose(d, _bf_dist(ref, sam), rtol=1e-5, atol=1e-5)
-  assert np.all(fid.pairwise_sq_distances(ref, ref) >= 0)
+  assert np.all(precision_recall.pairwise_sq_distances(ref, ref) >= 0)
 
 
 @pytest.mark.parametrize('backend', ['numpy', 'jax'])
 @pytest.mark.parametrize('clamp', [None, 5, 50])
 def test_manifold_radii_match_brute_force(backend, clamp):
   ref, _ = _int_sets()
-  radii = fid.manifold_radii(ref, 3, clamp_to_percentile=clamp, backend=backend, **BATCHES)
+  radii = precision_recall.manifold_radii(ref, 3, clamp_to_percentile=clamp, backend=backend,
+                                          **BATCHES)
   assert radii.dtype == np.float32 and radii.shape == (31,)
   np.testing.assert_array_equal(radii, _bf_radii(ref, 3, clamp))
   ref, _ = _float_sets()
-  radii = fid.manifold_radii(ref, 3, backend=backend, **BATCHES)
+  radii = precision_recall.manifold_radii(ref, 3, backend=backend, **BATCHES)
   np.testing.assert_allclose(radii, _bf_radii(ref, 3, None), rtol=1e-5)
   # Independent of the block shape.
   for rows, cols in ((1, 2), (31, 31), (100, 3)):
     np.testing.assert_allclose(
-        fid.manifold_radii(ref, 3, backend=backend, row_batch_size=rows, col_batch_size=cols),
+        precision_recall.manifold_radii(ref, 3, backend=backend, row_batch_size=rows,
+                                        col_batch_size=cols),
         radii, rtol=1e-6)
 
 
 @pytest.mark.parametrize('backend', ['numpy', 'jax'])
 def test_precision_recall_match_brute_force(backend):
   ref, sam = _float_sets()
-  got = fid.precision_recall(ref, sam, backend=backend, **BATCHES)
+  got = precision_recall.precision_recall(ref, sam, backend=backend, **BATCHES)
   expected = _bf_precision_recall(ref, sam, 3, None)
   assert got == pytest.approx(expected, abs=1e-12)
   assert 0.0 < got[0] < 1.0 and 0.0 < got[1] < 1.0  # A non-trivial case.
   for clamp in (None, 5, 50):
     ref, sam = _int_sets()
-    got = fid.precision_recall(ref, sam, clamp_to_percentile=clamp, backend=backend, **BATCHES)
+    got = precision_recall.precision_recall(ref, sam, clamp_to_percentile=clamp, backend=backend,
+                                            **BATCHES)
     assert got == pytest.approx(_bf_precision_recall(ref, sam, 3, clamp), abs=1e-12), clamp
   # k is a parameter.
   ref, sam = _float_sets()
-  got = fid.precision_recall(ref, sam, k=1, backend=backend, **BATCHES)
+  got = precision_recall.precision_recall(ref, sam, k=1, backend=backend, **BATCHES)
   assert got == pytest.approx(_bf_precision_recall(ref, sam, 1, None), abs=1e-12)
 
 
 @pytest.mark.parametrize('backend', ['numpy', 'jax'])
 def test_precision_recall_of_identical_sets(backend):
   ref, _ = _float_sets()
-  assert fid.precision_recall(ref, ref, backend=backend, **BATCHES) == (1.0, 1.0)
+  assert precision_recall.precision_recall(ref, ref, backend=backend, **BATCHES) == (1.0, 1.0)
   # With ADM's clamp option at 5, 95% of the balls have radius 0 and only contain exact
   # duplicates; every point is still in its own ball when its self-distance is exactly 0
   # (exact arithmetic here), so identical sets still give 1.
   ref, _ = _int_sets()
-  assert fid.precision_recall(ref, ref, clamp_to_percentile=5, backend=backend,
-                              **BATCHES) == (1.0, 1.0)
+  assert precision_recall.precision_recall(ref, ref, clamp_to_percentile=5, backend=backend,
+                                           **BATCHES) == (1.0, 1.0)
   # 31 distinct radii: the 5th percentile lies between the 2nd and 3rd smallest.
   ref, _ = _float_sets()
-  assert np.sum(fid.manifold_radii(ref, clamp_to_percentile=5) > 0) == 2
+  assert np.sum(precision_recall.manifold_radii(ref, clamp_to_percentile=5) > 0) == 2
 
 
 @pytest.mark.parametrize('backend', ['numpy', 'jax'])
 def test_evaluate_manifold_matches_brute_force(backend):
   ref, sam = _float_sets()
-  radii = fid.manifold_radii(ref, 3)
-  res = fid.evaluate_manifold(ref, radii, sam, eps=1e-5, backend=backend, **BATCHES)
+  radii = precision_recall.manifold_radii(ref, 3)
+  res = precision_recall.evaluate_manifold(ref, radii, sam, eps=1e-5, backend=backend, **BATCHES)
   dist = _bf_dist(sam, ref)
   np.testing.assert_array_equal(res.in_manifold, np.any(dist <= radii[None], axis=1))
   np.testing.assert_allclose(res.realism, np.max(radii[None] / (dist + 1e-5), axis=1), rtol=1e-4)
   np.testing.assert_array_equal(res.nearest, np.argmin(dist, axis=1))
-  in_ref, _ = fid.manifold_overlap(sam, fid.manifold_radii(sam), ref, radii, **BATCHES)
-  assert res.fraction == pytest.approx(fid.precision_recall(ref, sam, **BATCHES)[0])
+  in_ref, _ = precision_recall.manifold_overlap(sam, precision_recall.manifold_radii(sam), ref,
+                                                radii, **BATCHES)
+  assert res.fraction == pytest.approx(precision_recall.precision_recall(ref, sam, **BATCHES)[0])
   assert in_ref.shape == (23,)
 
 
 def test_precision_recall_bad_inputs():
   ref, sam = _float_sets()
   with pytest.raises(ValueError, match=r'different dimensions: \(31, 8\) and \(23, 7\)'):
-    fid.precision_recall(ref, sam[:, :7])
+    precision_recall.precision_recall(ref, sam[:, :7])
   with pytest.raises(ValueError, match='more than k points'):
-    fid.manifold_radii(ref[:3], 3)
+    precision_recall.manifold_radii(ref[:3], 3)
   with pytest.raises(ValueError, match='backend'):
-    fid.manifold_radii(ref, backend='torch')
+    precision_recall.manifold_radii(ref, backend='torch')
   with pytest.raises(ValueError, match=r'radii of shape \(4,\)'):
-    fid.manifold_overlap(ref, np.zeros(4), sam, np.zeros(23))
+    precision_recall.manifold_overlap(ref, np.zeros(4), sam, np.zeros(23))
 
 
 # ----------------------------------------------------------------------------- features
@@ -348,7 +361,7 @@ def test_extract_features_chunks_and_iterators():
     return _fake_extractor(batch)
 
   seen = []
-  feats = fid.extract_features(extractor, images, 7, progress=lambda d, t: seen.append((d, t)))
+  feats = features.extract_features(extractor, images, 7, progress=lambda d, t: seen.append((d, t)))
   assert calls == [7, 7, 6] and seen == [(7, 20), (14, 20), (20, 20)]
   assert feats['spatial'].shape == (20, 4)
   for key in ('pool', 'logits'):
@@ -356,8 +369,8 @@ def test_extract_features_chunks_and_iterators():
   np.testing.assert_array_equal(feats['spatial'], full['spatial'].reshape(20, -1))
   # An iterator of uneven batches is re-chunked; a short last chunk can be padded.
   calls.clear()
-  feats = fid.extract_features(extractor, iter([images[:3], images[3:12], images[12:]]), 7,
-                               pad_to_batch=True)
+  feats = features.extract_features(extractor, iter([images[:3], images[3:12], images[12:]]), 7,
+                                    pad_to_batch=True)
   assert calls == [7, 7, 7]
   np.testing.assert_array_equal(feats['pool'], full['pool'])
 
@@ -365,11 +378,11 @@ def test_extract_features_chunks_and_iterators():
 def test_extract_features_errors():
   images = _images(np.random.default_rng(8), 4)
   with pytest.raises(ValueError, match='uint8'):
-    fid.extract_features(_fake_extractor, images.astype(np.float32))
+    features.extract_features(_fake_extractor, images.astype(np.float32))
   with pytest.raises(ValueError, match="'pool'"):
-    fid.extract_features(lambda x: {'logits': np.zeros((len(x), 3))}, images)
+    features.extract_features(lambda x: {'logits': np.zeros((len(x), 3))}, images)
   with pytest.raises(ValueError, match=r"'pool' has shape \(3, 2\) for a batch of 4"):
-    fid.extract_features(lambda x: {'pool': np.zeros((3, 2))}, images)
+    features.extract_features(lambda x: {'pool': np.zeros((3, 2))}, images)
 
 
 # ----------------------------------------------------------------------------- references
@@ -379,7 +392,7 @@ def test_reference_save_load_round_trip(tmp_path):
   rng = np.random.default_rng(9)
   feats = _fake_extractor(_images(rng, 30))
   feats['spatial'] = feats['spatial'].reshape(30, -1)
-  ref = fid.Reference.from_features(feats)
+  ref = reference_lib.Reference.from_features(feats)
   mu, sigma = fid.statistics(feats['pool'])
   np.testing.assert_array_equal(ref.mu, mu)
   np.testing.assert_array_equal(ref.sigma, sigma)
@@ -387,17 +400,17 @@ def test_reference_save_load_round_trip(tmp_path):
   path = str(tmp_path / 'ref.npz')
   ref.save(path)
   assert os.listdir(tmp_path) == ['ref.npz']
-  back = fid.Reference.load(path)
+  back = reference_lib.Reference.load(path)
   for name in ('mu', 'sigma', 'mu_s', 'sigma_s', 'pool_features'):
     np.testing.assert_array_equal(getattr(back, name), getattr(ref, name))
-  bare = fid.Reference(mu=ref.mu, sigma=ref.sigma)
+  bare = reference_lib.Reference(mu=ref.mu, sigma=ref.sigma)
   bare.save(path)
-  back = fid.Reference.load(path)
+  back = reference_lib.Reference.load(path)
   assert back.mu_s is None and back.sigma_s is None and back.pool_features is None
   with pytest.raises(ValueError, match='mu_s and sigma_s'):
-    fid.Reference(mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s)
+    reference_lib.Reference(mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s)
   with pytest.raises(ValueError, match=r'pool_features of shape \(30, 11\)'):
-    fid.Reference(mu=ref.mu, sigma=ref.sigma, pool_features=np.zeros((30, 11)))
+    reference_lib.Reference(mu=ref.mu, sigma=ref.sigma, pool_features=np.zeros((30, 11)))
 
 
 def _write_adm_file(path, images, keys=('mu', 'sigma', 'mu_s', 'sigma_s', 'arr_0'),
@@ -414,7 +427,7 @@ def test_iter_npz_array_streams_rows(tmp_path, compressed):
   images = _images(np.random.default_rng(11), 13)
   path = str(tmp_path / 'batch.npz')
   _write_adm_file(path, images, keys=('arr_0',), compressed=compressed)
-  batches = list(fid.iter_npz_array(path, 'arr_0', 5))
+  batches = list(reference_lib.iter_npz_array(path, 'arr_0', 5))
   assert [len(b) for b in batches] == [5, 5, 3]
   np.testing.assert_array_equal(np.concatenate(batches), images)
 
@@ -424,29 +437,29 @@ def test_load_adm_reference(tmp_path):
   path = str(tmp_path / 'VIRTUAL_test.npz')
   arrays = _write_adm_file(path, images)
   # Statistics only, taken from the file as they are (ADM's read_statistics).
-  ref = fid.load_adm_reference(path)
+  ref = reference_lib.load_adm_reference(path)
   for name in ('mu', 'sigma', 'mu_s', 'sigma_s'):
     np.testing.assert_array_equal(getattr(ref, name), arrays[name])
   assert ref.pool_features is None
-  np.testing.assert_array_equal(fid.Reference.load(path).sigma_s, arrays['sigma_s'])
+  np.testing.assert_array_equal(reference_lib.Reference.load(path).sigma_s, arrays['sigma_s'])
   # With an extractor: the reference images' pool features for precision/recall.
-  ref = fid.load_adm_reference(path, _fake_extractor, batch_size=6)
+  ref = reference_lib.load_adm_reference(path, _fake_extractor, batch_size=6)
   np.testing.assert_array_equal(ref.mu, arrays['mu'])
   np.testing.assert_allclose(ref.pool_features, _fake_extractor(images)['pool'])
   # Cached: the second call does not touch the extractor.
   cache = str(tmp_path / 'cache.npz')
-  first = fid.load_adm_reference(path, _fake_extractor, batch_size=6, cache_path=cache)
+  first = reference_lib.load_adm_reference(path, _fake_extractor, batch_size=6, cache_path=cache)
 
   def broken(images):
     raise AssertionError('the cache should have been used')
 
-  second = fid.load_adm_reference(path, broken, cache_path=cache)
+  second = reference_lib.load_adm_reference(path, broken, cache_path=cache)
   np.testing.assert_array_equal(second.pool_features, first.pool_features)
   np.testing.assert_array_equal(second.sigma_s, arrays['sigma_s'])
   # Images only (like ADM's sample batches): statistics from the extractor's features.
   only_images = str(tmp_path / 'samples.npz')
   _write_adm_file(only_images, images, keys=('arr_0',))
-  ref = fid.load_adm_reference(only_images, _fake_extractor, batch_size=6)
+  ref = reference_lib.load_adm_reference(only_images, _fake_extractor, batch_size=6)
   feats = _fake_extractor(images)
   mu, sigma = fid.statistics(feats['pool'])
   np.testing.assert_allclose(ref.mu, mu, rtol=1e-12)
@@ -460,18 +473,18 @@ def test_load_adm_reference_missing_keys(tmp_path):
   path = str(tmp_path / 'broken.npz')
   _write_adm_file(path, images, keys=('mu', 'mu_s', 'sigma_s', 'arr_0'))
   with pytest.raises(ValueError, match=r"broken\.npz: missing key 'sigma'"):
-    fid.load_adm_reference(path)
+    reference_lib.load_adm_reference(path)
   _write_adm_file(path, images, keys=('arr_0',))
   with pytest.raises(ValueError, match=r"broken\.npz: missing key 'mu'"):
-    fid.load_adm_reference(path)
+    reference_lib.load_adm_reference(path)
   _write_adm_file(path, images, keys=('mu', 'sigma'))
   with pytest.raises(ValueError, match=r"broken\.npz: missing key 'arr_0'"):
-    fid.load_adm_reference(path, _fake_extractor)
+    reference_lib.load_adm_reference(path, _fake_extractor)
   _write_adm_file(path, images, keys=('mu', 'sigma', 'mu_s'))
   with pytest.raises(ValueError, match=r"broken\.npz: missing key 'sigma_s'"):
-    fid.load_adm_reference(path)
+    reference_lib.load_adm_reference(path)
   with pytest.raises(FileNotFoundError, match='nothere.npz'):
-    fid.load_adm_reference(str(tmp_path / 'nothere.npz'))
+    reference_lib.load_adm_reference(str(tmp_path / 'nothere.npz'))
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -480,41 +493,42 @@ def test_load_adm_reference_missing_keys(tmp_path):
 def test_evaluate_and_evaluate_images():
   rng = np.random.default_rng(14)
   ref_images, sample_images = _images(rng, 40), _images(rng, 30)
-  ref_feats = fid.extract_features(_fake_extractor, ref_images)
-  reference = fid.Reference.from_features(ref_feats)
-  sample_feats = fid.extract_features(_fake_extractor, sample_images)
+  ref_feats = features.extract_features(_fake_extractor, ref_images)
+  reference = reference_lib.Reference.from_features(ref_feats)
+  sample_feats = features.extract_features(_fake_extractor, sample_images)
   labels = np.argmax(sample_feats['logits'], axis=1)
   labels[:10] = (labels[:10] + 1) % 4  # 2/3 correct.
-  res = fid.evaluate(sample_feats, reference, labels, is_split_size=10, **BATCHES)
+  res = metrics.evaluate(sample_feats, reference, labels, is_split_size=10, **BATCHES)
   assert set(res) == {'fid', 'sfid', 'inception_score', 'precision', 'recall', 'class_accuracy'}
   mu, sigma = fid.statistics(sample_feats['pool'])
   assert res['fid'] == pytest.approx(fid.frechet_distance(mu, sigma, reference.mu, reference.sigma))
   mu_s, sigma_s = fid.statistics(sample_feats['spatial'])
   assert res['sfid'] == pytest.approx(
       fid.frechet_distance(mu_s, sigma_s, reference.mu_s, reference.sigma_s))
-  assert res['inception_score'] == pytest.approx(fid.inception_score(sample_feats['logits'], 10))
-  assert (res['precision'], res['recall']) == fid.precision_recall(ref_feats['pool'],
-                                                                   sample_feats['pool'])
+  assert res['inception_score'] == pytest.approx(
+      inception_score.inception_score(sample_feats['logits'], 10))
+  assert (res['precision'], res['recall']) == precision_recall.precision_recall(
+      ref_feats['pool'], sample_feats['pool'])
   assert res['class_accuracy'] == pytest.approx(2 / 3)
   assert all(isinstance(v, float) for v in res.values())
-  assert fid.evaluate_images(_fake_extractor, sample_images, reference, labels, batch_size=7,
-                             is_split_size=10) == res
+  assert metrics.evaluate_images(_fake_extractor, sample_images, reference, labels, batch_size=7,
+                                 is_split_size=10) == res
   # What the inputs do not allow is left out.
-  bare = fid.Reference(mu=reference.mu, sigma=reference.sigma)
-  assert set(fid.evaluate({'pool': sample_feats['pool']}, bare)) == {'fid'}
-  assert fid.evaluate(sample_feats, reference)['fid'] == res['fid']
+  bare = reference_lib.Reference(mu=reference.mu, sigma=reference.sigma)
+  assert set(metrics.evaluate({'pool': sample_feats['pool']}, bare)) == {'fid'}
+  assert metrics.evaluate(sample_feats, reference)['fid'] == res['fid']
 
 
 def test_evaluate_bad_inputs():
   rng = np.random.default_rng(15)
-  feats = fid.extract_features(_fake_extractor, _images(rng, 10))
-  reference = fid.Reference.from_features(feats)
+  feats = features.extract_features(_fake_extractor, _images(rng, 10))
+  reference = reference_lib.Reference.from_features(feats)
   with pytest.raises(ValueError, match=r"'pool' features of shape \(10, 11\) do not match the "
                      r'reference mu of shape \(12,\)'):
-    fid.evaluate({'pool': feats['pool'][:, :11]}, reference)
+    metrics.evaluate({'pool': feats['pool'][:, :11]}, reference)
   with pytest.raises(ValueError, match="no 'logits'"):
-    fid.evaluate({'pool': feats['pool']}, reference, labels=np.zeros(10, int))
+    metrics.evaluate({'pool': feats['pool']}, reference, labels=np.zeros(10, int))
   with pytest.raises(ValueError, match=r'labels of shape \(10,\)'):
-    fid.evaluate(feats, reference, labels=np.zeros(9, int))
+    metrics.evaluate(feats, reference, labels=np.zeros(9, int))
   with pytest.raises(ValueError, match=r"'spatial' features of shape \(10, 3\)"):
-    fid.evaluate(dict(feats, spatial=feats['spatial'][:, :3]), reference)
+    metrics.evaluate(dict(feats, spatial=feats['spatial'][:, :3]), reference)

@@ -1,4 +1,5 @@
-"""The package's import graph: no circles, and layers that read top-down.
+"""The package's import graph: no circles, layers that read top-down, no private helper
+called from another module.
 
 Every `import` of a heptapod_jax module counts, at module level or inside a function (a
 function-local import is still a dependency: it only hides the circle until run time).
@@ -14,14 +15,26 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'heptapod_jax'
 TRAINING = ('heptapod_jax.train', 'heptapod_jax.trainlib', 'heptapod_jax.train_tokenizer',
             'heptapod_jax.main')
 # Who may not import whom: (importer prefix, forbidden prefixes, why).
+CHECKPOINTS = ('heptapod_jax.checkpoint', 'heptapod_jax.tokenizer_checkpoint')
+SAMPLE_CLI = ('heptapod_jax.sample',)
 LAYERS = (
-    ('heptapod_jax.models', TRAINING + ('heptapod_jax.sampling', 'heptapod_jax.sample',
-                                        'heptapod_jax.generation', 'heptapod_jax.data'),
-     'models never import training, sampling or data'),
-    ('heptapod_jax.sampling', TRAINING + ('heptapod_jax.sample', 'heptapod_jax.generation'),
+    ('heptapod_jax.models', TRAINING + CHECKPOINTS + SAMPLE_CLI + (
+        'heptapod_jax.sampling', 'heptapod_jax.generation', 'heptapod_jax.data',
+        'heptapod_jax.config_lib', 'heptapod_jax.image_sampler', 'heptapod_jax.runs'),
+     'models never import training, sampling, data, configs or checkpoints'),
+    ('heptapod_jax.config_lib', TRAINING + CHECKPOINTS + SAMPLE_CLI,
+     'config validation is pure: no checkpoint is read while validating'),
+    ('heptapod_jax.sampling', TRAINING + SAMPLE_CLI + ('heptapod_jax.generation',),
      'sampling never imports training or sample mode'),
-    ('heptapod_jax.generation', TRAINING + ('heptapod_jax.sample',),
+    ('heptapod_jax.generation', TRAINING + SAMPLE_CLI,
      'sample generation needs neither the trainer nor the CLI'),
+    ('heptapod_jax.image_sampler', TRAINING + SAMPLE_CLI,
+     'sampling a run needs neither the trainer nor the CLI'),
+    ('heptapod_jax.runs', TRAINING + SAMPLE_CLI,
+     'loading a run for sampling needs neither the trainer nor the CLI'),
+    ('heptapod_jax.sample', TRAINING, 'sample mode and its CLI do not need the trainer'),
+    ('heptapod_jax.evaluators', TRAINING + SAMPLE_CLI,
+     'evaluation needs neither the trainer nor the CLI'),
 )
 
 
@@ -99,6 +112,52 @@ def test_layers_read_top_down(importer, forbidden, why):
                if src == importer or src.startswith(importer + '.')
                for dst in dsts if any(dst == f or dst.startswith(f + '.') for f in forbidden))
   assert not bad, f'{why}: ' + '; '.join(bad)
+
+
+def private_uses(root: pathlib.Path) -> list[str]:
+  """Uses of another module's private names: `from pkg.mod import _name`, or `alias._name`
+  where `alias` is a module of the package imported with `from pkg import mod [as alias]`."""
+  modules = module_names(root)
+  top = root.name
+  found = []
+  for name, path in sorted(modules.items()):
+    tree = ast.parse(path.read_text(), str(path))
+    aliases = {}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or '').split('.')[0] == top:
+        for alias in node.names:
+          if f'{node.module}.{alias.name}' in modules:
+            aliases[alias.asname or alias.name] = f'{node.module}.{alias.name}'
+          elif alias.name.startswith('_') and not alias.name.startswith('__'):
+            found.append(f'{name}: from {node.module} import {alias.name}')
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.name.split('.')[0] == top and alias.asname:
+            aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in aliases and node.attr.startswith('_')
+          and not node.attr.startswith('__') and aliases[node.value.id] != name):
+        found.append(f'{name}: {aliases[node.value.id]}.{node.attr} (line {node.lineno})')
+  return found
+
+
+def test_private_helpers_are_not_called_across_modules():
+  found = private_uses(PACKAGE)
+  assert not found, 'private names used from another module: ' + '; '.join(found)
+
+
+def test_the_private_use_checker(tmp_path):
+  pkg = tmp_path / 'toy'
+  pkg.mkdir()
+  (pkg / '__init__.py').write_text('')
+  (pkg / 'a.py').write_text('def _helper():\n  pass\n')
+  (pkg / 'b.py').write_text('from toy import a\n\ndef f():\n  return a._helper()\n')
+  assert private_uses(pkg) == ['toy.b: toy.a._helper (line 4)']
+  (pkg / 'b.py').write_text('from toy.a import _helper\n')
+  assert private_uses(pkg) == ['toy.b: from toy.a import _helper']
+  (pkg / 'b.py').write_text('from toy import a\n\ndef f():\n  return a.__name__\n')
+  assert private_uses(pkg) == []
 
 
 def test_the_checker_finds_circles_and_function_local_imports(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from heptapod_jax import config_lib, sample, sampling, train
+from heptapod_jax.image_sampler import ImageSampler
 
 from test_model import setup_model
 from test_train import tiny_config
@@ -80,7 +81,7 @@ def test_sample_mode_is_balanced_deterministic_and_resumable(trained_run, tmp_pa
   # Interrupted after the first chunk, then rerun: only the missing chunks are generated and
   # the file equals the uninterrupted one.
   calls = {'n': 0}
-  original = train.Trainer.sample_images
+  original = ImageSampler.sample_images
 
   def flaky(self, *args, **kwargs):
     calls['n'] += 1
@@ -88,7 +89,7 @@ def test_sample_mode_is_balanced_deterministic_and_resumable(trained_run, tmp_pa
       raise KeyboardInterrupt('simulated preemption')
     return original(self, *args, **kwargs)
 
-  monkeypatch.setattr(train.Trainer, 'sample_images', flaky)
+  monkeypatch.setattr(ImageSampler, 'sample_images', flaky)
   out_dir = str(tmp_path / 'resumed')
   with pytest.raises(KeyboardInterrupt):
     sample.sample_and_evaluate(_config(c, out_dir=out_dir, **common), wd)

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import config_lib, images, sample, sampling
+from heptapod_jax import config_lib, images, runs, sample, sampling
 from heptapod_jax import train
 from heptapod_jax.models.heptapod import Heptapod, init_params
-from heptapod_jax.models.tokenizers import decode_tokens, make_tokenizer
+from heptapod_jax.models.tokenizers import decode_tokens
+from heptapod_jax.tokenizer_checkpoint import make_tokenizer
 
 from test_train import tiny_config
 
@@ -120,15 +121,15 @@ def test_relative_tokenizer_path_is_found_from_the_run(tmp_path, monkeypatch):
   (tmp_path / 'elsewhere').mkdir()
   monkeypatch.chdir(tmp_path / 'elsewhere')
   workdir = str(tmp_path / 'repo' / 'workdirs' / 'demo')
-  location = sample.RunLocation(workdir, os.path.join(workdir, 'checkpoints'), None)
+  location = runs.RunLocation(workdir, os.path.join(workdir, 'checkpoints'), None)
   c = config_lib.base_config()
   c.tokenizer.kind = 'vq'
   c.tokenizer.checkpoint = 'workdirs/demo/tokenizer/tokenizer'
-  sample._resolve_tokenizer(c, location, None)
+  runs.resolve_tokenizer(c, location, None)
   assert c.tokenizer.checkpoint == os.path.join(workdir, 'tokenizer', 'tokenizer')
   c.tokenizer.checkpoint = 'workdirs/other/tokenizer'
   with pytest.raises(FileNotFoundError, match="'workdirs/other/tokenizer'.*--tokenizer=DIR"):
-    sample._resolve_tokenizer(c, location, None)
+    runs.resolve_tokenizer(c, location, None)
 
 
 def test_damaged_latest_step_falls_back_read_only(run, tmp_path, capsys):

@@ -16,12 +16,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from heptapod_jax.data import builtin
-from heptapod_jax.data import input_pipeline
+from heptapod_jax.data import input_pipeline, sources
 from heptapod_jax.data import preprocess, record_order
 from heptapod_jax.data import tokenized
-from heptapod_jax.models.tokenizers import io as tokenizer_io
+from heptapod_jax import tokenizer_checkpoint as tokenizer_io
 from heptapod_jax.models.tokenizers import kl
-from heptapod_jax.models.tokenizers import make_tokenizer
+from heptapod_jax.tokenizer_checkpoint import make_tokenizer
 from heptapod_jax.tools.tokenize_dataset import tokenize_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,7 +170,7 @@ def test_ranges_follow_the_canonical_order_across_files(tmp_path):
       num_shards=4, try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   config = input_pipeline.default_data_config()
   config.data_dir = str(tmp_path)
-  source = input_pipeline.resolve_source(config)
+  source = sources.resolve_source(config)
   read = lambda split, a, b: [r['image'] for r in
                               source.read_range(split, a, b).records.as_numpy_iterator()]
   train, test = read('train', 0, 1500), read('test', 0, 297)

@@ -25,7 +25,7 @@ from torch_refs import mar_kl as ref_kl  # noqa: E402
 
 from heptapod_jax import checkpoint as ckpt_lib  # noqa: E402
 from heptapod_jax.models.tokenizers import autoencoder as ae  # noqa: E402
-from heptapod_jax.models.tokenizers import io as tok_io  # noqa: E402
+from heptapod_jax import tokenizer_checkpoint as tok_io  # noqa: E402
 from heptapod_jax.models.tokenizers import kl as kl_lib  # noqa: E402
 from heptapod_jax.models.tokenizers import vq as vq_lib  # noqa: E402
 from heptapod_jax.tools import convert_llamagen_vq, convert_mar_kl  # noqa: E402

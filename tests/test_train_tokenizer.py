@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from heptapod_jax import config_lib, train, train_tokenizer
-from heptapod_jax.models.tokenizers import make_tokenizer
+from heptapod_jax.tokenizer_checkpoint import check_model_config, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +79,7 @@ def test_vq_with_lpips_and_gan_trains_exports_and_feeds_the_ar_trainer(tmp_path)
   # A model whose vocabulary does not match the codebook is stopped at start-up.
   ar.model.vocab_size = 64
   with pytest.raises(ValueError, match=r'config\.model\.vocab_size=64 must equal the VQ codebook size 16'):
-    config_lib.validate(ar)
+    check_model_config(ar, config_lib.validate(ar))
 
 
 def test_vq_reconstruction_improves(tmp_path):
@@ -98,7 +98,7 @@ def test_kl_tokenizer_trains(tmp_path):
   assert summary['step'] == 3
   assert np.isfinite(summary['history'][-1]['regulariser']) and summary['history'][-1]['regulariser'] > 0
   assert 'codebook_usage' not in summary['eval']
-  from heptapod_jax.models.tokenizers import io
+  from heptapod_jax import tokenizer_checkpoint as io
   kind, cfg, params = io.load_tokenizer(summary['export'])
   assert kind == 'kl' and cfg.embed_dim == 4
 

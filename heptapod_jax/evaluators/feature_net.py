@@ -6,7 +6,7 @@ samples) use this instead: a small CNN classifier trained once on the data
 set's training split and stored in the workdir. Its global-average-pooled last
 convolution is the feature space ('pool') and its class logits give class
 accuracy ('logits'), i.e. it follows the feature-extractor protocol of
-`evaluators.fid` exactly like the Inception network does.
+`evaluators.features` exactly like the Inception network does.
 
   net = feature_net.load_or_train(config.data, '<workdir>/feature_net')
   feats = net(uint8_images)    # {'pool': float32[B, D], 'logits': float32[B, C]}
@@ -220,8 +220,8 @@ def load_or_train(data_config: Any, directory: str, *, steps: int = 150, seed: i
     return net, meta
   t0 = time.time()
   train_images, train_labels = read_split(data_config, data_config.train_split)
-  from heptapod_jax.data import input_pipeline
-  num_classes = input_pipeline.resolve_source(data_config).num_classes
+  from heptapod_jax.data import sources
+  num_classes = sources.resolve_source(data_config).num_classes
   net = train(train_images, train_labels, num_classes=num_classes, steps=steps, seed=seed)
   eval_split = eval_split or data_config.eval_split
   eval_images, eval_labels = read_split(data_config, eval_split)

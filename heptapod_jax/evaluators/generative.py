@@ -3,7 +3,7 @@
 Glue between the feature network (`config.evaluator.features`: FID-Inception
 or the project's small `feature_net`), the reference statistics
 (`config.evaluator.reference`: ADM's npz, a project reference file, or a data
-split computed once and cached) and `evaluators.fid`'s metrics. Used by sample
+split computed once and cached) and `evaluators.metrics`. Used by sample
 mode (`heptapod_jax/sample.py`) and by the periodic evaluator in training.
 
   ev = GenerativeEvaluator(config, workdir)
@@ -25,7 +25,9 @@ import numpy as np
 from absl import logging
 
 from heptapod_jax.evaluators import feature_net as feature_net_lib
-from heptapod_jax.evaluators import fid
+from heptapod_jax.evaluators import features as features_lib
+from heptapod_jax.evaluators import metrics as metrics_lib
+from heptapod_jax.evaluators import reference as reference_lib
 
 Extractor = Callable[[np.ndarray], dict]
 
@@ -45,7 +47,7 @@ class GenerativeEvaluator:
     self.workdir = workdir
     self.kind = config.evaluator.features
     self._extractor: Extractor | None = None
-    self._reference: fid.Reference | None = None
+    self._reference: reference_lib.Reference | None = None
     self.info: dict[str, Any] = {}
 
   # ---------------------------------------------------------------- pieces
@@ -78,7 +80,7 @@ class GenerativeEvaluator:
     return os.path.join(self.workdir, 'eval', f'{weights}_{e.inception_preprocessing}_{name}')
 
   @property
-  def reference(self) -> fid.Reference:
+  def reference(self) -> reference_lib.Reference:
     if self._reference is None:
       e = self.config.evaluator
       if e.reference:
@@ -88,12 +90,12 @@ class GenerativeEvaluator:
       else:
         cache = self._reference_cache()
         if os.path.exists(cache):
-          self._reference = fid.Reference.load(cache)
+          self._reference = reference_lib.Reference.load(cache)
         else:
           t0 = time.time()
           images, _ = feature_net_lib.read_split(self.config.data, e.reference_split)
-          feats = fid.extract_features(self.extractor, images, batch_size=e.batch_size)
-          self._reference = fid.Reference.from_features(feats)
+          feats = features_lib.extract_features(self.extractor, images, batch_size=e.batch_size)
+          self._reference = reference_lib.Reference.from_features(feats)
           if jax.process_index() == 0:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             self._reference.save(cache)
@@ -107,9 +109,10 @@ class GenerativeEvaluator:
   def evaluate(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
     """Metrics of uint8[N, S, S, 3] images (labels: the classes they were asked for)."""
     e = self.config.evaluator
-    feats = fid.extract_features(self.extractor, images, batch_size=e.batch_size)
+    feats = features_lib.extract_features(self.extractor, images, batch_size=e.batch_size)
     use_labels = labels if self.kind == 'feature_net' else None
-    metrics = fid.evaluate(feats, self.reference, labels=use_labels, is_split_size=e.is_split_size)
+    metrics = metrics_lib.evaluate(feats, self.reference, labels=use_labels,
+                                   is_split_size=e.is_split_size)
     metrics['num_images'] = float(len(images))
     return metrics
 
@@ -132,7 +135,7 @@ class GenerativeEvaluator:
 
 
 def load_reference_file(path: str, extractor: Extractor, batch_size: int,
-                        preprocessing: str = 'adm') -> fid.Reference:
+                        preprocessing: str = 'adm') -> reference_lib.Reference:
   """ADM's reference batch (keys mu, sigma, mu_s, sigma_s, arr_0) or a project reference file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'config.evaluator.reference={path} does not exist.')
@@ -143,12 +146,12 @@ def load_reference_file(path: str, extractor: Extractor, batch_size: int,
     # and cached beside it when the directory is writable.
     cache = os.path.splitext(path)[0] + f'.{preprocessing}.features.npz'
     if os.path.exists(cache):
-      return fid.Reference.load(cache)
-    ref = fid.load_adm_reference(path, extractor=extractor, batch_size=batch_size)
+      return reference_lib.Reference.load(cache)
+    ref = reference_lib.load_adm_reference(path, extractor=extractor, batch_size=batch_size)
     if jax.process_index() == 0 and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
       ref.save(cache)
     return ref
-  return fid.Reference.load(path)
+  return reference_lib.Reference.load(path)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

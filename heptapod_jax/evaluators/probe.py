@@ -36,7 +36,7 @@ Definitions (see `extract_features`):
 
 Features come from the model's own tokenizer, as in training: the split's
 images (center crop, no augmentation) are encoded by the jitted
-`train.batch_tokens` with the tokenizer parameters as a jit argument. The
+`tokenizers.batch_tokens` with the tokenizer parameters as a jit argument. The
 classifier (`train_linear_probe`) standardises the features with the train
 split's mean/std and trains weights + bias with AdamW on a cosine schedule and
 softmax cross-entropy; it is deterministic given the seed.
@@ -178,11 +178,13 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | N
     FileNotFoundError naming the path when the workdir holds no checkpoint.
   """
   from heptapod_jax import checkpoint as ckpt_lib
-  from heptapod_jax import config_lib, trainlib
+  from heptapod_jax import config_lib
   from heptapod_jax.models.heptapod import init_params
 
+  from heptapod_jax.tokenizer_checkpoint import check_model_config
   model_config = config_lib.validate(config)
-  workdir = trainlib.resolve_workdir(workdir)
+  check_model_config(config, model_config)
+  workdir = ckpt_lib.local_abspath(workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   hint = (f'train one first: python -m heptapod_jax.main --config=<this config> '
           f'--workdir={workdir}')
@@ -239,18 +241,18 @@ def tokenize_split(config: ml_collections.ConfigDict, split: str, *, batch_size:
 
   Images are read like evaluation reads them (center crop, no augmentation, in
   source order, all of them in this process) and encoded by the model's
-  tokenizer (`train.batch_tokens`, jitted with the tokenizer params as an
+  tokenizer (`tokenizers.batch_tokens`, jitted with the tokenizer params as an
   argument). `max_examples` > 0 keeps the first that many (in source order:
   for class-sorted sources such as image folders, that is not a class-balanced
   subset).
   """
-  from heptapod_jax import train
   from heptapod_jax.data import input_pipeline
-  from heptapod_jax.models.tokenizers import make_tokenizer
+  from heptapod_jax.models.tokenizers import batch_tokens
+  from heptapod_jax.tokenizer_checkpoint import make_tokenizer
 
   if tokenizer is None:
     tokenizer, tokenizer_params = make_tokenizer(config.tokenizer, config.data.image_size)
-  encode = jax.jit(lambda tp, images: train.batch_tokens({'image': images}, tokenizer, tp))
+  encode = jax.jit(lambda tp, images: batch_tokens({'image': images}, tokenizer, tp))
   dataset = input_pipeline.create_eval_dataset(config.data, batch_size=batch_size, split=split,
                                                process_index=0, process_count=1)
   tokens, labels, count = [], [], 0

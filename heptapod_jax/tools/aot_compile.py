@@ -286,13 +286,15 @@ def load_config(config_file: str, overrides: dict[str, Any] | None = None,
 
 
 def model_config(config):
-  """The validated ModelConfig. Without a tokenizer checkpoint (not needed to compile from
-  pre-tokenized batches) only the model section is checked; with one, the whole config."""
+  """The validated ModelConfig (`config_lib.validate` reads no file). A tokenizer checkpoint is
+  not needed to compile from pre-tokenized batches; when the config names one, the model is
+  also checked against it."""
   from heptapod_jax import config_lib
-  from heptapod_jax.models.config import ModelConfig
-  if config.tokenizer.kind in ('vq', 'kl') and not config.tokenizer.checkpoint:
-    return ModelConfig.from_dict(config.model.to_dict())
-  return config_lib.validate(config)
+  from heptapod_jax.tokenizer_checkpoint import check_model_config
+  model = config_lib.validate(config)
+  if config.tokenizer.kind in ('vq', 'kl') and config.tokenizer.checkpoint:
+    check_model_config(config, model)
+  return model
 
 
 # --------------------------------------------------------------------------- compilation

@@ -45,11 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from heptapod_jax.data import input_pipeline
+from heptapod_jax.data import input_pipeline, sources
 from heptapod_jax.data import preprocess, record_order
 from heptapod_jax.data import tokenized
 from heptapod_jax.models.tokenizers import LatentTokenizer
-from heptapod_jax.models.tokenizers import make_tokenizer
+from heptapod_jax.tokenizer_checkpoint import make_tokenizer
 
 
 def _moments_fn(autoencoder: Any) -> Any:
@@ -76,7 +76,7 @@ def _local_encoder(tokenizer: Any, params: Any) -> tuple[Any, Any, jax.sharding.
   return encode, jax.device_put(params, replicated), batch
 
 
-def _encode_shard(source: input_pipeline.Source, split: str, start: int, end: int, *,
+def _encode_shard(source: sources.Source, split: str, start: int, end: int, *,
                   image_size: int, augment: str, num_parallel_calls: int, encode: Any,
                   params: Any, sharding: jax.sharding.NamedSharding, examples_per_call: int,
                   rows_per_call: int, grid_size: tuple[int, int], dtype: np.dtype,
@@ -187,7 +187,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   split = data_config.train_split if split is None else split
   if batch_size <= 0:
     raise ValueError(f'batch_size={batch_size} must be positive')
-  source = input_pipeline.resolve_source(data_config)
+  source = sources.resolve_source(data_config)
   num_examples = source.num_examples(split)
   tokenizer, params = make_tokenizer(config.tokenizer, data_config.image_size)
   if isinstance(tokenizer, LatentTokenizer):

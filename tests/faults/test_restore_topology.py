@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import sample, sharding, train
+from heptapod_jax import runs, sharding, train
 
 import _harness as h
 
@@ -183,7 +183,7 @@ def test_trainer_resumes_8_to_4_to_8_devices_and_samples_params_on_one(tmp_path,
   # Sample mode's loading path, on a one-device mesh.
   trainer1 = _trainer(monkeypatch, tmp_path, 1, (1, 1, 1))
   with jax.set_mesh(trainer1.mesh), nn.logical_axis_rules(trainer1.rules):
-    params, step, key = sample.restore_params(trainer1, str(tmp_path))
+    params, step, key = runs.restore_params(trainer1, str(tmp_path))
   assert step == 4
   _assert_equal(params, getattr(second, key))
   assert all(x.sharding.device_set == {devices[0]} for x in jax.tree.leaves(params))

@@ -5,71 +5,28 @@
   tokenizer.decode_from_indices(params, indices: int32[B, H, W]) -> float32[B, S, S, 3] in [-1, 1]
 
 Both are pure functions of (params, inputs) so the trainer can call them frozen
-inside its jitted, sharded step. `make_tokenizer(config.tokenizer, image_size)`
-builds the one the config names, with its (possibly empty) parameters:
+inside its jitted, sharded step. The kinds:
 
   pixel  gray levels of image patches, no parameters (tiny data sets)
-  vq     a learned VQ autoencoder (vq.py, LlamaGen's VQ-16 architecture) from a tokenizer
-         checkpoint: one trained by `heptapod_jax.train_tokenizer`, or LlamaGen's
-         vq_ds16_c2i.pt imported by `heptapod_jax.tools.convert_llamagen_vq`
+  vq     a learned VQ autoencoder (vq.py, LlamaGen's VQ-16 architecture)
+  kl     a KL autoencoder (kl.py) whose scaled latents are continuous tokens (LatentTokenizer)
+
+This package holds the modules and pure functions only. Building the tokenizer a config
+names, with its parameters read from a tokenizer checkpoint (one trained by
+`heptapod_jax.train_tokenizer`, or LlamaGen's / MAR's weights imported by the tools), is
+`heptapod_jax.tokenizer_checkpoint.make_tokenizer`.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
-from heptapod_jax.models.tokenizers.pixel import PixelTokenizer
+import jax
+import jax.numpy as jnp
+
+from heptapod_jax.models.tokenizers.pixel import PixelTokenizer  # noqa: F401  (public API)
 
 KINDS = ('pixel', 'vq', 'kl')
-
-
-def _local_abspath(path: str) -> str:
-  """Orbax needs absolute local paths; URLs (gs://...) stay as given."""
-  return path if '://' in path else os.path.abspath(path)
-
-
-def stored_config(tokenizer_config: Any, want: str):
-  """The VQConfig / KLConfig saved in `tokenizer_config.checkpoint` (metadata only, no arrays)."""
-  from heptapod_jax.models.tokenizers import io
-  if not tokenizer_config.checkpoint:
-    importer = {'vq': "LlamaGen's with `python -m heptapod_jax.tools.convert_llamagen_vq`",
-                'kl': "MAR's with `python -m heptapod_jax.tools.convert_mar_kl`"}[want]
-    raise ValueError(f'config.tokenizer.checkpoint is empty: kind="{want}" needs a tokenizer '
-                     'checkpoint (train one with `python -m heptapod_jax.main '
-                     f'--config=configs/vq_*.py`, or import {importer}).')
-  kind, config = io.read_tokenizer_config(_local_abspath(tokenizer_config.checkpoint),
-                                         key=tokenizer_config.checkpoint_key)
-  if kind != want:
-    raise ValueError(f'config.tokenizer.checkpoint={tokenizer_config.checkpoint} holds a {kind!r} '
-                     f'tokenizer; config.tokenizer.kind="{want}" needs a {want.upper()} one.')
-  return config
-
-
-def stored_vq_config(tokenizer_config: Any):
-  """The VQConfig saved in `tokenizer_config.checkpoint` (read from metadata, no arrays)."""
-  return stored_config(tokenizer_config, 'vq')
-
-
-def make_tokenizer(tokenizer_config: Any, image_size: int) -> tuple[Any, Any]:
-  """Returns (tokenizer, params) for `config.tokenizer` at `image_size`."""
-  if tokenizer_config.kind == 'pixel':
-    return PixelTokenizer(image_size=image_size, patch=tokenizer_config.patch,
-                          levels=tokenizer_config.levels), {}
-  if tokenizer_config.kind == 'vq':
-    from heptapod_jax.models.tokenizers import io
-    config = dataclasses.replace(stored_vq_config(tokenizer_config), image_size=image_size)
-    params = io.load_tokenizer_params(_local_abspath(tokenizer_config.checkpoint), config,
-                                      key=tokenizer_config.checkpoint_key)
-    return io.make_tokenizer('vq', config), params
-  if tokenizer_config.kind == 'kl':
-    from heptapod_jax.models.tokenizers import io
-    config = dataclasses.replace(stored_config(tokenizer_config, 'kl'), image_size=image_size)
-    params = io.load_tokenizer_params(_local_abspath(tokenizer_config.checkpoint), config,
-                                      key=tokenizer_config.checkpoint_key)
-    return LatentTokenizer(io.make_tokenizer('kl', config), tokenizer_config.latent_scale,
-                           tokenizer_config.sample_posterior), params
-  raise ValueError(f'config.tokenizer.kind={tokenizer_config.kind!r} is not one of {list(KINDS)}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,3 +72,22 @@ def decode_tokens(tokenizer: Any, params: Any, tokens: Any) -> Any:
   if isinstance(tokenizer, LatentTokenizer):
     return tokenizer.decode_from_latents(params, tokens)
   return tokenizer.decode_from_indices(params, tokens)
+
+
+def batch_tokens(batch: dict[str, Any], tokenizer: Any, tokenizer_params: Any,
+                 rng: Any = None) -> Any:
+  """int32[B, N] codes of a batch: pre-tokenized ('tokens') or encoded on the fly ('image').
+  Continuous tokenizers give float32[B, N, C] latents (posterior samples drawn with `rng`),
+  on the fly or from pre-tokenized moments ('latent_mean', 'latent_std'), the same way."""
+  if 'latent_mean' in batch:  # Pre-tokenized KL moments: sample (or take the mean), then scale.
+    mean = batch['latent_mean'].astype(jnp.float32)
+    if tokenizer.sample_posterior and rng is not None:
+      mean = mean + batch['latent_std'].astype(jnp.float32) * jax.random.normal(rng, mean.shape)
+    tokens = mean * tokenizer.scale
+  elif 'tokens' in batch:
+    tokens = batch['tokens'].astype(jnp.int32)
+  else:
+    tokens = jax.lax.stop_gradient(encode_images(tokenizer, tokenizer_params, batch['image'], rng))
+  if tokens.ndim == 4:  # [B, h, w, C] latents.
+    return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+  return tokens.reshape(tokens.shape[0], -1)

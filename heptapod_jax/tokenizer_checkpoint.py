@@ -1,4 +1,6 @@
-"""The project's tokenizer checkpoint format, on top of `heptapod_jax.checkpoint`.
+"""Tokenizer checkpoints: the format, and the configured tokenizer built from one.
+
+The format sits on top of `heptapod_jax.checkpoint`.
 
 A tokenizer checkpoint is an ordinary `Checkpointer` directory
 (`<directory>/<step>/{state, data, config}`) whose
@@ -10,6 +12,12 @@ so the tokenizer trainer's own checkpoints can follow the same layout, and the
 importers of the public PyTorch weights write it with `ema_params == params`.
 Loading validates everything that can be validated from metadata before any
 array is read: the stored config's architecture, and every parameter's shape.
+
+Where a run is assembled, `make_tokenizer(config.tokenizer, image_size)` builds the
+tokenizer the experiment config names with its parameters, and
+`check_model_config(config, model_config)` checks the model section against the
+tokenizer stored on disk (grid, vocabulary, latent channels): the checks that
+`config_lib.validate`, which never touches the file system, cannot make.
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax.models import tokenizers
+from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.tokenizers import autoencoder as ae
 from heptapod_jax.models.tokenizers import kl as kl_lib
 from heptapod_jax.models.tokenizers import vq as vq_lib
@@ -40,7 +50,7 @@ def kind_of(config: Any) -> str:
   raise TypeError(f'expected a VQConfig or KLConfig, got {type(config).__name__}.')
 
 
-def make_tokenizer(kind: str, config: Any) -> Any:
+def tokenizer_for(kind: str, config: Any) -> Any:
   """The frozen tokenizer wrapper (VQTokenizer / KLTokenizer) for a kind and config."""
   if kind == 'vq':
     return vq_lib.VQTokenizer(config)
@@ -232,3 +242,80 @@ def load_tokenizer_params(directory: str, expected_config: Any, *, key: str = 'e
     logging.warning('%s stores no tokenizer config; checking parameter shapes only.', where)
   _compare_shapes(shapes, abstract_params(expected_config), where)
   return _restore(directory, expected_config, step, key, sharding)
+
+
+# --------------------------------------------------------------------------- the configured tokenizer
+
+
+def stored_config(tokenizer_config: Any, want: str):
+  """The VQConfig / KLConfig saved in `tokenizer_config.checkpoint` (metadata only, no arrays)."""
+  if not tokenizer_config.checkpoint:
+    importer = {'vq': "LlamaGen's with `python -m heptapod_jax.tools.convert_llamagen_vq`",
+                'kl': "MAR's with `python -m heptapod_jax.tools.convert_mar_kl`"}[want]
+    raise ValueError(f'config.tokenizer.checkpoint is empty: kind="{want}" needs a tokenizer '
+                     'checkpoint (train one with `python -m heptapod_jax.main '
+                     f'--config=configs/vq_*.py`, or import {importer}).')
+  kind, config = read_tokenizer_config(ckpt_lib.local_abspath(tokenizer_config.checkpoint),
+                                       key=tokenizer_config.checkpoint_key)
+  if kind != want:
+    raise ValueError(f'config.tokenizer.checkpoint={tokenizer_config.checkpoint} holds a {kind!r} '
+                     f'tokenizer; config.tokenizer.kind="{want}" needs a {want.upper()} one.')
+  return config
+
+
+def make_tokenizer(tokenizer_config: Any, image_size: int) -> tuple[Any, Any]:
+  """Returns (tokenizer, params) for `config.tokenizer` at `image_size` (vq / kl: read from
+  `tokenizer_config.checkpoint`; pixel: no parameters)."""
+  kind = tokenizer_config.kind
+  if kind == 'pixel':
+    return tokenizers.PixelTokenizer(image_size=image_size, patch=tokenizer_config.patch,
+                                     levels=tokenizer_config.levels), {}
+  if kind not in KINDS:
+    raise ValueError(f'config.tokenizer.kind={kind!r} is not one of {list(tokenizers.KINDS)}.')
+  config = dataclasses.replace(stored_config(tokenizer_config, kind), image_size=image_size)
+  params = load_tokenizer_params(ckpt_lib.local_abspath(tokenizer_config.checkpoint), config,
+                                 key=tokenizer_config.checkpoint_key)
+  tokenizer = tokenizer_for(kind, config)
+  if kind == 'kl':
+    tokenizer = tokenizers.LatentTokenizer(tokenizer, tokenizer_config.latent_scale,
+                                           tokenizer_config.sample_posterior)
+  return tokenizer, params
+
+
+def _check_grid(config: Any, model: ModelConfig, name: str, stride: int) -> None:
+  """The model's grid must be the learned tokenizer's: data.image_size / its stride."""
+  size, ckpt = config.data.image_size, config.tokenizer.checkpoint
+  if size % stride:
+    raise ValueError(f'config.data.image_size={size} is not a multiple of the {name} tokenizer\'s '
+                     f'stride {stride} ({ckpt}).')
+  grid = (size // stride,) * 2
+  if tuple(model.grid_size) != grid:
+    raise ValueError(f'config.model.grid_size={tuple(model.grid_size)} does not match the {name} '
+                     f'tokenizer grid {grid} (data.image_size={size} / stride {stride}).')
+
+
+def check_model_config(config: Any, model: ModelConfig) -> None:
+  """Checks the experiment's model section against the tokenizer checkpoint it names.
+
+  `config_lib.validate` checks everything that needs no file; this reads the stored
+  tokenizer config (metadata only) of a vq / kl tokenizer and checks the grid
+  (data.image_size / stride), the VQ codebook size against model.vocab_size, and the
+  KL latent channels against model.token_dim. A pixel tokenizer needs nothing here.
+
+  Raises:
+    ValueError naming the config field and the checkpoint.
+  """
+  tok = config.tokenizer
+  if tok.kind == 'kl':
+    klc = stored_config(tok, 'kl')
+    _check_grid(config, model, 'KL', klc.downsample_factor)
+    if not model.continuous or model.token_dim != klc.embed_dim:
+      raise ValueError(f'config.tokenizer.kind="kl" needs config.model.tokens="kl" and '
+                       f'config.model.token_dim={klc.embed_dim} (the latent channels of '
+                       f'{tok.checkpoint}); got tokens={model.tokens!r}, token_dim={model.token_dim}.')
+  elif tok.kind == 'vq':
+    vq = stored_config(tok, 'vq')
+    _check_grid(config, model, 'VQ', vq.downsample_factor)
+    if model.vocab_size != vq.codebook_size:
+      raise ValueError(f'config.model.vocab_size={model.vocab_size} must equal the VQ codebook size '
+                       f'{vq.codebook_size} of {tok.checkpoint}.')

@@ -1,0 +1,135 @@
+"""Feature extraction for the generative metrics: the `FeatureExtractor` protocol and its runner.
+
+A feature extractor is any callable mapping uint8 images [B, H, W, 3] to a dict
+of per-image float features ('pool', optionally 'spatial' and 'logits');
+`extract_features` runs one over many images in chunks. `check_features`
+validates a float[N, D] feature array for the metrics of `fid`,
+`inception_score`, `precision_recall` and `metrics`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+
+import numpy as np
+
+ProgressFn = Callable[[int, 'int | None'], None]
+
+
+class FeatureExtractor(Protocol):
+  """What the metrics need from a feature network.
+
+  Called on uint8 images [B, H, W, 3] in [0, 255] (any B >= 1; the network
+  resizes/normalises as it was trained to), it returns per-image float
+  features, numpy or jax arrays, with B rows each:
+
+    'pool':    [B, D]   required; FID and precision/recall.
+    'spatial': [B, D_s] optional; sFID. Higher-rank [B, ...] outputs are flattened.
+    'logits':  [B, K]   optional; Inception Score and class accuracy.
+
+  Extra keys are carried along by `extract_features` and ignored by the metrics.
+  """
+
+  def __call__(self, images: np.ndarray) -> Mapping[str, Any]:
+    ...
+
+
+def _batches(images: np.ndarray | Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+  """Re-chunks an array or an iterable of arrays into batch_size batches (the last may be short)."""
+  if isinstance(images, np.ndarray):
+    for start in range(0, images.shape[0], batch_size):
+      yield images[start:start + batch_size]
+    return
+  pending: list[np.ndarray] = []
+  count = 0
+  for batch in images:
+    batch = np.asarray(batch)
+    _check_image_batch(batch)
+    while batch.shape[0]:
+      take = min(batch_size - count, batch.shape[0])
+      pending.append(batch[:take])
+      count += take
+      batch = batch[take:]
+      if count == batch_size:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending, axis=0)
+        pending, count = [], 0
+  if count:
+    yield pending[0] if len(pending) == 1 else np.concatenate(pending, axis=0)
+
+
+def _check_image_batch(batch: np.ndarray) -> None:
+  if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+    raise ValueError('extract_features: expected uint8 images [B, H, W, 3]; got '
+                     f'{batch.dtype} {batch.shape}.')
+
+
+def extract_features(extractor: FeatureExtractor,
+                     images: np.ndarray | Iterable[np.ndarray],
+                     batch_size: int = 256,
+                     *,
+                     progress: ProgressFn | None = None,
+                     pad_to_batch: bool = False) -> dict[str, np.ndarray]:
+  """Runs a feature extractor over many images in chunks and concatenates its outputs.
+
+  Args:
+    extractor: a `FeatureExtractor`.
+    images: uint8 [N, H, W, 3], or an iterable of uint8 [b, H, W, 3] batches of
+      any sizes (e.g. a generator reading from disk); re-chunked into batch_size.
+    batch_size: images per extractor call.
+    progress: called after each chunk as progress(images_done, total), with
+      total None when `images` is an iterable.
+    pad_to_batch: zero-pad a short last chunk to batch_size (its extra rows are
+      dropped), so that a jitted extractor sees a single batch shape. Only for
+      extractors that treat images independently (inference-mode networks).
+  Returns:
+    {key: float[N, ...]} for every key of the extractor's output; 'spatial' and
+    any other outputs of rank > 2 are flattened to [N, -1].
+  """
+  if batch_size < 1:
+    raise ValueError(f'extract_features: batch_size must be >= 1, got {batch_size}.')
+  if isinstance(images, np.ndarray):
+    total: int | None = images.shape[0]
+    _check_image_batch(images)
+  else:
+    total = None  # len() of an iterable of batches, if any, counts batches, not images.
+  outputs: dict[str, list[np.ndarray]] = {}
+  done = 0
+  for batch in _batches(images, batch_size):
+    _check_image_batch(batch)
+    n = batch.shape[0]
+    if pad_to_batch and n < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.uint8)])
+    feats = extractor(batch)
+    if not isinstance(feats, Mapping) or 'pool' not in feats:
+      keys = sorted(feats) if isinstance(feats, Mapping) else type(feats).__name__
+      raise ValueError(f"extract_features: the extractor must return a dict with a 'pool' entry; "
+                       f'got {keys}.')
+    if outputs and set(feats) != set(outputs):
+      raise ValueError(f'extract_features: the extractor returned keys {sorted(feats)} after '
+                       f'{sorted(outputs)} for earlier batches.')
+    for key, value in feats.items():
+      value = np.asarray(value)
+      if value.ndim == 0 or value.shape[0] != batch.shape[0]:
+        raise ValueError(f"extract_features: the extractor's '{key}' has shape {value.shape} for "
+                         f'a batch of {batch.shape[0]} images.')
+      outputs.setdefault(key, []).append(value[:n].reshape(n, -1))
+    done += n
+    if progress is not None:
+      progress(done, total)
+  if not outputs:
+    raise ValueError('extract_features: no images.')
+  return {key: np.concatenate(values, axis=0) for key, values in outputs.items()}
+
+
+def check_features(features: Any, name: str, min_rows: int = 1) -> np.ndarray:
+  """Returns `features` as an array after checking it is real, finite [N >= min_rows, D]."""
+  x = np.asarray(features)
+  if x.ndim != 2 or x.shape[0] < min_rows or x.shape[1] < 1:
+    raise ValueError(f'{name}: expected features [N, D] with N >= {min_rows}; got shape {x.shape}.')
+  if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+    raise ValueError(f'{name}: expected real features, got dtype {x.dtype}.')
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f'{name}: features contain NaN or inf.')
+  return x
+
+
+__all__ = ['FeatureExtractor', 'check_features', 'extract_features']
