@@ -287,6 +287,10 @@ def _validate_optim(o: ml_collections.ConfigDict, path: str) -> None:
 def _validate_common(config: ml_collections.ConfigDict) -> None:
   """The sections both trainers share: data, mesh, optim, train."""
   _choice('config.data.source', config.data.source, sources.SOURCES)
+  if config.data.source == 'tfds' and not config.data.name:
+    raise ValueError("config.data.source='tfds' needs config.data.name, a TFDS name such as "
+                     "'cifar10', 'oxford_flowers102' or 'imagenette/320px' (optionally "
+                     "'name:version').")
   _choice('config.data.augment', config.data.augment, record_order.AUGMENTS)
   _choice('config.mesh.rules_preset', config.mesh.rules_preset, sharding.RULE_PRESETS)
   if len(config.mesh.shape) != 3 or len(config.mesh.dcn_shape) != 3:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from clu import periodic_actions
 
 from heptapod_jax import checkpoint as ckpt_lib
 
@@ -283,7 +284,6 @@ class TrainLoop:
 
   def __init__(self, config, writer, checkpointer, train_iter, summary: dict[str, Any],
                step: int):
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     tcfg = config.train
     self.config, self.writer, self.checkpointer = config, writer, checkpointer
     self.train_iter, self.summary = train_iter, summary

@@ -27,8 +27,31 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import socket  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+class NetworkAccessInTests(RuntimeError):
+  """A test reached for the network (a download?): the tests run offline, from files."""
+
+
+_connect = socket.socket.connect
+
+
+def _loopback_only(sock, address):
+  """socket.connect for this process's tests: loopback (multi-process tests) and Unix sockets
+  only; anything else, a download by a data set builder for one, fails loudly here."""
+  host = address[0] if isinstance(address, tuple) else None
+  if sock.family == getattr(socket, 'AF_UNIX', None) or host in ('localhost', '::1') or (
+      isinstance(host, str) and host.startswith('127.')):
+    return _connect(sock, address)
+  raise NetworkAccessInTests(f'a test tried to connect to {address}: the tests never use the '
+                             'network (data sets and weights come from files).')
+
+
+socket.socket.connect = _loopback_only
 
 
 def pytest_configure(config):

@@ -95,3 +95,22 @@ def test_train_tiny_runs_every_stage(kernel_env, tmp_path):
   for name in ('loss_curves.png', 'samples.png'):
     assert os.path.exists(tmp_path / 'tiny' / name), name
   assert 'last NLL by distance' in _text(nb)
+
+
+@pytest.mark.slow
+def test_cifar10_runs_on_tfds_mock_data(kernel_env, tmp_path):
+  """notebooks/cifar10.ipynb on TFDS's mock of cifar10 (random images, no download), the tiny
+  recipe, two resumable pieces per stage."""
+  nb = _execute('cifar10.ipynb', {
+      'WORKDIR': str(tmp_path / 'cifar10'), 'MOCK_DATA': True, 'TINY': True,
+      'TOKENIZER_STEPS': 4, 'STEPS': 4, 'CHUNKS': 2, 'SAMPLES_PER_CLASS': 1,
+      'DATA_DIR': str(tmp_path / 'tfds'),
+      'TOKENIZER_OVERRIDES': {'train.log_every': 1, 'train.global_batch_size': 8},
+      'CONFIG_OVERRIDES': dict(TINY_MODEL, **{'train.log_every': 1,
+                                              'evaluator.feature_net_steps': 5,
+                                              'evaluator.num_samples': 20})})
+  # Data, tokenizer curves, reconstructions, Heptapod curves, samples.
+  assert len(_images(nb)) == 5
+  assert os.path.exists(tmp_path / 'cifar10' / 'samples_per_class.png')
+  text = _text(nb)
+  assert 'held-out NLL per token' in text and 'samples' in text and 'fid' in text

@@ -82,9 +82,16 @@ def default_data_config() -> ml_collections.ConfigDict:
   """
   placeholder = ml_collections.config_dict.placeholder
   return ml_collections.ConfigDict({
-      # One of SOURCES.
+      # One of sources.SOURCES: builtin_digits | image_folder | imagenet2012 | tfds.
       "source": "builtin_digits",
-      # TFDS data dir (builtin_digits, imagenet2012); None = TFDS default.
+      # tfds: the data set's TFDS name, e.g. 'cifar10', 'oxford_flowers102',
+      # 'imagenette/320px', optionally with ':version'.
+      "name": placeholder(str),
+      # tfds: the Image and ClassLabel features; None = the builder's only one of each.
+      # label_key='' trains without labels (one class), also when the data set has some.
+      "image_key": placeholder(str),
+      "label_key": placeholder(str),
+      # TFDS data dir (builtin_digits, imagenet2012, tfds); None = TFDS default.
       "data_dir": placeholder(str),
       # image_folder: root holding <split>/<class>/<image> files.
       "folder": placeholder(str),

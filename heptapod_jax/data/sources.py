@@ -1,16 +1,26 @@
-"""Where the images of a split come from: the built-in digits, an image folder, ImageNet.
+"""Where the images of a split come from: the built-in digits, an image folder, any TFDS data set.
 
 `resolve_source(data_config)` turns `config.data` into a `Source`: the number of
 classes, the number of examples of each split, and `read_range(split, start, end)`,
 the encoded records of source indices [start, end) in the split's canonical order
 (TFDS's absolute order, read file by file; an image folder's class then file name
 order). `Source.read_slice` gives a process its contiguous part of a split
-(`record_order.even_split_bounds`). Decoding, the record order of training and
-batching are `input_pipeline.py`'s.
+(`record_order.even_split_bounds`: the slices of `tfds.even_splits`). Decoding,
+the record order of training and batching are `input_pipeline.py`'s.
+
+`data.source='tfds'` reads any TFDS image data set by `data.name` ('cifar10',
+'oxford_flowers102', 'imagenette/320px', 'name:version'): the image and label
+features are the builder's single `Image` and single `ClassLabel` feature unless
+`data.image_key` / `data.label_key` name them; without a `ClassLabel` (or with
+`data.label_key=''`) the data set is one class (unconditional training). The data
+set must be prepared in `data.data_dir` (`tfds build NAME --data_dir=DIR`): nothing
+is downloaded at run time. `imagenet2012` (also `data.source='imagenet2012'`) is
+prepared from its manually downloaded tars.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import operator
 import os
@@ -18,11 +28,12 @@ from typing import Any, Callable
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from heptapod_jax.data import builtin
 from heptapod_jax.data.record_order import even_split_bounds
 
-SOURCES = ("builtin_digits", "image_folder", "imagenet2012")
+SOURCES = ("builtin_digits", "image_folder", "imagenet2012", "tfds")
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 # Same extensions as tfds.folder_dataset.ImageFolder.
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -63,10 +74,42 @@ def _empty_records() -> tf.data.Dataset:
                                              "label": tf.constant([], tf.int64)})
 
 
-def _tfds_source(name: str, builder: tfds.core.DatasetBuilder) -> Source:
-  """Wraps a prepared TFDS builder whose features are `image` and `label`."""
+def _tfds_source(name: str, builder: tfds.core.DatasetBuilder, image_key: str = "image",
+                 label_key: str | None = "label") -> Source:
+  """Wraps a TFDS builder: records {'image': encoded bytes of `image_key`, 'label': `label_key`}
+  (label 0 for every record when `label_key` is None).
+
+  A prepared builder knows its split sizes and reads a range as a `ReadInstruction`
+  (only the files it needs). A builder without recorded split sizes (TFDS's own mock
+  in tests, or a builder that can read without being prepared) is counted once per split
+  and its range cut from the split's stream in order.
+  """
+  num_classes = builder.info.features[label_key].num_classes if label_key else 1
+  known_sizes = len(builder.info.splits) > 0
+  decoders = {image_key: tfds.decode.SkipDecoding()}
+  # An auto-cache would be filled by the first (possibly partial) epoch. Cycle length 1
+  # reads the files one after the other, in the canonical order that source indices (and
+  # pre-tokenized shards) refer to; the default interleaves 16 files and the order would
+  # depend on the range.
+  read_config = tfds.ReadConfig(try_autocache=False, add_tfds_id=False, interleave_cycle_length=1)
+
+  def as_dataset(split) -> tf.data.Dataset:
+    records = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                                 read_config=read_config)
+    if label_key:
+      return records.map(lambda ex: {"image": ex[image_key], "label": ex[label_key]})
+    return records.map(lambda ex: {"image": ex[image_key], "label": tf.constant(0, tf.int64)})
+
+  @functools.lru_cache(maxsize=None)
+  def counted(split: str) -> int:
+    n = int(as_dataset(split).cardinality())
+    if n < 0:  # Unknown cardinality: count the records once.
+      n = int(as_dataset(split).reduce(0, lambda count, _: count + 1))
+    return n
 
   def num_examples(split: str) -> int:
+    if not known_sizes:
+      return counted(split)
     try:
       return builder.info.splits[split].num_examples
     except (KeyError, ValueError) as e:
@@ -90,6 +133,11 @@ def _tfds_source(name: str, builder: tfds.core.DatasetBuilder) -> Source:
     total = num_examples(split)  # validates the split with a readable error
     if not 0 <= start <= end <= total:
       raise ValueError(f"{name}: range [{start}, {end}) outside split {split!r} of {total}")
+    if not known_sizes:
+      if start == end:
+        return Slice(_empty_records(), 0, start, load_from_path=False)
+      return Slice(as_dataset(split).skip(start).take(end - start), end - start, start,
+                   load_from_path=False)
     # The split's parts ('train[:10]+test') in reading order; cut [start, end)
     # out of their concatenation.
     pieces, offset = [], 0
@@ -103,21 +151,115 @@ def _tfds_source(name: str, builder: tfds.core.DatasetBuilder) -> Source:
       offset += hi - lo
     if not pieces:
       return Slice(_empty_records(), 0, start, load_from_path=False)
-    records = builder.as_dataset(
-        split=functools.reduce(operator.add, pieces),
-        shuffle_files=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        # An auto-cache would be filled by the first (possibly partial) epoch.
-        # Cycle length 1 reads the files one after the other, in the canonical
-        # order that source indices (and pre-tokenized shards) refer to; the
-        # default interleaves 16 files and the order would depend on the range.
-        read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False,
-                                    interleave_cycle_length=1),
-    )
-    records = records.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-    return Slice(records, end - start, start, load_from_path=False)
+    return Slice(as_dataset(functools.reduce(operator.add, pieces)), end - start, start,
+                 load_from_path=False)
 
-  return Source(name, builder.info.features["label"].num_classes, num_examples, read_range)
+  return Source(name, num_classes, num_examples, read_range)
+
+
+def _feature_keys(name: str, features: Any, image_key: str | None,
+                  label_key: str | None) -> tuple[str, str | None]:
+  """(image feature, label feature or None) of a TFDS builder, checked or found."""
+  kinds = {k: type(f).__name__ for k, f in features.items()}
+  images = sorted(k for k, f in features.items() if isinstance(f, tfds.features.Image))
+  labels = sorted(k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel))
+  if image_key:
+    if image_key not in features:
+      raise ValueError(f"data.image_key={image_key!r} is not a feature of {name} "
+                       f"(features: {kinds}).")
+    if image_key not in images:
+      raise ValueError(f"data.image_key={image_key!r} is a {kinds[image_key]} feature of {name}, "
+                       f"not an Image; its Image features: {images or 'none'}.")
+  elif len(images) == 1:
+    image_key = images[0]
+  elif not images:
+    raise ValueError(f"data.name={name!r} has no Image feature (features: {kinds}): not an "
+                     "image data set.")
+  else:
+    raise ValueError(f"data.name={name!r} has several Image features {images}; set "
+                     "data.image_key to the one to train on.")
+  if label_key == "":  # Asked for: no labels.
+    return image_key, None
+  if label_key:
+    if label_key not in features:
+      raise ValueError(f"data.label_key={label_key!r} is not a feature of {name} "
+                       f"(features: {kinds}).")
+    if label_key not in labels:
+      raise ValueError(f"data.label_key={label_key!r} is a {kinds[label_key]} feature of {name}, "
+                       f"not a ClassLabel; its ClassLabel features: {labels or 'none'} "
+                       "(data.label_key='' trains without labels).")
+    return image_key, label_key
+  if len(labels) > 1:
+    raise ValueError(f"data.name={name!r} has several ClassLabel features {labels}; set "
+                     "data.label_key to the one to condition on ('' for none).")
+  return image_key, (labels[0] if labels else None)
+
+
+def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """`tfds.builder(name)` with errors that name data.name and what is registered."""
+  base = name.split(":")[0].split("/")[0]
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    close = difflib.get_close_matches(base, tfds.list_builders(), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    raise ValueError(f"data.name={name!r}: {base!r} is not a data set registered in "
+                     f"tensorflow-datasets {tfds.__version__}{hint} The catalog: "
+                     "https://www.tensorflow.org/datasets/catalog/overview") from None
+  except (ValueError, AssertionError) as e:  # A config or version the builder does not have.
+    raise ValueError(f"data.name={name!r}: {e}") from None
+
+
+def _check_prepared(name: str, builder: tfds.core.DatasetBuilder, data_dir: str | None,
+                    split: str) -> None:
+  """A data set that is not prepared stops with the command that prepares it."""
+  if builder.is_prepared():
+    return
+  try:  # A builder that reads without being prepared (TFDS's mock) is fine.
+    builder.as_dataset(split=split)
+    return
+  except Exception:  # pylint: disable=broad-except  (TFDS raises AssertionError or others)
+    pass
+  root = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
+  command = f"tfds build {name} --data_dir={root}"
+  manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if manual:
+    command += " --manual_dir=DIR"
+  raise FileNotFoundError(
+      f"data.name={name!r} is not prepared in data.data_dir={data_dir!r} (looked for "
+      f"{builder.data_dir}); nothing is downloaded at run time. Prepare it once, on a machine "
+      f"with internet access: `{command}` (in Colab: `!{command}`)"
+      + (f", DIR holding the manual download: {' '.join(str(manual).split())}" if manual else "")
+      + ", then run again.")
+
+
+def _named_tfds_source(data_config: Any) -> Source:
+  """`data.source='tfds'`: the data set `data.name`, prepared in `data.data_dir`."""
+  name = getattr(data_config, "name", None)
+  if not name:
+    raise ValueError("data.source='tfds' needs data.name, a TFDS name such as 'cifar10', "
+                     "'oxford_flowers102' or 'imagenette/320px' (optionally 'name:version').")
+  if name.split(":")[0].split("/")[0] == "imagenet2012":
+    return _imagenet_source(data_config.data_dir, data_config.manual_dir, name)
+  builder = _tfds_builder(name, data_config.data_dir)
+  image_key, label_key = _feature_keys(name, builder.info.features,
+                                       getattr(data_config, "image_key", None),
+                                       getattr(data_config, "label_key", None))
+  _check_prepared(name, builder, data_config.data_dir, data_config.train_split)
+  if label_key is None:
+    logging.warning("%s: no class labels (%s): training unconditionally, every image is "
+                    "class 0 (model.num_classes=1).", name,
+                    "data.label_key=''" if getattr(data_config, "label_key", None) == ""
+                    else "no ClassLabel feature")
+  return _tfds_source(name, builder, image_key, label_key)
+
+
+def source_id(data_config: Any) -> str:
+  """What the records come from, for metadata that must not mix data sets: data.source, or
+  'tfds:<data.name>' for a TFDS data set by name."""
+  if data_config.source == "tfds":
+    return f"tfds:{data_config.name}"
+  return data_config.source
 
 
 def _list_folder_split(split_dir: str, class_names: list[str]) -> tuple[list[str], list[int]]:
@@ -193,9 +335,11 @@ def _image_folder_source(folder: str | None) -> Source:
   return Source("image_folder", len(class_names), num_examples, read_range)
 
 
-def _imagenet_source(data_dir: str | None, manual_dir: str | None) -> Source:
-  """TFDS imagenet2012, prepared from the manually downloaded tars if needed."""
-  builder = tfds.builder("imagenet2012", data_dir=data_dir)
+def _imagenet_source(data_dir: str | None, manual_dir: str | None,
+                     name: str = "imagenet2012") -> Source:
+  """TFDS imagenet2012 (or `name`, a version of it), prepared from the manually downloaded
+  tars if needed."""
+  builder = _tfds_builder(name, data_dir)
   if not builder.is_prepared():
     if manual_dir:
       where = f"data.manual_dir={os.path.expanduser(manual_dir)!r}"
@@ -224,7 +368,7 @@ def _imagenet_source(data_dir: str | None, manual_dir: str | None) -> Source:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
                                                      try_download_gcs=False))
-  return _tfds_source("imagenet2012", builder)
+  return _tfds_source(name, builder)
 
 
 def resolve_source(data_config: Any) -> Source:
@@ -243,4 +387,6 @@ def resolve_source(data_config: Any) -> Source:
     return _image_folder_source(data_config.folder)
   if source == "imagenet2012":
     return _imagenet_source(data_config.data_dir, data_config.manual_dir)
+  if source == "tfds":
+    return _named_tfds_source(data_config)
   raise ValueError(f"unknown data.source {source!r}; valid choices: {', '.join(SOURCES)}")

@@ -70,7 +70,7 @@ import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
-from heptapod_jax.data import preprocess, record_order
+from heptapod_jax.data import preprocess, record_order, sources
 
 FORMAT_VERSION = 1
 METADATA_FILE = 'metadata.json'
@@ -309,7 +309,7 @@ def check_data_config(metadata: dict[str, Any], data_config: Any, directory: str
   pairs = (('source', 'source'), ('train_split', 'split'), ('image_size', 'image_size'),
            ('augment', 'augment'))
   for field, key in pairs:
-    value = getattr(data_config, field)
+    value = sources.source_id(data_config) if field == 'source' else getattr(data_config, field)
     if value != metadata[key]:
       hint = ''
       if field == 'augment':

@@ -192,7 +192,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   tokenizer, params = make_tokenizer(config.tokenizer, data_config.image_size)
   if isinstance(tokenizer, LatentTokenizer):
     header = tokenized.make_header(
-        source=data_config.source, split=split, num_examples=num_examples,
+        source=sources.source_id(data_config), split=split, num_examples=num_examples,
         num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
         tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
         latent_channels=tokenizer.token_dim, shard_size=shard_size,
@@ -202,7 +202,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
       raise ValueError(f'moments_dtype={moments_dtype!r} applies to config.tokenizer.kind="kl" '
                        f'only, not {config.tokenizer.kind!r} (its codes are integers)')
     header = tokenized.make_header(
-        source=data_config.source, split=split, num_examples=num_examples,
+        source=sources.source_id(data_config), split=split, num_examples=num_examples,
         num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
         tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
         vocab_size=tokenizer.vocab_size, shard_size=shard_size)
