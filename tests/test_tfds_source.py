@@ -15,19 +15,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 from heptapod_jax import config_lib
-from heptapod_jax.data import builtin, input_pipeline, sources
+from heptapod_jax.data import input_pipeline, sources
 from heptapod_jax.evaluators import feature_net
 
+from test_data import digits_dir  # noqa: F401  (the prepared built-in digits, a fixture)
 from test_train import tiny_config
 
 MOCK = dict(policy=tfds.testing.MockPolicy.USE_CODE)
-
-
-@pytest.fixture(scope='module')
-def digits_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds'))
-  builtin.prepare(data_dir)
-  return data_dir
 
 
 def _config(name, **overrides):
