@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heptapod_jax import config_lib, optim, presets, train
+from heptapod_jax import config_lib, optim, presets, steps
 from heptapod_jax.models.config import BackboneConfig, HeadConfig, ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, init_params
 
@@ -69,18 +69,18 @@ def imagenet_model_config(size: str, kind: str, *, dtype: str = 'float32', steps
 
 
 def make_train_step(cfg: ModelConfig, batch_size: int) -> Callable[[], Any]:
-  """A no-argument function running one jitted, state-donating `train.train_step` (loss,
+  """A no-argument function running one jitted, state-donating `steps.train_step` (loss,
   gradients, clipped AdamW update, EMA; the recipe's optimizer settings) on a fixed batch of
   random codes; it returns the loss. The first call compiles."""
   model = Heptapod(cfg)
   optim_config = config_lib.base_config().optim
   tx, schedule = optim.make_optimizer(optim_config, 1000)
-  state = jax.jit(functools.partial(train.init_train_state, model, tx))(jax.random.key(0))
+  state = jax.jit(functools.partial(steps.init_train_state, model, tx))(jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {'tokens': jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, *cfg.grid_size)),
                                  jnp.int32),
            'label': jnp.asarray(rng.integers(0, cfg.num_classes, (batch_size,)), jnp.int32)}
-  step = jax.jit(functools.partial(train.train_step, model=model, tokenizer=None, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, model=model, tokenizer=None, tx=tx,
                                    schedule=schedule, ema_decay=optim_config.ema_decay),
                  donate_argnums=0)
   holder = {'state': state}

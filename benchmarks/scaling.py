@@ -5,7 +5,7 @@
 
 Two sweeps of the global head: the grid side (8, 16, 24, 32: N = 64 .. 1024 positions) at
 fixed steps_per_image, and steps_per_image (1 .. 16) at the fixed 16x16 grid. For each:
-  step s        median time of the whole train step (train.train_step: fwd, bwd, AdamW, EMA)
+  step s        median time of the whole train step (steps.train_step: fwd, bwd, AdamW, EMA)
   head s        median time of the head alone (forward + backward of the loss through the head
                 and the logits, given the backbone states)
   head us/(S*N) head time per (step, position) pair per image, in microseconds
@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from _util import build_model, median_time
-from heptapod_jax import flops, optim, train
+from heptapod_jax import flops, optim, steps
 from heptapod_jax.models import objective
 from heptapod_jax.models.heptapod import Heptapod
 
@@ -45,16 +45,16 @@ class _Optim:
   b1, b2, eps, weight_decay, grad_clip = 0.9, 0.95, 1e-8, 0.05, 1.0
 
 
-def measure(grid: int, steps: int) -> dict:
+def measure(grid: int, steps_per_image: int) -> dict:
   model, params = build_model(_SIZE.value, grid=grid, vocab=_VOCAB.value, kind='global',
-                              steps_per_image=steps, num_classes=1000)
+                              steps_per_image=steps_per_image, num_classes=1000)
   cfg = model.config
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, _VOCAB.value, (_BATCH.value, grid * grid)), jnp.int32)
   labels = jnp.asarray(rng.integers(0, 1000, (_BATCH.value,)), jnp.int32)
   tx, schedule = optim.make_optimizer(_Optim, 1000)
-  state = jax.jit(functools.partial(train.init_train_state, model, tx))(jax.random.key(0))
-  step = jax.jit(functools.partial(train.train_step, model=model, tokenizer=None, tx=tx,
+  state = jax.jit(functools.partial(steps.init_train_state, model, tx))(jax.random.key(0))
+  step = jax.jit(functools.partial(steps.train_step, model=model, tokenizer=None, tx=tx,
                                    schedule=schedule, ema_decay=0.9999))
   batch = {'tokens': tokens, 'label': labels}
   compiled = step.lower(state, batch, {}).compile()
@@ -78,9 +78,9 @@ def measure(grid: int, steps: int) -> dict:
                        repeats=_REPEATS.value)
   f = flops.train_flops_per_image(cfg)
   n = grid * grid
-  return dict(grid=grid, steps=steps, step_s=step_s, head_s=head_s, memory=memory,
-              per_pair_us=head_s / (_BATCH.value * steps * n) * 1e6,
-              head_tflop=f['head'] * _BATCH.value / 1e12, sn=steps * n)
+  return dict(grid=grid, steps=steps_per_image, step_s=step_s, head_s=head_s, memory=memory,
+              per_pair_us=head_s / (_BATCH.value * steps_per_image * n) * 1e6,
+              head_tflop=f['head'] * _BATCH.value / 1e12, sn=steps_per_image * n)
 
 
 def _print(rows, title):

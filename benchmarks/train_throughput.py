@@ -4,7 +4,7 @@
   python benchmarks/train_throughput.py --heads=next_token --batch=16 --noablation
   python benchmarks/train_throughput.py --quick                        # a few minutes on 2 cores
 
-Times `train.train_step` (loss, gradients, clipped AdamW update, EMA; jitted with the state
+Times `steps.train_step` (loss, gradients, clipped AdamW update, EMA; jitted with the state
 donated) on pre-tokenized batches at ImageNet shapes (16x16 grid, 16384 codes: --grid,
 --vocab), with the 2D heads as configs/imagenet256.py sets them (steps_per_image 4, window
 32, the preset's head width and depth). Before and after every timed step the peak is

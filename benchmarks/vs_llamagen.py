@@ -14,7 +14,7 @@ with the KV cache (`autoregressive/models/generate.py`, eager, no torch.compile)
 fused when available) with its gradient clipping at 1.0 and its dropout (0.1 residual and
 token dropout, as its training script sets them). Against it, this project's B preset at the
 same shapes (12 x 768 backbone, 16x16 grid, 16384 codes, 1000 classes, the same dropout), each
-head as configs/imagenet256.py sets it, random weights, trained by `train.train_step` (loss,
+head as configs/imagenet256.py sets it, random weights, trained by `steps.train_step` (loss,
 gradients, clipped AdamW, EMA) and sampled by `sampling.sample` (incremental decoding), one
 key per sample, temperature 1, no guidance, no top-k/top-p, the same for LlamaGen.
 
@@ -35,11 +35,6 @@ import pathlib
 import statistics
 import sys
 import time
-
-# TensorFlow (the project's input pipeline) and Triton (torch._dynamo, which LlamaGen's
-# generate.py imports) each bundle an LLVM; Triton loaded beside TensorFlow segfaults. Nothing
-# here compiles with torch (LlamaGen runs eager), so `import triton` fails cleanly instead.
-sys.modules.setdefault('triton', None)
 
 import flax.linen as nn
 import jax
@@ -62,6 +57,10 @@ _BATCHES = flags.DEFINE_list('sampling_batches', ['1', '8'], 'Images per samplin
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype of both '
                            '(LlamaGen: autocast in training, a bf16 model in sampling).')
 _TORCH_DEVICE = flags.DEFINE_string('torch_device', 'cpu', 'Device of LlamaGen (cpu, cuda).')
+_ATTENTION = flags.DEFINE_enum('attention_impl', 'xla', ['xla', 'cudnn', 'auto', 'einsum'],
+                               'Our attention kernel (model.attention_impl): xla everywhere; '
+                               'cudnn (flash) or auto on a GPU with bf16. KV-cached decoding '
+                               'runs its own attention in every case.')
 _UNROLL = flags.DEFINE_integer('scan_unroll', 0, 'Our layers per nn.scan iteration in training; '
                                '0 = all of them (fastest on the CPU).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed training steps per row (median).')
@@ -153,18 +152,19 @@ def train_table(gpt, train_c2i, peak: float) -> None:
   batch = _TRAIN_BATCH.value
   tokens = batch * 256
   print(f'\ntraining step, batch {batch}, {_DTYPE.value}; LlamaGen on {_TORCH_DEVICE.value}, '
-        f'ours on {jax.devices()[0].platform}')
+        f'ours on {jax.devices()[0].platform} (attention {_ATTENTION.value})')
   print(f'{"code":9s} {"head":10s} {"s/step":>7s} {"tok/s":>7s} {"vs LlamaGen":>11s} '
         f'{"TFLOP/step":>10s} {"MFU":>5s} {"time/next_token":>15s} {"FLOP ratio":>10s}')
-  base_cfg = imagenet_model_config(_SIZE.value, 'next_token', dtype=_DTYPE.value, dropout=0.1)
+  base_cfg = imagenet_model_config(_SIZE.value, 'next_token', dtype=_DTYPE.value, dropout=0.1,
+                                   attention_impl=_ATTENTION.value)
   base_flops = flops.train_flops_per_image(base_cfg)['total'] * batch
   theirs = llamagen_train_seconds(gpt, train_c2i, batch, _REPEATS.value)
-  print(f'{"LlamaGen":9s} {"(GPT-" + _SIZE.value + ")":10s} {theirs:7.2f} {tokens / theirs:7.0f} '
+  print(f'{"LlamaGen":9s} {"(GPT-" + _SIZE.value + ")":10s} {theirs:7.4f} {tokens / theirs:7.0f} '
         f'{1.0:10.2f}x {base_flops / 1e12:10.3f} {base_flops / theirs / peak:5.2f}', flush=True)
   seconds = {}
   for kind in _HEADS.value:
     cfg = imagenet_model_config(_SIZE.value, kind, dtype=_DTYPE.value, dropout=0.1,
-                                scan_unroll=_UNROLL.value)
+                                scan_unroll=_UNROLL.value, attention_impl=_ATTENTION.value)
     per_step = flops.train_flops_per_image(cfg)['total'] * batch
     run = make_train_step(cfg, batch)
     jax.block_until_ready(run())
@@ -174,7 +174,7 @@ def train_table(gpt, train_c2i, peak: float) -> None:
       jax.block_until_ready(run())
       times.append(time.perf_counter() - start)
     s = seconds[kind] = statistics.median(times)
-    line = (f'{"ours":9s} {kind:10s} {s:7.2f} {tokens / s:7.0f} {theirs / s:10.2f}x '
+    line = (f'{"ours":9s} {kind:10s} {s:7.4f} {tokens / s:7.0f} {theirs / s:10.2f}x '
             f'{per_step / 1e12:10.3f} {per_step / s / peak:5.2f}')
     if kind != 'next_token' and 'next_token' in seconds:
       line += f' {s / seconds["next_token"]:15.2f} {per_step / base_flops:10.2f}'
@@ -190,7 +190,8 @@ def sampling_table(gpt, generate, peak: float, bandwidth: float) -> None:
         f'{"TFLOP/s":>7s} {"%peak":>5s}')
   models = {}
   for kind in _HEADS.value:
-    cfg = imagenet_model_config(_SIZE.value, kind, dtype=_DTYPE.value)
+    cfg = imagenet_model_config(_SIZE.value, kind, dtype=_DTYPE.value,
+                                attention_impl=_ATTENTION.value)
     model = Heptapod(cfg)
     params = jax.jit(lambda key, m=model: nn.unbox(init_params(m, key)))(jax.random.key(0))
     models[kind] = (model, params)
@@ -205,7 +206,7 @@ def sampling_table(gpt, generate, peak: float, bandwidth: float) -> None:
   for batch in (int(b) for b in _BATCHES.value):
     theirs = llamagen_sampling_seconds(gpt, generate, batch)
     print(f'{"LlamaGen":9s} {"(GPT-" + _SIZE.value + ")":10s} {1:2d} {batch:5d} '
-          f'{theirs / batch:7.3f} {batch / theirs:7.2f} {1.0:10.2f}x {"":15s} '
+          f'{theirs / batch:7.4f} {batch / theirs:7.2f} {1.0:10.2f}x {"":15s} '
           f'{roofline(base_cfg, batch, theirs)}', flush=True)
     base = None
     rows = [(kind, 1) for kind in _HEADS.value]
@@ -218,7 +219,7 @@ def sampling_table(gpt, generate, peak: float, bandwidth: float) -> None:
       if kind == 'next_token':
         base = seconds
       versus = f'{seconds / base:15.2f}' if base is not None and kind != 'next_token' else ' ' * 15
-      print(f'{"ours":9s} {kind:10s} {k:2d} {batch:5d} {seconds / batch:7.3f} '
+      print(f'{"ours":9s} {kind:10s} {k:2d} {batch:5d} {seconds / batch:7.4f} '
             f'{batch / seconds:7.2f} {theirs / seconds:10.2f}x {versus} '
             f'{roofline(model.config, batch, seconds, k)}', flush=True)
 
@@ -236,8 +237,10 @@ def main(argv):
   dtype = jnp.dtype(_DTYPE.value)
   peak = flops.measure_peak_matmul_flops(dtype)
   bandwidth = flops.measure_memory_bandwidth()
-  print(f'{_SIZE.value} shapes: 16x16 grid, 16384 codes, 1000 classes; JAX device '
-        f'{device.device_kind} ({device.platform}); measured here: {_DTYPE.value} matmul peak '
+  import torch  # pylint: disable=g-import-not-at-top
+  print(f'{_SIZE.value} shapes: 16x16 grid, 16384 codes, 1000 classes; JAX {jax.__version__} on '
+        f'{device.device_kind} ({device.platform}), torch {torch.__version__}; measured here: '
+        f'{_DTYPE.value} matmul peak '
         f'{peak / 1e12:.3f} TFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s')
   if not _SKIP_TRAIN.value:
     train_table(gpt, train_c2i, peak)

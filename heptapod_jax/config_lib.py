@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from heptapod_jax import sharding
-from heptapod_jax.data import input_pipeline, record_order, sources
+from heptapod_jax.data import schema
 from heptapod_jax.models import tokenizers
 from heptapod_jax.models.config import ModelConfig
 
@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
       sample_posterior=True,  # kl: train on posterior samples (MAR) rather than the means.
   ))
 
-  c.data = input_pipeline.default_data_config()
+  c.data = schema.default_data_config()
 
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),  # (data, fsdp, tensor) per slice; one entry may be -1 (the rest).
@@ -163,7 +163,7 @@ def tokenizer_base_config() -> ml_collections.ConfigDict:
   c.trainer = 'tokenizer'
   c.seed = 0
   c.allow_scratch = False  # No intact checkpoint in the workdir: False stops, True starts over.
-  c.data = input_pipeline.default_data_config()
+  c.data = schema.default_data_config()
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind='vq',  # vq | kl: which of the two sections below is the model.
       vq=_dataclass_to_dict(vq.VQConfig()),
@@ -286,12 +286,12 @@ def _validate_optim(o: ml_collections.ConfigDict, path: str) -> None:
 
 def _validate_common(config: ml_collections.ConfigDict) -> None:
   """The sections both trainers share: data, mesh, optim, train."""
-  _choice('config.data.source', config.data.source, sources.SOURCES)
+  _choice('config.data.source', config.data.source, schema.SOURCES)
   if config.data.source == 'tfds' and not config.data.name:
     raise ValueError("config.data.source='tfds' needs config.data.name, a TFDS name such as "
                      "'cifar10', 'oxford_flowers102' or 'imagenette/320px' (optionally "
                      "'name:version').")
-  _choice('config.data.augment', config.data.augment, record_order.AUGMENTS)
+  _choice('config.data.augment', config.data.augment, schema.AUGMENTS)
   _choice('config.mesh.rules_preset', config.mesh.rules_preset, sharding.RULE_PRESETS)
   if len(config.mesh.shape) != 3 or len(config.mesh.dcn_shape) != 3:
     raise ValueError(f'config.mesh.shape / dcn_shape need 3 sizes (data, fsdp, tensor); got '

@@ -377,9 +377,11 @@ def measure_peak_matmul_flops(dtype: Any = jnp.float32, size: int | None = None,
   if size is None:
     size = 2048 if device.platform == 'cpu' else 8192
   chain = 4 if device.platform == 'cpu' else 16
-  # Entries 1/size keep every product at 1/size: no overflow, no denormals.
-  a = jax.device_put(jnp.full((size, size), 1.0 / size, dtype), device)
-  x = jax.device_put(jnp.full((size, size), 1.0 / size, dtype), device)
+  # Random entries in [0, 2/size) keep every product's entries near 1/size (no overflow, no
+  # denormals); constant or zero operands can run faster than real data (less switching).
+  ka, kx = jax.random.split(jax.random.key(0))
+  a = jax.device_put(jax.random.uniform(ka, (size, size), dtype, 0.0, 2.0 / size), device)
+  x = jax.device_put(jax.random.uniform(kx, (size, size), dtype, 0.0, 2.0 / size), device)
   run = _matmul_chain(chain)
   jax.block_until_ready(run(a, x))
   best = float('inf')
@@ -398,10 +400,11 @@ def _sum_fn():
 def measure_memory_bandwidth(num_bytes: int | None = None, device: Any = None,
                              repeats: int = 3) -> float:
   """Achievable read bandwidth of one device in bytes/s: the best of `repeats` timed sums of
-  a float32 array of `num_bytes` (default 1 GiB, far beyond any cache) after a warm-up.
+  a float32 array of `num_bytes` (default 1 GiB on a CPU, 4 GiB elsewhere: far beyond any
+  cache, and on an accelerator long enough that the dispatch is noise) after a warm-up.
   The physical limit that a memory-bound decoding step is held against."""
   device = device or jax.devices()[0]
-  num_bytes = num_bytes or 2 ** 30
+  num_bytes = num_bytes or (2 ** 30 if device.platform == 'cpu' else 2 ** 32)
   x = jax.device_put(jnp.full((num_bytes // 4,), 1.0, jnp.float32), device)
   run = _sum_fn()
   jax.block_until_ready(run(x))

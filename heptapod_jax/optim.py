@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+Array = jax.Array
+
 # Parameters that never get weight decay besides 1-D ones (norm scales, biases,
 # learned tokens): the heads' learned position tables.
 _NO_DECAY_NAMES = ('pos_row', 'pos_col', 'memory_pos_row', 'memory_pos_col')
@@ -61,6 +63,12 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
     return params
   return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype),
                       ema, params)
+
+
+def ema_decay_at(decay: float, step: Array) -> Array:
+  """EMA decay with warm-up: min(decay, (1 + step) / (10 + step)), so short runs get a useful EMA."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -145,7 +145,7 @@ class TokenizerTrainer:
     params = optax.apply_updates(state.params, updates)
     decay = self.config.optim.ema_decay
     ema = optim.ema_update(state.ema_params, params,
-                           trainlib.ema_decay_at(decay, state.step) if decay > 0 else 0.0)
+                           optim.ema_decay_at(decay, state.step) if decay > 0 else 0.0)
 
     if not use_gan:
       return self._finish_step(state, loss, grad_norm, params, ema, opt_state, state.disc_params,

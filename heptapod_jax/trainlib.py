@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import periodic_actions
@@ -21,12 +20,6 @@ Array = jax.Array
 
 class NonFiniteError(FloatingPointError):
   """Loss or gradient norm became NaN/Inf; the update of that step was not applied."""
-
-
-def ema_decay_at(decay: float, step: Array) -> Array:
-  """EMA decay with warm-up: min(decay, (1 + step) / (10 + step)), so short runs get a useful EMA."""
-  step = step.astype(jnp.float32)
-  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def reduce_metrics(metric_list: list[dict[str, Array]]) -> dict[str, float]:

@@ -104,6 +104,23 @@ def test_cudnn_matches_xla_on_gpu():
     np.testing.assert_allclose(np.float32(out), np.float32(ref), atol=2e-2)
 
 
+def test_cudnn_falls_back_where_cudnn_cannot_run(monkeypatch):
+  """cuDNN's flash attention takes no explicit mask and no odd sequence length when training
+  (the global head's N + 1 tokens crashed the recipe's GPU run): those calls go to 'xla'."""
+  used = []
+
+  def fake(q, k, v, mask=None, is_causal=False, implementation=None):
+    used.append(implementation)
+    return jnp.zeros_like(q)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
+  for length, mask, want in ((256, None, 'cudnn'), (257, None, 'xla'),
+                             (256, jnp.ones((1, 1, 256, 256), bool), 'xla')):
+    q, k, v = (x.astype(jnp.bfloat16) for x in qkv(batch=1, length=length, dim=64))
+    layers.dot_product_attention(q, k, v, mask, impl='cudnn', causal=False)
+    assert used[-1] == want, (length, mask is not None, used[-1])
+
+
 @pytest.mark.parametrize('kv_heads', [4, 2])
 def test_cached_attention_equals_masked_attention(kv_heads):
   """Decoding's attention over a [B, K, S, D] cache = the einsum reference over [B, S, K, D]

@@ -7,6 +7,9 @@ function-local import is still a dependency: it only hides the circle until run 
 import ast
 import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -22,6 +25,13 @@ LAYERS = (
         'heptapod_jax.sampling', 'heptapod_jax.generation', 'heptapod_jax.data',
         'heptapod_jax.config_lib', 'heptapod_jax.image_sampler', 'heptapod_jax.runs'),
      'models never import training, sampling, data, configs or checkpoints'),
+    ('heptapod_jax.steps', TRAINING + CHECKPOINTS + SAMPLE_CLI + (
+        'heptapod_jax.data', 'heptapod_jax.evaluators', 'heptapod_jax.config_lib'),
+     'the pure step needs no trainer, data pipeline, configs or checkpoints'),
+    ('heptapod_jax.data.schema', ('heptapod_jax.data.input_pipeline', 'heptapod_jax.data.sources',
+                                  'heptapod_jax.data.preprocess', 'heptapod_jax.data.record_order',
+                                  'heptapod_jax.data.tokenized', 'heptapod_jax.data.builtin'),
+     'what a data config may say is known without the tf.data pipeline'),
     ('heptapod_jax.config_lib', TRAINING + CHECKPOINTS + SAMPLE_CLI,
      'config validation is pure: no checkpoint is read while validating'),
     ('heptapod_jax.sampling', TRAINING + SAMPLE_CLI + ('heptapod_jax.generation',),
@@ -112,6 +122,26 @@ def test_layers_read_top_down(importer, forbidden, why):
                if src == importer or src.startswith(importer + '.')
                for dst in dsts if any(dst == f or dst.startswith(f + '.') for f in forbidden))
   assert not bad, f'{why}: ' + '; '.join(bad)
+
+
+# What a model, its step, its sampler and its configs run with: a machine with JAX, Flax, Optax
+# and ml_collections alone (an accelerator image without TensorFlow, a notebook, a benchmark).
+LIGHT_MODULES = ('heptapod_jax.steps', 'heptapod_jax.sampling', 'heptapod_jax.flops',
+                 'heptapod_jax.config_lib', 'heptapod_jax.presets', 'heptapod_jax.models.heptapod',
+                 'heptapod_jax.data.schema')
+HEAVY = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax', 'torch')
+
+
+def test_model_step_sampler_and_configs_import_without_tensorflow():
+  code = textwrap.dedent(f'''
+      import sys
+      for name in {LIGHT_MODULES!r}:
+        __import__(name)
+      print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))
+  ''')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=PACKAGE.parent, env=dict(os.environ, PYTHONPATH=str(PACKAGE.parent)))
+  assert out.stdout.strip() == '[]', f'{LIGHT_MODULES} pulled in {out.stdout.strip()}'
 
 
 def private_uses(root: pathlib.Path) -> list[str]:

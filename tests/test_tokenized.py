@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from heptapod_jax.data import builtin
 from heptapod_jax.data import input_pipeline, sources
-from heptapod_jax.data import preprocess, record_order
+from heptapod_jax.data import preprocess, record_order, schema
 from heptapod_jax.data import tokenized
 from heptapod_jax import tokenizer_checkpoint as tokenizer_io
 from heptapod_jax.models.tokenizers import kl
@@ -38,7 +38,7 @@ def digits_dir(tmp_path_factory):
 
 def _config(data_dir, levels=16, **data_overrides):
   """Experiment config with the fields tokenize_dataset reads: data and tokenizer."""
-  data = input_pipeline.default_data_config()
+  data = schema.default_data_config()
   data.data_dir = data_dir
   data.train_split = SPLIT
   data.augment = 'ten_crop'
@@ -147,7 +147,7 @@ def test_ten_crop_views_match_pil_reference():
 
   # One view at a time (the image pipeline) equals the all-views tensor (the tool).
   image = tf.constant(smooth)
-  for augment, names in preprocess.VARIANT_NAMES.items():
+  for augment, names in schema.VARIANT_NAMES.items():
     views = preprocess.augmented_views(image, 16, augment).numpy()
     assert len(views) == len(names)
     for v in range(len(names)):
@@ -168,7 +168,7 @@ def test_ranges_follow_the_canonical_order_across_files(tmp_path):
   builder = builtin.HeptapodDigits(data_dir=str(tmp_path))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       num_shards=4, try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  config = input_pipeline.default_data_config()
+  config = schema.default_data_config()
   config.data_dir = str(tmp_path)
   source = sources.resolve_source(config)
   read = lambda split, a, b: [r['image'] for r in
@@ -190,7 +190,7 @@ def test_shards_hold_source_order_and_metadata(reference_dir, digits_dir):
   metadata = tokenized.read_metadata(reference_dir)
   assert metadata['num_examples'] == 40 and metadata['num_shards'] == 3
   assert metadata['num_kept'] == 40 and metadata['num_skipped'] == 0
-  assert metadata['variant_names'] == list(preprocess.VARIANT_NAMES['ten_crop'])
+  assert metadata['variant_names'] == list(schema.VARIANT_NAMES['ten_crop'])
   assert metadata['grid_size'] == [8, 8] and metadata['vocab_size'] == 16
   assert metadata['dtype'] == 'int16' and metadata['payload'] == 'codes'
   assert metadata['tokenizer'] == {'kind': 'pixel', 'patch': 4, 'levels': 16, 'checkpoint': ''}

@@ -2,7 +2,6 @@
 import importlib.util
 import os
 
-import jax
 import ml_collections
 import numpy as np
 import pytest

@@ -20,7 +20,7 @@ Design (what the trainer relies on):
   `record_order.RecordOrder.stream` is the one definition of this order (the stream of
   (record index, source index) pairs); the pre-tokenized reader
   (`heptapod_jax.data.tokenized`) replays it without touching the images.
-* Augmentation (`data.augment`, see `preprocess.VARIANT_NAMES`) shows each record
+* Augmentation (`data.augment`, see `schema.VARIANT_NAMES`) shows each record
   as one of a fixed list of views; the view is a stateless random function of
   (seed, process_index, record index) (`record_order.variant_fn`), so it survives resume and
   can be pre-computed.
@@ -59,11 +59,11 @@ import math
 from typing import Any, Callable, Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from heptapod_jax.data import preprocess
+from heptapod_jax.data import preprocess, schema
+from heptapod_jax.data.schema import default_data_config  # noqa: F401  (public API)
 from heptapod_jax.data.record_order import (parse_data_state, per_process_batch_size,
                                             resolve_process, train_record_order, variant_fn)
 from heptapod_jax.data.sources import resolve_source
@@ -73,52 +73,6 @@ from heptapod_jax.data.sources import resolve_source
 SKIP_REASONS = preprocess.SKIP_REASONS + ("undecodable",)
 # Colour conversions counted in state 'converted'.
 CONVERSIONS = preprocess.CONVERSIONS
-def default_data_config() -> ml_collections.ConfigDict:
-  """Data settings for the built-in digits; the trainer's configs copy and edit these.
-
-  Returns:
-    ConfigDict with the fields that `create_train_iterator` and
-    `create_eval_dataset` read.
-  """
-  placeholder = ml_collections.config_dict.placeholder
-  return ml_collections.ConfigDict({
-      # One of sources.SOURCES: builtin_digits | image_folder | imagenet2012 | tfds.
-      "source": "builtin_digits",
-      # tfds: the data set's TFDS name, e.g. 'cifar10', 'oxford_flowers102',
-      # 'imagenette/320px', optionally with ':version'.
-      "name": placeholder(str),
-      # tfds: the Image and ClassLabel features; None = the builder's only one of each.
-      # label_key='' trains without labels (one class), also when the data set has some.
-      "image_key": placeholder(str),
-      "label_key": placeholder(str),
-      # TFDS data dir (builtin_digits, imagenet2012, tfds); None = TFDS default.
-      "data_dir": placeholder(str),
-      # image_folder: root holding <split>/<class>/<image> files.
-      "folder": placeholder(str),
-      # imagenet2012: directory with the ILSVRC2012 tars; None = <data_dir>/downloads/manual.
-      "manual_dir": placeholder(str),
-      "image_size": 32,
-      # Images whose shorter side is below this are skipped (counted as 'too_small');
-      # 0 keeps all. Smaller images above it are upsampled by the center crop.
-      "min_image_size": preprocess.DEFAULT_MIN_IMAGE_SIZE,
-      # Training augmentation, one of AUGMENTS: 'none' (center crop), 'flip' (and
-      # its mirror image), 'ten_crop' (LlamaGen: 1.1x center crop, TenCrop views).
-      # 'none' for digits: mirrored digits are not digits.
-      "augment": "none",
-      # Directory written by `python -m heptapod_jax.tools.tokenize_dataset`: train
-      # on its pre-computed codes ('tokens') instead of images. None = images.
-      "tokenized_dir": placeholder(str),
-      # Encoded records held by the shuffle buffer (image folders shuffle whole epochs).
-      "shuffle_buffer": 10_000,
-      "train_split": "train",
-      "eval_split": "test",
-      # -1 = tf.data.AUTOTUNE.
-      "num_parallel_calls": -1,
-      # Batches prefetched; -1 = AUTOTUNE, 0 = none.
-      "prefetch": 2,
-  })
-
-
 def _count_dict(state: dict, key: str, names: tuple[str, ...]) -> dict[str, int]:
   counts = state.get(key, {})
   if not isinstance(counts, dict) or set(counts) - set(names):
@@ -178,7 +132,7 @@ def _encoded(record: dict[str, tf.Tensor], load_from_path: bool) -> tf.Tensor:
 
 
 def load_image(record: dict[str, tf.Tensor], load_from_path: bool,
-               min_image_size: int = preprocess.DEFAULT_MIN_IMAGE_SIZE) -> tf.Tensor:
+               min_image_size: int = schema.DEFAULT_MIN_IMAGE_SIZE) -> tf.Tensor:
   """uint8[h, w, 3] of a source record (encoded bytes, or a path when load_from_path).
 
   Raises `tf.errors.InvalidArgumentError` (naming the reason) when the op runs

@@ -49,15 +49,13 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from heptapod_jax.data.schema import AUGMENTS, DEFAULT_MIN_IMAGE_SIZE, VARIANT_NAMES
+
 
 # Skip reasons of `decode_checked`: code i + 1 is SKIP_REASONS[i], 0 means kept.
 SKIP_REASONS = ('corrupt', 'truncated', 'too_small')
 # Colour conversions of `decode_checked`: code i + 1 is CONVERSIONS[i], 0 means none.
 CONVERSIONS = ('grayscale', 'cmyk', 'palette', 'alpha')
-# Shorter sides below this are skipped as 'too_small' (data.min_image_size). Low
-# on purpose: it drops degenerate files (1x1 tracking pixels, icons) but not the
-# small photos that the usual protocols (ADM, LlamaGen) upsample and train on.
-DEFAULT_MIN_IMAGE_SIZE = 8
 
 _CORRUPT, _TRUNCATED, _TOO_SMALL = 1, 2, 3
 _GRAYSCALE, _CMYK, _PALETTE, _ALPHA = 1, 2, 3, 4
@@ -339,17 +337,6 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 # LlamaGen's `crop_range`: the ten crops are taken from a center crop this much larger.
 TEN_CROP_RANGE = 1.1
-# Views of each augmentation, in variant order. ten_crop follows torchvision's
-# `TenCrop`: `five_crop(image) + five_crop(hflip(image))`, five_crop returning
-# (top-left, top-right, bottom-left, bottom-right, center). 'flipped_top_left'
-# is the top-left crop OF THE MIRRORED image (the mirror of the top-right crop).
-_FIVE_CROPS = ('top_left', 'top_right', 'bottom_left', 'bottom_right', 'center')
-VARIANT_NAMES: dict[str, tuple[str, ...]] = {
-    'none': ('center',),
-    'flip': ('center', 'flipped_center'),
-    'ten_crop': _FIVE_CROPS + tuple(f'flipped_{name}' for name in _FIVE_CROPS),
-}
-AUGMENTS = tuple(VARIANT_NAMES)
 
 
 def ten_crop_size(size: int) -> int:
@@ -358,7 +345,7 @@ def ten_crop_size(size: int) -> int:
 
 
 def _five_crop_offsets(height: tf.Tensor, width: tf.Tensor, size: int) -> tf.Tensor:
-  """int32[5, 2] (top, left) of torchvision's five crops, in `_FIVE_CROPS` order."""
+  """int32[5, 2] (top, left) of torchvision's five crops, in `schema.VARIANT_NAMES["ten_crop"][:5]` order."""
   bottom = height - size
   right = width - size
   # torchvision's center_crop: int(round((h - size) / 2)); Python's round and

@@ -9,7 +9,7 @@ and the data state saved in checkpoints.
 * The training stream of a process is a pure function of (seed, process slice): epoch e is
   the slice in source order, shuffled with a seed derived from (seed, process_index, e);
   records are numbered in stream order. `RecordOrder.stream` is the one definition of it.
-* The view of a record (`variant_fn`, see `preprocess.VARIANT_NAMES`) is a stateless random
+* The view of a record (`variant_fn`, see `schema.VARIANT_NAMES`) is a stateless random
   function of (seed, process_index, record index), so it survives resume and can be
   pre-computed.
 * Data state is `{'position': records consumed, 'num_skipped': records skipped, ...}`
@@ -24,9 +24,9 @@ from typing import Any, Callable
 import jax
 import tensorflow as tf
 
-from heptapod_jax.data import preprocess
+from heptapod_jax.data import schema
 
-AUGMENTS = preprocess.AUGMENTS
+AUGMENTS = schema.AUGMENTS  # Re-exported: record_order.AUGMENTS.
 # Path records are cheap to hold, so image folders shuffle whole epochs.
 WHOLE_EPOCH_SHUFFLE_SOURCES = ("image_folder",)
 
@@ -80,7 +80,7 @@ def variant_fn(augment: str, seed: int, process_index: int) -> Callable[[tf.Tens
   """The view each training record is shown as: record index -> variant.
 
   Shared by the image pipeline and the pre-tokenized reader, so that both show
-  record r as view `preprocess.VARIANT_NAMES[augment][v]`.
+  record r as view `schema.VARIANT_NAMES[augment][v]`.
 
   Args:
     augment: one of AUGMENTS.
@@ -96,7 +96,7 @@ def variant_fn(augment: str, seed: int, process_index: int) -> Callable[[tf.Tens
   if augment not in AUGMENTS:
     raise ValueError(f"data.augment={augment!r} is not one of {list(AUGMENTS)}")
   key = _key(seed, process_index, _AUGMENT_SALT)
-  num_variants = len(preprocess.VARIANT_NAMES[augment])
+  num_variants = len(schema.VARIANT_NAMES[augment])
 
   def variant(record_index: tf.Tensor) -> tf.Tensor:
     if num_variants == 1:

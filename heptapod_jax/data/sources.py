@@ -32,8 +32,8 @@ from absl import logging
 
 from heptapod_jax.data import builtin
 from heptapod_jax.data.record_order import even_split_bounds
+from heptapod_jax.data.schema import SOURCES
 
-SOURCES = ("builtin_digits", "image_folder", "imagenet2012", "tfds")
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 # Same extensions as tfds.folder_dataset.ImageFolder.
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

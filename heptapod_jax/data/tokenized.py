@@ -12,7 +12,7 @@ File format of a directory DIR:
   DIR/codes-SSSSS.npz   shard s (`shard_path`), uncompressed np.savez with one
                         payload array (named by the header's `payload`, see below)
       codes         int16|int32[n, V, h, w]  tokenizer indices of the V views
-                    (`variant_names`, in `preprocess.VARIANT_NAMES` order); int16
+                    (`variant_names`, in `schema.VARIANT_NAMES` order); int16
                     when vocab_size <= 32768
    or moments       float32|bfloat16|float16[n, V, h, w, 2, C]  the KL encoder's
                     posterior of each view: [..., 0, :] the latent mean,
@@ -70,7 +70,7 @@ import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
-from heptapod_jax.data import preprocess, record_order, sources
+from heptapod_jax.data import record_order, schema, sources
 
 FORMAT_VERSION = 1
 METADATA_FILE = 'metadata.json'
@@ -154,7 +154,7 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
   if shard_size <= 0:
     raise ValueError(f'shard_size={shard_size} must be positive')
   augment = VARIANT_SETS[variants]
-  names = preprocess.VARIANT_NAMES[augment]
+  names = schema.VARIANT_NAMES[augment]
   payload = payload_of(_jsonable(tokenizer_config)['kind'])
   base = {
       'format_version': FORMAT_VERSION,
@@ -469,7 +469,7 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
   `data_config.tokenized_dir` is set); the images are never opened.
 
   Args:
-    data_config: see `input_pipeline.default_data_config`; source, train_split,
+    data_config: see `schema.default_data_config`; source, train_split,
       image_size and augment must match the directory's metadata.
     global_batch_size: examples per step over all processes.
     seed: data seed.

@@ -329,7 +329,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, i
       kernel) or 'auto' (per platform, see `resolve_attention_impl`). The fused
       kernels take static masks only: with an explicit `mask` (KV-cached
       decoding, the local head's cross-attention) they fall back to 'xla', and so does
-      'splash' when there are fewer queries than keys (decoding's last head layer).
+      'splash' when there are fewer queries than keys (decoding's last head layer) and
+      'cudnn' for odd sequence lengths (the global head's N + 1 tokens).
     causal: query i attends to keys <= i (self-attention with Lq == Lk); combined
       with `mask` if both are given.
   Returns:
@@ -341,6 +342,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, i
     mask = tri if mask is None else mask & tri
     causal = False
   if mask is not None and impl in ('cudnn', 'splash'):
+    impl = 'xla'
+  if impl == 'cudnn' and (q.shape[1] % 2 or k.shape[1] % 2):
+    # cuDNN's flash attention rejects odd lengths when training (seen on an H200, jax 0.11.2:
+    # 'Unsupported sequence length Q 257, KV 257', the global head's N + 1 tokens).
     impl = 'xla'
   if impl == 'splash' and q.shape[1] != k.shape[1]:
     impl = 'xla'  # The splash path pads one run for queries and keys alike (self-attention).

@@ -16,7 +16,7 @@ recipe with `size=X` for each row (the recipe's per-size mesh and remat
 included) and applies the `--config.*` overrides to every row; without it the
 one configuration of `--config` is compiled.
 
-What is compiled is exactly the trainer's step (`train.train_step`, jitted
+What is compiled is exactly the trainer's step (`steps.train_step`, jitted
 with the state/batch shardings and donation of `train.train_and_evaluate`) on
 pre-tokenized batches (`config.data.tokenized_dir`: VQ codes, or KL moments
 for `tokens=kl`); encoding images on the fly would add the tokenizer's encoder,
@@ -375,15 +375,15 @@ def step_flops(config, model_cfg) -> float:
   """FLOPs of one train step on the global batch: XLA's cost analysis of the step lowered on
   the host, unsharded, with every layer scan unrolled and XLA attention (see module doc)."""
   import jax
-  from heptapod_jax import optim, train
+  from heptapod_jax import optim, steps
   from heptapod_jax.models.heptapod import Heptapod
   depth = max(model_cfg.backbone.depth, model_cfg.head.depth, 1)
   # The plain loss: the fused one's chunk loop (model.loss_chunk) would be counted once.
   cfg = dataclasses.replace(model_cfg, scan_unroll=depth, attention_impl='xla', loss_chunk=0)
   model = Heptapod(cfg)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
-  state = jax.eval_shape(lambda: train.init_train_state(model, tx, jax.random.key(0)))
-  step = functools.partial(train.train_step, model=model, tokenizer=_step_tokenizer(config, cfg),
+  state = jax.eval_shape(lambda: steps.init_train_state(model, tx, jax.random.key(0)))
+  step = functools.partial(steps.train_step, model=model, tokenizer=_step_tokenizer(config, cfg),
                            tx=tx, schedule=schedule, ema_decay=config.optim.ema_decay)
   lowered = jax.jit(step).trace(state, abstract_batch(cfg, config.train.global_batch_size),
                                 {}).lower(lowering_platforms=('cpu',))
@@ -416,7 +416,7 @@ def compile_train_step(config, devices: Sequence[Any], *, label: str = '',
   """
   import flax.linen as nn
   import jax
-  from heptapod_jax import optim, sharding, train
+  from heptapod_jax import optim, sharding, steps
   from heptapod_jax.models import layers
   from heptapod_jax.models.heptapod import Heptapod
 
@@ -437,13 +437,13 @@ def compile_train_step(config, devices: Sequence[Any], *, label: str = '',
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     layers.check_attention_impl(mcfg.attention_impl, layers.dtype_of(mcfg.dtype))
-    shardings = train.train_state_shardings(model, tx, mesh, rules)
-    state = train.abstract_train_state(model, tx, shardings)
+    shardings = steps.train_state_shardings(model, tx, mesh, rules)
+    state = steps.abstract_train_state(model, tx, shardings)
     batch = abstract_batch(mcfg, tcfg.global_batch_size)
     batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
              for k, v in batch.items()}
-    step_fn = train.jit_train_step(model, tokenizer, tx, schedule,
+    step_fn = steps.jit_train_step(model, tokenizer, tx, schedule,
                                    ema_decay=config.optim.ema_decay, accum_steps=accum,
                                    state_shardings=shardings, batch_shardings=batch_shardings,
                                    mesh=mesh)
@@ -609,7 +609,7 @@ def compile_sampler(config, devices: Sequence[Any], *, batch_per_device: int, la
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from heptapod_jax import flops, optim, sampling, sharding, train
+  from heptapod_jax import flops, optim, sampling, sharding, steps
   from heptapod_jax.models import layers
   from heptapod_jax.models.heptapod import Heptapod
 
@@ -628,8 +628,8 @@ def compile_sampler(config, devices: Sequence[Any], *, batch_per_device: int, la
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     layers.check_attention_impl(mcfg.attention_impl, layers.dtype_of(mcfg.dtype))
-    state_shardings = train.train_state_shardings(model, tx, mesh, rules)
-    params = train.abstract_train_state(model, tx, state_shardings).params
+    state_shardings = steps.train_state_shardings(model, tx, mesh, rules)
+    params = steps.abstract_train_state(model, tx, state_shardings).params
     rows = sharding.batch_sharding(mesh, rules, 1)
     labels = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows)
     indices = jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=rows)

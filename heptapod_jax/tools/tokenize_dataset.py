@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from heptapod_jax.data import input_pipeline, sources
-from heptapod_jax.data import preprocess, record_order
+from heptapod_jax.data import preprocess, record_order, schema
 from heptapod_jax.data import tokenized
 from heptapod_jax.models.tokenizers import LatentTokenizer
 from heptapod_jax.tokenizer_checkpoint import make_tokenizer
@@ -89,7 +89,7 @@ def _encode_shard(source: sources.Source, split: str, start: int, end: int, *,
     'moments': {'moments': dtype[n, V, h, w, 2, C], ...} instead of 'codes'.
   """
   data = source.read_range(split, start, end)
-  num_variants = len(preprocess.VARIANT_NAMES[augment])
+  num_variants = len(schema.VARIANT_NAMES[augment])
 
   def views(index, record):
     image = input_pipeline.load_image(record, data.load_from_path)

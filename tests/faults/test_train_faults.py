@@ -11,6 +11,7 @@ from ml_collections import config_flags
 
 from heptapod_jax import checkpoint as ckpt_lib
 from heptapod_jax import config_lib, train, trainlib
+from heptapod_jax import steps as step_lib  # The pure step: its loss is what gets poisoned.
 from heptapod_jax.data import input_pipeline
 
 import _harness as h
@@ -28,13 +29,13 @@ def test_nonfinite_updates_are_skipped_counted_and_never_applied(tmp_path, digit
                                      'train.log_every': 1})
   bad = _bad_step_indices(c, steps)
   assert 1 <= len(bad) <= 5, bad  # The seed gives a usable number of bad batches.
-  real_loss = train.compute_loss
+  real_loss = step_lib.compute_loss
 
   def poisoned(model, params, tokens, labels, rng, **kw):
     loss, metrics = real_loss(model, params, tokens, labels, rng, **kw)
     return loss * jnp.where(labels[0] == labels[1], jnp.nan, 1.0), metrics
 
-  monkeypatch.setattr(train, 'compute_loss', poisoned)
+  monkeypatch.setattr(step_lib, 'compute_loss', poisoned)
   summary = train.train_and_evaluate(c, str(tmp_path / 'wd'))
   assert summary['step'] == steps
   skips = [r['nonfinite_skipped'] for r in summary['history']]
