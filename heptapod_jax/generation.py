@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+
+from heptapod_jax import console
 
 MANIFEST = 'manifest.json'
 # Settings that change the pixels: a resumed run must agree on all of them.
@@ -42,34 +42,6 @@ def class_balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 def num_samples_of(config: ml_collections.ConfigDict, num_classes: int) -> int:
   s = config.sample
   return s.num_samples or s.num_per_class * num_classes
-
-
-class Progress:
-  """One line of progress: done/total, images per second, ETA; redrawn in place on a terminal."""
-
-  def __init__(self, total: int, done: int = 0, label: str = 'sampling', stream=None):
-    self.total, self.start_done, self.done, self.label = total, done, done, label
-    self.stream = stream or sys.stderr
-    self.t0 = time.time()
-    self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
-
-  def update(self, done: int) -> str:
-    self.done = done
-    elapsed = max(time.time() - self.t0, 1e-9)
-    rate = (done - self.start_done) / elapsed
-    eta = (self.total - done) / rate if rate > 0 else float('nan')
-    width = 30
-    filled = int(width * done / max(self.total, 1))
-    eta_s = time.strftime('%H:%M:%S', time.gmtime(eta)) if np.isfinite(eta) else '--:--:--'
-    line = (f'{self.label} [{"#" * filled}{"." * (width - filled)}] {done}/{self.total} '
-            f'{rate:.2f} img/s ETA {eta_s}')
-    if jax.process_index() == 0:
-      if self.tty:
-        self.stream.write('\r' + line + ('\n' if done >= self.total else ''))
-        self.stream.flush()
-      else:
-        logging.info('%s', line)
-    return line
 
 
 def _chunk_path(out_dir: str, start: int, end: int) -> str:
@@ -156,7 +128,7 @@ def generate(sampler: Any, params: Any, *, num_samples: int, seed: int, chunk_si
           raise RuntimeError(f'{_chunk_path(out_dir, s, e)} exists on process 0 only: sample '
                              'mode needs out_dir on a file system every host sees.')
   done = sum(e - s for (s, e), c in zip(bounds, chunks) if c is not None)
-  bar = Progress(num_samples, done) if progress else None
+  bar = console.progress(num_samples, desc='sampling', initial=done, unit='img') if progress else None
   new = 0
   for i, (s, e) in enumerate(bounds):
     if chunks[i] is not None:
@@ -171,6 +143,8 @@ def generate(sampler: Any, params: Any, *, num_samples: int, seed: int, chunk_si
     done += e - s
     if bar:
       bar.update(done)
+  if bar:
+    bar.close()
   have = [c for c in chunks if c is not None]
   count = sum(len(c) for c in have)
   if count < num_samples:  # Stopped early (stop_after_chunks): only a prefix is complete.

@@ -11,14 +11,22 @@ Multi-process (TPU pods, SLURM, several GPU hosts): `jax.distributed.initialize(
 runs when `--distributed=auto` detects a multi-host environment, or always with
 `--distributed=on` (explicit `--coordinator_address/--num_processes/--process_id`
 are passed through).
+
+The terminal shows stage headings, one progress line per stage, evaluation results and the
+summary; every record goes to <workdir>/log.txt (`console.py`). --verbosity=1 shows them all.
 """
 from __future__ import annotations
 
-import logging as pylogging
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up notices.
+  from heptapod_jax import console as _console
+  _console.quiet_dependencies()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from heptapod_jax import console  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:options]).',
                                           lock_config=True)
@@ -45,22 +53,26 @@ def _multihost_environment() -> bool:
   return int(os.environ.get('SLURM_NTASKS', '1')) > 1 or int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Keeps Orbax's and TFDS's per-save/per-read INFO lines out of the run log (warnings stay)."""
-  _NOISY = ('/orbax/', '/tensorflow_datasets/', '/etils/')
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or not any(p in record.pathname for p in self._NOISY)
+def _title(config) -> str:
+  """The stage heading of a run: what is trained, for how long, on what, where."""
+  data = config.data.name or config.data.source
+  if config.trainer == 'tokenizer':
+    what = f'the {config.tokenizer.kind.upper()} tokenizer'
+  else:
+    m = config.model
+    what = (f'Heptapod ({m.backbone.depth} x {m.backbone.width} backbone, {m.head.kind} head, '
+            f'{config.tokenizer.kind} tokens)')
+  return f'Training {what} on {data} for {config.train.num_steps} steps in {_WORKDIR.value}'
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  console.setup(None)  # The terminal's threshold; records are held until log.txt exists.
+  tf = console.import_tensorflow()  # Before tfds, which imports it: its load-time notices.
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   # TensorFlow only feeds data: keep it off the accelerators JAX owns.
-  import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
 
@@ -70,6 +82,7 @@ def main(argv):
                                 ('num_processes', _NUM_PROCESSES.value),
                                 ('process_id', _PROCESS_ID.value)) if v is not None}
     jax.distributed.initialize(**kwargs)
+  log_path = console.setup(_WORKDIR.value, process_index=jax.process_index())
   logging.info('JAX process %d of %d, %d local / %d global devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
@@ -78,8 +91,11 @@ def main(argv):
   if _MODE.value == 'sample' and config.trainer != 'ar':
     raise app.UsageError(f'--mode=sample needs an AR config (config.trainer=ar), got '
                          f'config.trainer={config.trainer!r}.')
+  if log_path:
+    logging.info('Full log of this run: %s', log_path)
   if config.trainer == 'tokenizer':
     from heptapod_jax import train_tokenizer
+    console.stage(_title(config))
     summary = train_tokenizer.train_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
       _print_tokenizer_summary(summary)
@@ -88,11 +104,13 @@ def main(argv):
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one of ['ar', 'tokenizer'].")
   if _MODE.value == 'sample':
     from heptapod_jax import sample
+    console.stage(f'Sampling from the run in {_WORKDIR.value}')
     summary = sample.sample_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
       _print_sample_summary(summary)
     return
   from heptapod_jax import train
+  console.stage(_title(config))
   summary = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:
     _print_summary(summary)
@@ -102,8 +120,8 @@ def _print_if_preempted(summary) -> bool:
   """The stop message of a run stopped by a signal or preemption notice; False otherwise."""
   if not summary.get('preempted'):
     return False
-  print(f'\nStopped by {summary["preempted"]} at step {summary["step"]}; checkpoint: '
-        f'{summary["checkpoint"]}. Run the same command again to resume from it.', flush=True)
+  console.summary(f'\nStopped by {summary["preempted"]} at step {summary["step"]}; checkpoint: '
+                  f'{summary["checkpoint"]}. Run the same command again to resume from it.')
   return True
 
 
@@ -119,7 +137,9 @@ def _print_tokenizer_summary(summary) -> None:
   if summary.get('reconstructions'):
     lines.append(f'  reconstructions (originals above reconstructions): {summary["reconstructions"]}')
   lines.append(f'  tokenizer checkpoint for AR training: --config.tokenizer.checkpoint={summary["export"]}')
-  print('\n'.join(lines), flush=True)
+  if console.log_path():
+    lines.append(f'  full log: {console.log_path()}')
+  console.summary('\n'.join(lines))
 
 
 def _print_summary(summary) -> None:
@@ -142,7 +162,9 @@ def _print_summary(summary) -> None:
     lines.append(f'  real held-out images through the tokenizer, same layout: {summary["reference"]}')
   lines += _generative_lines(summary)
   lines.append(f'  TensorBoard: tensorboard --logdir {summary["workdir"]}')
-  print('\n'.join(lines), flush=True)
+  if console.log_path():
+    lines.append(f'  full log: {console.log_path()}')
+  console.summary('\n'.join(lines))
 
 
 def _generative_lines(summary) -> list[str]:
@@ -176,7 +198,7 @@ def _print_sample_summary(summary) -> None:
   if summary.get('png'):
     lines.append(f'  {summary["png"]} PNG files in {summary["out_dir"]}/png')
   lines += _generative_lines(summary)
-  print('\n'.join(lines), flush=True)
+  console.summary('\n'.join(lines))
 
 
 if __name__ == '__main__':

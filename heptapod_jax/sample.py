@@ -53,17 +53,21 @@ import os
 import time
 from typing import Any
 
-import flax.linen as nn
-import jax
-import ml_collections
-import numpy as np
-from absl import logging
+if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up notices.
+  from heptapod_jax import console as _console
+  _console.quiet_dependencies()
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import generation
-from heptapod_jax import images as images_lib
-from heptapod_jax import runs
-from heptapod_jax.image_sampler import ImageSampler
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from heptapod_jax import checkpoint as ckpt_lib  # noqa: E402
+from heptapod_jax import console  # noqa: E402
+from heptapod_jax import generation  # noqa: E402
+from heptapod_jax import images as images_lib  # noqa: E402
+from heptapod_jax import runs  # noqa: E402
+from heptapod_jax.image_sampler import ImageSampler  # noqa: E402
 
 
 def write_pngs(images: np.ndarray, labels: np.ndarray, directory: str, count: int) -> int:
@@ -211,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   """
   parser = _parser()
   args = parser.parse_args(argv)
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  import tensorflow as tf  # Pulled in by the data pipeline's imports; it must leave the GPUs to JAX.
+  # Pulled in by the data pipeline's imports; it must leave the GPUs to JAX.
+  tf = console.import_tensorflow()
   tf.config.set_visible_devices([], 'GPU')
   try:
     _check_args(args)
@@ -256,20 +260,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   return summary
 
 
-def _not_read_only_notice(record) -> bool:
-  msg = str(record.msg)
-  return not ('read_only=True' in msg or 'is read only' in msg)
-
-
-def quiet_read_only_warnings() -> None:
-  """Drops Orbax's warning on every read-only open of a checkpoint (all that sampling does)."""
-  import logging as pylogging
-  absl_logger = pylogging.getLogger('absl')
-  if _not_read_only_notice not in absl_logger.filters:
-    absl_logger.addFilter(_not_read_only_notice)
-
-
 if __name__ == '__main__':
-  quiet_read_only_warnings()
-  logging.set_verbosity(logging.WARNING)
+  console.setup(None, quiet=True)  # Warnings, the progress line and the summary.
   main()

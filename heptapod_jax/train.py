@@ -23,7 +23,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import config_lib, generation, image_sampler, images, optim, sharding, trainlib
+from heptapod_jax import config_lib, console, generation, image_sampler, images, optim, sharding, trainlib
 # Public here too: the pure step and its state live in steps.py (no TensorFlow, no clu).
 from heptapod_jax.steps import (TrainState, abstract_train_state, eval_step,  # noqa: F401
                                 init_train_state, jit_train_step, train_state_shardings,
@@ -159,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step == 0:
       _at_start(trainer, writer, summary)
     loop = _Loop(trainer, writer, checkpointer, train_iter, throughput, summary, step)
-    with loop.stop:
+    with loop:
       while step < tcfg.num_steps:
         batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
         state, metrics = train_step_fn(state, batch, trainer.tokenizer_params)
@@ -330,6 +330,11 @@ def _evaluate(trainer: Trainer, state: TrainState, writer, step: int) -> dict[st
     scalars['bits_per_token'] = scalars['nll'] / np.log(2.0)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in scalars.items()})
   logging.info('eval at step %d: %s', step, scalars)
+  if 'nll' in scalars:
+    console.say(f'eval at step {step}: NLL {scalars["nll"]:.4f} nats/token, '
+                f'next-token accuracy {scalars["accuracy"]:.3f}')
+  elif 'mse' in scalars:
+    console.say(f'eval at step {step}: diffusion loss {scalars["mse"]:.4f}')
   return scalars
 
 
@@ -347,8 +352,8 @@ def _generative_eval(trainer: Trainer, evaluator, state: TrainState, writer,
   metrics = evaluator.evaluate(imgs, labels)
   metrics['sampling_images_per_sec'] = len(imgs) / max(seconds, 1e-9)
   writer.write_scalars(step, {f'generative/{k}': v for k, v in metrics.items()})
-  logging.info('generative eval at step %d (%d samples, %.0f s sampling): %s', step, len(imgs),
-               seconds, generative.format_metrics(metrics))
+  console.say(f'generative eval at step {step} ({len(imgs)} samples, {seconds:.0f} s sampling): '
+              f'{generative.format_metrics(metrics)}')
   return metrics
 
 
@@ -393,4 +398,5 @@ def _write_samples(trainer: Trainer, state: TrainState, writer, step: int) -> st
     writer.write_images(step, {'samples': grid[None]})
   logging.info('Wrote samples of step %d to %s (columns = classes %s).', step, path,
                labels[:cols].tolist())
+  console.say(f'samples of step {step}: {path}')
   return path

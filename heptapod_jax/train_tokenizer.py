@@ -28,7 +28,7 @@ from absl import logging
 from clu import metric_writers
 
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import config_lib, images, optim, sharding, trainlib
+from heptapod_jax import config_lib, console, images, optim, sharding, trainlib
 from heptapod_jax.data import input_pipeline
 from heptapod_jax.evaluators import recon as recon_metrics
 from heptapod_jax.models.tokenizers import discriminator as disc_lib
@@ -247,6 +247,9 @@ def _evaluate(trainer: TokenizerTrainer, state: TokenizerState, writer, step: in
     scalars.update(codebook_usage=float(usage), codebook_perplexity=float(perplexity))
   writer.write_scalars(step, {f'eval/{k}': v for k, v in scalars.items()})
   logging.info('tokenizer eval at step %d: %s', step, scalars)
+  shown = [f'{k} {scalars[k]:.4f}' for k in ('psnr', 'ssim', 'lpips', 'codebook_usage')
+           if k in scalars]
+  console.say(f'tokenizer eval at step {step}: ' + ', '.join(shown))
   return scalars
 
 
@@ -311,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch_shardings = {k: trainer.batch_shardings[k] for k in ('image', 'label')}
     train_step_fn = _compile_train_step(trainer, shardings, batch_shardings)
     loop = _Loop(trainer, writer, checkpointer, train_iter, summary, step)
-    with loop.stop:
+    with loop:
       while step < tcfg.num_steps:
         batch = input_pipeline.make_global_batch(next(train_iter), batch_shardings)
         state, metrics = train_step_fn(state, batch, trainer.lpips_params)
@@ -367,6 +370,8 @@ def _compile_train_step(trainer: TokenizerTrainer, shardings: Any, batch_shardin
 class _Loop(trainlib.TrainLoop):
   """The tokenizer trainer's steps between updates: a non-finite update stops the run, the log
   line adds codebook usage and perplexity (VQ), held-out evaluation at `train.eval_every`."""
+
+  progress_desc = 'tokenizer'
 
   def __init__(self, trainer: TokenizerTrainer, writer, checkpointer, train_iter,
                summary: dict[str, Any], step: int):

@@ -14,6 +14,7 @@ from absl import logging
 from clu import periodic_actions
 
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import console
 
 Array = jax.Array
 
@@ -272,8 +273,13 @@ class TrainLoop:
     5. the trainer's periodic work (`periodic`: evaluation, samples).
 
   The trainers subclass it: `check` is the non-finite policy (default: stop), `reduce`,
-  `speed` and `write` make the log line, `periodic` is the rest.
+  `speed` and `write` make the log line, `periodic` is the rest, `progress_fields` what the
+  progress line shows (`console.progress`: a live bar on a terminal, else a plain line every
+  `train.log_every` steps). Use it as a context manager around the loop (`with loop:`): it
+  installs the signal handlers and closes the progress line.
   """
+
+  progress_desc = 'train'
 
   def __init__(self, config, writer, checkpointer, train_iter, summary: dict[str, Any],
                step: int):
@@ -287,6 +293,16 @@ class TrainLoop:
     self.pending: list[dict[str, Array]] = []  # Metrics since the last log line.
     self.unchecked = None  # The previous update's metrics, checked while this one runs.
     self.t_log, self.step_log = time.time(), step
+    self.bar = console.progress(tcfg.num_steps, desc=self.progress_desc, initial=step,
+                                every=tcfg.log_every)
+
+  def __enter__(self) -> 'TrainLoop':
+    self.stop.__enter__()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.bar.close()
+    self.stop.__exit__(*exc)
 
   def after_step(self, step: int, state: Any, metrics: dict[str, Array]) -> bool:
     """After update number `step` was dispatched; False when the run must stop now (saved)."""
@@ -301,6 +317,9 @@ class TrainLoop:
       self.check(metrics, step)
       self.unchecked = None
       self._log(step)
+      self.bar.update(step, **self.progress_fields(self.summary['train']))
+    else:
+      self.bar.update(step)
     if preempted:  # Synchronous: the process may be killed soon after this returns.
       self.summary.update(self.saver.save_on_stop(
           step, state, data_state=self.train_iter.get_state(), config=self.config.to_dict(),
@@ -321,6 +340,10 @@ class TrainLoop:
     self.t_log, self.step_log = now, step
     scalars.update(self.speed(steps_per_s))
     self.write(step, scalars)
+
+  def progress_fields(self, scalars: dict[str, float]) -> dict[str, float]:
+    """What the progress line shows beside the step count and speed (the last log line's)."""
+    return {'loss': scalars['loss']} if 'loss' in scalars else {}
 
   def check(self, metrics: dict[str, Array], step: int) -> None:
     """Raises NonFiniteError when update `step` was not finite."""

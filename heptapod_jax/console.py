@@ -1,0 +1,340 @@
+"""What a person sees in a terminal: stage headings, one live progress line per stage, short
+result lines and the final summary. Everything else (absl INFO records, the metric writer's
+dictionaries of scalars, the dependencies' notices) goes to `<workdir>/log.txt`, always in
+full; an explicit `--verbosity` / `-v` (absl's flags, e.g. `--verbosity=1`) brings every record
+back to the terminal as before.
+
+  console.quiet_dependencies()        # first thing of an entry point: before TF or JAX load
+  console.setup(workdir)              # after the flags: log.txt, the terminal's threshold
+  console.stage('Training Heptapod (tiny, global head) in workdirs/demo')
+  with console.progress(total=1200, initial=step, desc='train', every=100) as bar:
+    bar.update(step, loss=1.23)       # every step; fields shown as they change
+  console.say('eval at step 100: NLL 1.5100 nats/token, accuracy 0.412')
+
+On a terminal the progress line is a tqdm bar redrawn in place. Otherwise (CI, `nohup`, a
+pod's log) the same information comes as one plain line every `every` updates. Only process 0
+prints. Without `setup` (a notebook, a test, a library caller) nothing here prints: `say` is
+`logging.info` and progress lines are logged, so callers keep control of their output.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import logging as pylogging
+import logging.handlers  # noqa: F401  (pylogging.handlers.MemoryHandler)
+import os
+import sys
+import time
+from typing import Any
+
+from absl import logging
+
+_STATE: dict[str, Any] = {'quiet': False, 'chief': True, 'bar': None, 'log_path': None,
+                          'held': None}
+# Google's PCI vendor id: a TPU chip of this machine shows up under /sys/bus/pci/devices.
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+
+
+def _tpu_present() -> bool:
+  if glob.glob('/dev/accel*'):
+    return True
+  for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      with open(path) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def _platforms_without_tpu() -> str | None:
+  """JAX_PLATFORMS for a machine with libtpu installed but no TPU: what is usable besides it
+  ('cuda,cpu' where a JAX CUDA plugin and an NVIDIA device exist, else 'cpu'); None when
+  unsure (a ROCm plugin), so that JAX's own probing stays in charge."""
+  names = {(d.metadata['Name'] or '').lower() for d in importlib.metadata.distributions()}
+  if any('rocm' in n and n.startswith('jax') for n in names):
+    return None
+  cuda = any(n.startswith('jax-cuda') and n.endswith('plugin') for n in names)
+  return 'cuda,cpu' if cuda and os.path.exists('/dev/nvidiactl') else 'cpu'
+
+
+def quiet_dependencies(environ=None) -> None:
+  """Silences the dependencies' known start-up notices at their source; call it before
+  TensorFlow or JAX is imported. Settings already in the environment win.
+
+  - TensorFlow's C++ INFO records (the oneDNN notice, twice per process): TF_CPP_MIN_LOG_LEVEL=1
+    (warnings and errors stay).
+  - libtpu installed (the dev requirements bring it for ahead-of-time TPU compiles) on a machine
+    without a TPU: JAX would load it to probe for one, and libtpu prints initialisation errors
+    and a source trace. JAX_PLATFORMS then names the platforms that exist (see
+    `_platforms_without_tpu`), so the probe never runs.
+  """
+  environ = os.environ if environ is None else environ
+  environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  if ('JAX_PLATFORMS' not in environ and importlib.util.find_spec('libtpu') is not None
+      and not _tpu_present()):
+    platforms = _platforms_without_tpu()
+    if platforms:
+      environ['JAX_PLATFORMS'] = platforms
+      if 'jax' in sys.modules:
+        # Imported already: JAX read the variable at import, but its backends start at first
+        # use, so the setting still applies through the config.
+        import jax  # pylint: disable=g-import-not-at-top
+        if not jax.config.jax_platforms:
+          jax.config.update('jax_platforms', platforms)
+
+
+# What TensorFlow prints on stderr while it loads, before any log setting applies (absl's C++
+# logging writes everything to stderr until it is initialised; TF_CPP_MIN_LOG_LEVEL no longer
+# reaches these in TF 2.21): the oneDNN notice, twice, and the CPU-feature notice.
+_TF_IMPORT_NOTICES = ('All log messages before absl::InitializeLog() is called',
+                      'oneDNN custom operations are on', 'cpu_feature_guard.cc',
+                      'To enable the following instructions:')
+
+
+def import_quietly(name: str, notices: tuple[str, ...]):
+  """`importlib.import_module(name)` with the lines of stderr that contain one of `notices`
+  kept off the terminal: stderr (the file descriptor, which C++ libraries write to) goes to a
+  temporary file during the import, then every other line is written back to stderr, and all
+  of it to the log. Imported already: returned as it is."""
+  if name in sys.modules:
+    return sys.modules[name]
+  import importlib  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as tmp:
+    os.dup2(tmp.fileno(), 2)
+    try:
+      module = importlib.import_module(name)
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      text = tmp.read().decode('utf-8', errors='replace')
+  lines = text.splitlines()
+  if lines:
+    logging.info('%s printed while loading:\n%s', name, text.rstrip())
+  kept = [l for l in lines if not any(n in l for n in notices)]
+  if kept:
+    sys.stderr.write('\n'.join(kept) + '\n')
+    sys.stderr.flush()
+  return module
+
+
+def import_tensorflow():
+  """`import tensorflow` without its load-time notices (`_TF_IMPORT_NOTICES`) on the terminal."""
+  return import_quietly('tensorflow', _TF_IMPORT_NOTICES)
+
+
+def _orbax_read_only_notice(record: pylogging.LogRecord) -> bool:
+  """False for Orbax's warnings on every read-only open of a checkpoint (loading a tokenizer or
+  a run for sampling opens several): expected, and nothing for the user to do."""
+  msg = str(record.msg)
+  return not ('read_only=True' in msg or 'is read only' in msg)
+
+
+def quiet_read_only_warnings() -> None:
+  """Drops Orbax's warning on every read-only open of a checkpoint from absl's output (for
+  notebooks and other callers that load runs without `setup`)."""
+  for target in (logging.get_absl_logger(), logging.get_absl_handler()):
+    if _orbax_read_only_notice not in target.filters:
+      target.addFilter(_orbax_read_only_notice)
+
+
+def _verbosity_asked() -> bool:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fl = flags.FLAGS
+  return any(name in fl and fl[name].present for name in ('verbosity', 'v'))
+
+
+def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = None) -> str | None:
+  """Routes the run's records: all of them (INFO and up, every library's) to
+  `<workdir>/log.txt` (`log.process<i>.txt` on process i > 0), appended across restarts; the
+  terminal shows warnings and errors, plus what `say`, `stage` and `progress` print. With
+  `quiet=False` (or an explicit --verbosity/-v) the terminal keeps every record as absl prints
+  it. Call it first with `workdir=None` (the terminal is set, records are held), then with the
+  workdir once the process index is known: the held records go to the file first. Returns the
+  log file's path (None without a workdir)."""
+  quiet = (not _verbosity_asked()) if quiet is None else quiet
+  _STATE.update(quiet=quiet, chief=process_index == 0)
+  absl_handler = logging.get_absl_handler()
+  quiet_read_only_warnings()
+  if quiet:
+    absl_handler.setLevel(pylogging.WARNING)
+  root = pylogging.getLogger()
+  if root.level == pylogging.NOTSET or root.level > pylogging.INFO:
+    root.setLevel(pylogging.INFO)
+  if logging.get_verbosity() < logging.INFO:  # absl: WARNING is -1, INFO 0.
+    logging.set_verbosity(logging.INFO)
+  if not workdir or '://' in workdir:
+    if _STATE['held'] is None and _STATE['log_path'] is None:
+      # Until the file exists: records are kept (no target yet), then written to it first.
+      _STATE['held'] = pylogging.handlers.MemoryHandler(capacity=1 << 30,
+                                                        flushLevel=pylogging.CRITICAL + 1)
+      root.addHandler(_STATE['held'])
+    return None
+  os.makedirs(workdir, exist_ok=True)
+  name = 'log.txt' if process_index == 0 else f'log.process{process_index}.txt'
+  path = os.path.join(workdir, name)
+  if _STATE['log_path'] != path:
+    for old in [h for h in root.handlers if getattr(h, '_heptapod_log', False)]:
+      root.removeHandler(old)
+      old.close()
+    handler = pylogging.FileHandler(path)
+    handler._heptapod_log = True  # pylint: disable=protected-access
+    handler.setLevel(pylogging.INFO)
+    handler.setFormatter(logging.PythonFormatter())
+    handler.addFilter(_orbax_read_only_notice)
+    held = _STATE['held']
+    if held is not None:
+      root.removeHandler(held)
+      held.setTarget(handler)
+      held.close()  # Flushes the held records into the file.
+      _STATE['held'] = None
+    root.addHandler(handler)
+    _STATE['log_path'] = path
+  return path
+
+
+def log_path() -> str | None:
+  """The log file `setup` opened, if any."""
+  return _STATE['log_path']
+
+
+def summary(text: str) -> None:
+  """The final summary of a command: printed by process 0 whatever the verbosity, and logged."""
+  logging.info('%s', text)
+  if _STATE['chief']:
+    _write(text)
+
+
+def _printing() -> bool:
+  return _STATE['quiet'] and _STATE['chief']
+
+
+def _write(line: str) -> None:
+  bar = _STATE['bar']
+  if bar is not None and getattr(bar, 'bar', None) is not None:
+    bar.bar.write(line, file=sys.stdout)
+  else:
+    print(line, file=sys.stdout, flush=True)
+
+
+def say(message: str) -> None:
+  """One short line for the person at the terminal (and the log file)."""
+  logging.info('%s', message)
+  if _printing():
+    _write(message)
+
+
+def stage(title: str) -> None:
+  """A stage heading: a blank line, then `== title ==`."""
+  logging.info('== %s ==', title)
+  if _printing():
+    _write(f'\n== {title} ==')
+
+
+def _clock(seconds: float) -> str:
+  if not seconds == seconds or seconds == float('inf'):  # NaN or unknown.
+    return '?'
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+def _format_fields(fields: dict[str, Any]) -> str:
+  parts = []
+  for k, v in fields.items():
+    parts.append(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}')
+  return '  '.join(parts)
+
+
+class Progress:
+  """Progress of one stage: `update(n, **fields)` sets the absolute count (and shown fields).
+
+  A tqdm bar on a terminal (process 0, after `setup`); else one plain line every `every`
+  updates and at the end, printed after `setup` and always logged:
+    `train 300/1200 (25%)  loss 2.311  2.21 step/s  ETA 6m47s`
+  """
+
+  def __init__(self, total: int, *, desc: str, initial: int = 0, every: int | None = None,
+               unit: str = 'step', stream=None):
+    self.total, self.desc, self.unit = int(total), desc, unit
+    self.initial = self.n = int(initial)
+    self.every = max(1, int(every) if every else max(1, self.total // 10))
+    self.fields: dict[str, Any] = {}
+    self.t0 = time.time()
+    self.bar = None
+    self.closed = False
+    self.printed = self.initial  # The count of the last plain line.
+    stream = stream or sys.stdout
+    if _printing() and hasattr(stream, 'isatty') and stream.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      try:  # A terminal that reports no size (a bare pseudo-terminal): tqdm would draw nothing.
+        size = os.get_terminal_size(stream.fileno())
+        sized = size.columns > 0 and size.lines > 0
+      except (OSError, ValueError, AttributeError):
+        sized = False
+      self.bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit=unit, file=stream,
+                      dynamic_ncols=sized, ncols=None if sized else 100,
+                      nrows=None if sized else 24, mininterval=0.5, smoothing=0.1, leave=True)
+    self.prev = _STATE['bar']
+    _STATE['bar'] = self
+
+  def line(self) -> str:
+    elapsed = max(time.time() - self.t0, 1e-9)
+    rate = (self.n - self.initial) / elapsed
+    eta = (self.total - self.n) / rate if rate > 0 else float('nan')
+    pct = 100.0 * self.n / max(self.total, 1)
+    head = f'{self.desc} {self.n}/{self.total} ({pct:.0f}%)'
+    fields = _format_fields(self.fields)
+    return '  '.join(p for p in (head, fields, f'{rate:.2f} {self.unit}/s',
+                                 f'ETA {_clock(eta)}' if self.n < self.total else
+                                 f'in {_clock(elapsed)}') if p)
+
+  def update(self, n: int, **fields: Any) -> None:
+    n = int(n)
+    if fields:
+      self.fields.update(fields)
+    if self.bar is not None:
+      if fields:
+        self.bar.set_postfix_str(_format_fields(self.fields), refresh=False)
+      self.bar.update(n - self.n)
+      self.n = n
+      return
+    self.n = n
+    if n % self.every == 0 or n >= self.total:
+      self._plain()
+
+  def _plain(self) -> None:
+    self.printed = self.n
+    line = self.line()
+    logging.info('%s', line)
+    if _printing():
+      _write(line)
+
+  def close(self) -> None:
+    if self.closed:
+      return
+    self.closed = True
+    _STATE['bar'] = self.prev
+    if self.bar is not None:
+      self.bar.close()
+    elif self.n != self.printed:
+      self._plain()  # The last count, when the loop ended between two plain lines.
+
+  def __enter__(self) -> 'Progress':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def progress(total: int, *, desc: str, initial: int = 0, every: int | None = None,
+             unit: str = 'step', stream=None) -> Progress:
+  return Progress(total, desc=desc, initial=initial, every=every, unit=unit, stream=stream)
