@@ -36,11 +36,12 @@ help:
 venv: $(STAMP)
 venv-dev: $(DEV_STAMP)
 
+# PYTHONWARNINGS=ignore on the editable install: setuptools prints a banner on each one.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt

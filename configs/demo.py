@@ -17,10 +17,10 @@ At the end: generative metrics (config.evaluator) -- a small CNN trained on the 
 (workdirs/demo/feature_net) gives the features; 300 class-balanced samples and the 297
 held-out real digits (raw and through the tokenizer) are scored against the train split.
 
-Hardware: any CPU; `make demo` from a fresh clone takes 9 min 10 s on a 2-core machine
-(venv 70 s, tokenizer 1 min 35 s, this stage 6 min 15 s at 3.66 steps/s). Measured
-(deterministic): held-out NLL 1.573 nats/token (uniform: log 64 = 4.16), next-token accuracy
-0.493; samples FID 21.83 / precision 0.773 / recall 0.697 / class accuracy 0.973, held-out real
+Hardware: any CPU; `make demo` from a fresh clone takes 11 min 43 s on a 2-core AMD EPYC
+(venv 36 s, tokenizer 2 min 17 s, this stage 8 min 46 s at 2.75 steps/s). Measured
+(deterministic): held-out NLL 1.510 nats/token (uniform: log 64 = 4.16), next-token accuracy
+0.507; samples FID 17.62 / precision 0.807 / recall 0.613 / class accuracy 0.963, held-out real
 digits FID 34.99 / 0.747 / 0.763 / 0.960 (see README on reading these); sample grids under
 workdirs/demo/samples/ with one column per digit 0..9.
 

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
-from heptapod_jax import console
 from heptapod_jax import images as images_lib
 
 PARAMS_FILE = 'params.msgpack'
@@ -230,8 +230,9 @@ def load_or_train(data_config: Any, directory: str, *, steps: int = 150, seed: i
           'train_accuracy': accuracy(net, train_images, train_labels),
           'eval_accuracy': accuracy(net, eval_images, eval_labels),
           'train_seconds': round(time.time() - t0, 1)}
-  console.say(f'trained the feature net for the generative metrics in {meta["train_seconds"]:.0f} '
-              f's: held-out accuracy {meta["eval_accuracy"]:.4f} ({directory})')
+  # Log only: the run's summary names the feature net and its held-out accuracy.
+  logging.info('Trained the feature net in %.0f s: held-out accuracy %.4f (%s).',
+               meta['train_seconds'], meta['eval_accuracy'], directory)
   if jax.process_index() == 0:
     save(net, directory, meta)
   return net, dict(meta, **dataclasses.asdict(net.config))

@@ -22,8 +22,8 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from heptapod_jax import console
 from heptapod_jax.evaluators import feature_net as feature_net_lib
 from heptapod_jax.evaluators import features as features_lib
 from heptapod_jax.evaluators import metrics as metrics_lib
@@ -99,9 +99,10 @@ class GenerativeEvaluator:
           if jax.process_index() == 0:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             self._reference.save(cache)
-          console.say(f'reference statistics of {self.config.data.source} split '
-                      f'{e.reference_split!r} ({len(images)} images) in {time.time() - t0:.0f} s '
-                      f'-> {cache}')
+          # Log only: the run's summary names the reference and its file.
+          logging.info('Reference statistics of %s split %r (%d images) in %.0f s -> %s',
+                       self.config.data.source, e.reference_split, len(images), time.time() - t0,
+                       cache)
         self.info['reference'] = f'{self.config.data.source} {e.reference_split} split ({cache})'
     return self._reference
 
