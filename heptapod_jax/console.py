@@ -64,8 +64,8 @@ def quiet_dependencies(environ=None) -> None:
   """Silences the dependencies' known start-up notices at their source; call it before
   TensorFlow or JAX is imported. Settings already in the environment win.
 
-  - TensorFlow's C++ INFO records (the oneDNN notice, twice per process): TF_CPP_MIN_LOG_LEVEL=1
-    (warnings and errors stay).
+  - TensorFlow's C++ INFO records (the CPU-feature notice among them): TF_CPP_MIN_LOG_LEVEL=1
+    (warnings and errors stay). The oneDNN notice ignores it: see `import_tensorflow`.
   - libtpu installed (the dev requirements bring it for ahead-of-time TPU compiles) on a machine
     without a TPU: JAX would load it to probe for one, and libtpu prints initialisation errors
     and a source trace. JAX_PLATFORMS then names the platforms that exist (see
@@ -101,7 +101,6 @@ def import_quietly(name: str, notices: tuple[str, ...]):
   of it to the log. Imported already: returned as it is."""
   if name in sys.modules:
     return sys.modules[name]
-  import importlib  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   sys.stderr.flush()
   saved = os.dup(2)
@@ -151,14 +150,16 @@ def _verbosity_asked() -> bool:
   return any(name in fl and fl[name].present for name in ('verbosity', 'v'))
 
 
-def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = None) -> str | None:
+def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = None,
+          hold: bool = False) -> str | None:
   """Routes the run's records: all of them (INFO and up, every library's) to
   `<workdir>/log.txt` (`log.process<i>.txt` on process i > 0), appended across restarts; the
   terminal shows warnings and errors, plus what `say`, `stage` and `progress` print. With
   `quiet=False` (or an explicit --verbosity/-v) the terminal keeps every record as absl prints
-  it. Call it first with `workdir=None` (the terminal is set, records are held), then with the
-  workdir once the process index is known: the held records go to the file first. Returns the
-  log file's path (None without a workdir)."""
+  it. An entry point may call it first with `workdir=None, hold=True` (the terminal is set,
+  records are held), then with the workdir once the process index is known: the held records
+  go to the file first. Returns the log file's path (None without a local workdir: a remote
+  one, gs://..., gets no log file and the held records are dropped)."""
   quiet = (not _verbosity_asked()) if quiet is None else quiet
   _STATE.update(quiet=quiet, chief=process_index == 0)
   absl_handler = logging.get_absl_handler()
@@ -166,16 +167,27 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
   if quiet:
     absl_handler.setLevel(pylogging.WARNING)
   root = pylogging.getLogger()
-  if root.level == pylogging.NOTSET or root.level > pylogging.INFO:
-    root.setLevel(pylogging.INFO)
-  if logging.get_verbosity() < logging.INFO:  # absl: WARNING is -1, INFO 0.
-    logging.set_verbosity(logging.INFO)
-  if not workdir or '://' in workdir:
-    if _STATE['held'] is None and _STATE['log_path'] is None:
+  if hold or (workdir and '://' not in workdir):  # A file will take every INFO record.
+    if root.level == pylogging.NOTSET or root.level > pylogging.INFO:
+      root.setLevel(pylogging.INFO)
+    if logging.get_verbosity() < logging.INFO:  # absl: WARNING is -1, INFO 0.
+      logging.set_verbosity(logging.INFO)
+  elif quiet:  # No file: records below warnings go nowhere (outside absl's app.run, whatever
+    logging.set_verbosity(logging.WARNING)  # handler a library installed would print them).
+  held = _STATE['held']
+  if not workdir and hold:
+    if held is None and _STATE['log_path'] is None:
       # Until the file exists: records are kept (no target yet), then written to it first.
       _STATE['held'] = pylogging.handlers.MemoryHandler(capacity=1 << 30,
                                                         flushLevel=pylogging.CRITICAL + 1)
       root.addHandler(_STATE['held'])
+    return None
+  if not workdir or '://' in workdir:
+    if held is not None:  # No file will take them.
+      root.removeHandler(held)
+      held.buffer.clear()
+      held.close()
+      _STATE['held'] = None
     return None
   os.makedirs(workdir, exist_ok=True)
   name = 'log.txt' if process_index == 0 else f'log.process{process_index}.txt'
@@ -189,7 +201,6 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
     handler.setLevel(pylogging.INFO)
     handler.setFormatter(logging.PythonFormatter())
     handler.addFilter(_orbax_read_only_notice)
-    held = _STATE['held']
     if held is not None:
       root.removeHandler(held)
       held.setTarget(handler)

@@ -68,7 +68,7 @@ def _title(config) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  console.setup(None)  # The terminal's threshold; records are held until log.txt exists.
+  console.setup(None, hold=True)  # The terminal's threshold; records held until log.txt exists.
   tf = console.import_tensorflow()  # Before tfds, which imports it: its load-time notices.
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()

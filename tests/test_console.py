@@ -62,6 +62,16 @@ def test_a_run_without_a_terminal_prints_plain_lines_and_logs_everything(tmp_pat
   assert 'train/grad_norm=' in log and 'train_step memory per device' in log
   assert 'eval at step 4: NLL ' in log and 'oneDNN custom operations' in log
 
+  # The sampling command line on that run: its two result lines, no records, no notices.
+  out = subprocess.run([sys.executable, '-m', 'heptapod_jax.sample', f'--checkpoint={workdir}',
+                        '--classes=1,2', '--n=2', f'--out={tmp_path / "grid.png"}'],
+                       env=_user_env(), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith('2 samples of classes [1, 2] from step 4') and len(lines) == 2, lines
+  assert not [n for n in NOTICES if n in out.stdout], out.stdout
+
 
 def test_a_terminal_gets_a_live_progress_bar(tmp_path, digits_dir):
   """Under a pseudo-terminal the same run redraws one progress line in place (tqdm)."""

@@ -26,7 +26,6 @@ import tensorflow as tf
 
 from heptapod_jax.data import schema
 
-AUGMENTS = schema.AUGMENTS  # Re-exported: record_order.AUGMENTS.
 # Path records are cheap to hold, so image folders shuffle whole epochs.
 WHOLE_EPOCH_SHUFFLE_SOURCES = ("image_folder",)
 
@@ -83,7 +82,7 @@ def variant_fn(augment: str, seed: int, process_index: int) -> Callable[[tf.Tens
   record r as view `schema.VARIANT_NAMES[augment][v]`.
 
   Args:
-    augment: one of AUGMENTS.
+    augment: one of schema.AUGMENTS.
     seed: data seed.
     process_index: the process whose records are numbered.
 
@@ -93,8 +92,8 @@ def variant_fn(augment: str, seed: int, process_index: int) -> Callable[[tf.Tens
     uniform over the ten crops for 'ten_crop'; stateless in (seed,
     process_index, record index).
   """
-  if augment not in AUGMENTS:
-    raise ValueError(f"data.augment={augment!r} is not one of {list(AUGMENTS)}")
+  if augment not in schema.AUGMENTS:
+    raise ValueError(f"data.augment={augment!r} is not one of {list(schema.AUGMENTS)}")
   key = _key(seed, process_index, _AUGMENT_SALT)
   num_variants = len(schema.VARIANT_NAMES[augment])
 

@@ -163,13 +163,17 @@ def _feature_keys(name: str, features: Any, image_key: str | None,
   kinds = {k: type(f).__name__ for k, f in features.items()}
   images = sorted(k for k, f in features.items() if isinstance(f, tfds.features.Image))
   labels = sorted(k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel))
+
+  def check(field: str, key: str, kind: str, allowed: list[str], hint: str = '') -> None:
+    if key not in features:
+      raise ValueError(f"data.{field}={key!r} is not a feature of {name} (features: {kinds}).")
+    if key not in allowed:
+      raise ValueError(f"data.{field}={key!r} is a {kinds[key]} feature of {name}, not a"
+                       f"{'n' if kind[0] in 'AEIOU' else ''} {kind}; its {kind} features: "
+                       f"{allowed or 'none'}{hint}.")
+
   if image_key:
-    if image_key not in features:
-      raise ValueError(f"data.image_key={image_key!r} is not a feature of {name} "
-                       f"(features: {kinds}).")
-    if image_key not in images:
-      raise ValueError(f"data.image_key={image_key!r} is a {kinds[image_key]} feature of {name}, "
-                       f"not an Image; its Image features: {images or 'none'}.")
+    check('image_key', image_key, 'Image', images)
   elif len(images) == 1:
     image_key = images[0]
   elif not images:
@@ -181,13 +185,7 @@ def _feature_keys(name: str, features: Any, image_key: str | None,
   if label_key == "":  # Asked for: no labels.
     return image_key, None
   if label_key:
-    if label_key not in features:
-      raise ValueError(f"data.label_key={label_key!r} is not a feature of {name} "
-                       f"(features: {kinds}).")
-    if label_key not in labels:
-      raise ValueError(f"data.label_key={label_key!r} is a {kinds[label_key]} feature of {name}, "
-                       f"not a ClassLabel; its ClassLabel features: {labels or 'none'} "
-                       "(data.label_key='' trains without labels).")
+    check('label_key', label_key, 'ClassLabel', labels, " (data.label_key='' trains without labels)")
     return image_key, label_key
   if len(labels) > 1:
     raise ValueError(f"data.name={name!r} has several ClassLabel features {labels}; set "
