@@ -55,11 +55,20 @@ test: $(DEV_STAMP)
 test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS) tests
 
-# Two stages: the VQ tokenizer (reused if already trained in the workdir), then Heptapod on its codes.
+# The tokenizer (reused if already trained in the workdir); for VQ tokens the training split
+# encoded once (tools/tokenize_dataset.py, the same codes the trainer would compute each step,
+# checked against the tokenizer's weights); then Heptapod on those codes.
 demo: $(STAMP)
 	$(PY) -m heptapod_jax.main --config=$(DEMO_TOKENIZER) --workdir=$(WORKDIR)/tokenizer
+ifeq ($(TOKENS),vq)
+	$(PY) -m heptapod_jax.tools.tokenize_dataset --config=$(DEMO_MODEL) --variants=center \
+	  --config.tokenizer.checkpoint=$(WORKDIR)/tokenizer/tokenizer --out=$(WORKDIR)/codes
+	$(PY) -m heptapod_jax.main --config=$(DEMO_MODEL) --workdir=$(WORKDIR) \
+	  --config.tokenizer.checkpoint=$(WORKDIR)/tokenizer/tokenizer --config.data.tokenized_dir=$(WORKDIR)/codes
+else
 	$(PY) -m heptapod_jax.main --config=$(DEMO_MODEL) --workdir=$(WORKDIR) \
 	  --config.tokenizer.checkpoint=$(WORKDIR)/tokenizer/tokenizer
+endif
 
 # Images from a trained run (python -m heptapod_jax.sample --help lists the flags).
 sample: $(STAMP)

@@ -43,7 +43,7 @@ from heptapod_jax import config_lib  # noqa: E402
 
 
 def get_config(arg: str | None = None):
-  opts = config_lib.parse_arg(arg, head='global', steps=1200, size='tiny', tokenizer='vq')
+  opts = config_lib.parse_arg(arg, head='global', steps=1000, size='tiny', tokenizer='vq')
   c = common.base_config()
   common.apply_size(c, opts.size)
   c.seed = 0
@@ -107,10 +107,10 @@ def get_config(arg: str | None = None):
   c.train.global_batch_size = 32
   c.train.num_steps = opts.steps
   c.train.log_every = 100
-  c.train.checkpoint_every = 400
+  c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
-  c.train.sample_every = 600
-  c.train.eval_every = 600
+  c.train.sample_every = 500
+  c.train.eval_every = 500
   c.train.num_sample_images = 40
 
   # Generative metrics at the end: a small CNN trained on the train split (workdirs/demo/

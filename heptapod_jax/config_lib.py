@@ -415,3 +415,16 @@ def to_flat_dict(config: ml_collections.ConfigDict | Mapping, prefix: str = '') 
     else:
       out[f'{prefix}{k}'] = v
   return out
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """What a config trains, in words: 'Heptapod (4 x 128 backbone, global head, vq tokens) on
+  builtin_digits for 1200 steps' (the stage heading and the summary page's title)."""
+  data = config.data.name or config.data.source
+  if config.trainer == 'tokenizer':
+    what = f'the {config.tokenizer.kind.upper()} tokenizer'
+  else:
+    m = config.model
+    what = (f'Heptapod ({m.backbone.depth} x {m.backbone.width} backbone, {m.head.kind} head, '
+            f'{config.tokenizer.kind} tokens)')
+  return f'{what} on {data} for {config.train.num_steps} steps'

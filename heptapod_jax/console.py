@@ -268,14 +268,17 @@ def _format_fields(fields: dict[str, Any]) -> str:
 class Progress:
   """Progress of one stage: `update(n, **fields)` sets the absolute count (and shown fields).
 
-  A tqdm bar on a terminal (process 0, after `setup`); else one plain line every `every`
-  updates and at the end, printed after `setup` and always logged:
+  A tqdm bar on a terminal (process 0, after `setup`); else one plain line each time the count
+  crosses a multiple of `every` (at least `min_seconds` after the previous line) and one at
+  the end, printed after `setup` and always logged:
     `train 300/1200 (25%)  loss 2.311  2.21 step/s  ETA 6m47s`
   """
 
   def __init__(self, total: int, *, desc: str, initial: int = 0, every: int | None = None,
-               unit: str = 'step', stream=None):
+               unit: str = 'step', stream=None, min_seconds: float = 0.0):
     self.total, self.desc, self.unit = int(total), desc, unit
+    self.min_seconds = float(min_seconds)
+    self.last_plain = time.time()
     self.initial = self.n = int(initial)
     self.every = max(1, int(every) if every else max(1, self.total // 10))
     self.fields: dict[str, Any] = {}
@@ -319,11 +322,13 @@ class Progress:
       self.n = n
       return
     self.n = n
-    if n % self.every == 0 or n >= self.total:
+    if n >= self.total or (n // self.every > self.printed // self.every  # Crossed a multiple,
+                           and time.time() - self.last_plain >= self.min_seconds):  # not too soon.
       self._plain()
 
   def _plain(self) -> None:
     self.printed = self.n
+    self.last_plain = time.time()
     line = self.line()
     logging.info('%s', line)
     if _printing():
@@ -347,5 +352,6 @@ class Progress:
 
 
 def progress(total: int, *, desc: str, initial: int = 0, every: int | None = None,
-             unit: str = 'step', stream=None) -> Progress:
-  return Progress(total, desc=desc, initial=initial, every=every, unit=unit, stream=stream)
+             unit: str = 'step', stream=None, min_seconds: float = 0.0) -> Progress:
+  return Progress(total, desc=desc, initial=initial, every=every, unit=unit, stream=stream,
+                  min_seconds=min_seconds)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from heptapod_jax import config_lib, images, sampling, sharding
-from heptapod_jax.models import layers
+from heptapod_jax.models import attention, layers
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, init_params
 from heptapod_jax.models.tokenizers import decode_tokens
@@ -37,7 +37,7 @@ class ImageSampler:
     self.config = config
     self.model_config: ModelConfig = config_lib.validate(config)
     check_model_config(config, self.model_config)
-    layers.check_attention_impl(self.model_config.attention_impl,
+    attention.check_attention_impl(self.model_config.attention_impl,
                                 layers.dtype_of(self.model_config.dtype))
     self.model = Heptapod(self.model_config)
     self.is_chief = jax.process_index() == 0

@@ -26,7 +26,7 @@ if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up noti
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from heptapod_jax import console  # noqa: E402
+from heptapod_jax import config_lib, console  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:options]).',
                                           lock_config=True)
@@ -55,14 +55,7 @@ def _multihost_environment() -> bool:
 
 def _title(config) -> str:
   """The stage heading of a run: what is trained, for how long, on what, where."""
-  data = config.data.name or config.data.source
-  if config.trainer == 'tokenizer':
-    what = f'the {config.tokenizer.kind.upper()} tokenizer'
-  else:
-    m = config.model
-    what = (f'Heptapod ({m.backbone.depth} x {m.backbone.width} backbone, {m.head.kind} head, '
-            f'{config.tokenizer.kind} tokens)')
-  return f'Training {what} on {data} for {config.train.num_steps} steps in {_WORKDIR.value}'
+  return f'Training {config_lib.describe(config)} in {_WORKDIR.value}'
 
 
 def main(argv):
@@ -161,6 +154,8 @@ def _print_summary(summary) -> None:
   if summary.get('reference'):
     lines.append(f'  real held-out images through the tokenizer, same layout: {summary["reference"]}')
   lines += _generative_lines(summary)
+  if summary.get('page'):
+    lines.append(f'  summary page (metrics, loss curve, pictures): {summary["page"]}')
   lines.append(f'  TensorBoard: tensorboard --logdir {summary["workdir"]}')
   if console.log_path():
     lines.append(f'  full log: {console.log_path()}')

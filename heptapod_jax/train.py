@@ -23,7 +23,8 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import config_lib, console, generation, image_sampler, images, optim, sharding, trainlib
+from heptapod_jax import (config_lib, console, generation, image_sampler, images, optim, report,
+                          sharding, trainlib)
 # Public here too: the pure step and its state live in steps.py (no TensorFlow, no clu).
 from heptapod_jax.steps import (TrainState, abstract_train_state, eval_step,  # noqa: F401
                                 init_train_state, jit_train_step, train_state_shardings,
@@ -132,9 +133,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
        checks, logging, checkpoints, periodic evaluation and samples; a signal or
        preemption notice saves and stops).
     7. `_at_end`: held-out NLL, the last samples, generative metrics, the final save.
+  8. `_write_page`: <workdir>/summary.html (report.py), on process 0.
 
-  Returns a summary dict: final step, last train metrics, eval metrics and
-  the paths of the written sample grids ('preempted' when stopped early).
+  Returns a summary dict: final step, last train metrics, eval metrics,
+  the paths of the written sample grids and of the summary page ('page'), or 'preempted'
+  when stopped early.
   """
   workdir = ckpt_lib.local_abspath(workdir)
   trainer = Trainer(config, workdir)
@@ -172,7 +175,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
   writer.flush()
   writer.close()
+  if trainer.is_chief and not summary.get('preempted'):
+    summary['page'] = _write_page(config, workdir, summary)
   return summary
+
+
+def _write_page(config: ml_collections.ConfigDict, workdir: str, summary: dict[str, Any]
+                ) -> str | None:
+  """The run's summary page (report.py), for local workdirs; a failure to write it is logged,
+  never fatal: the run itself is done and saved."""
+  if '://' in workdir:
+    return None
+  try:
+    return report.write_run_page(workdir, summary, title=f'Heptapod: {config_lib.describe(config)}',
+                                 tokenizer_workdir=report.tokenizer_dir(config))
+  except (OSError, ValueError) as e:
+    logging.warning('Could not write the summary page in %s: %s', workdir, e)
+    return None
 
 
 def _train_input(trainer: Trainer, data_state: dict | None):
@@ -191,7 +210,8 @@ def _train_input(trainer: Trainer, data_state: dict | None):
     raise ValueError(f'config.model.num_classes={mcfg.num_classes} but the data '
                      f'({cfg.data.source}) has {train_iter.num_classes} classes.')
   if cfg.data.tokenized_dir:
-    tokenized_lib.check_tokenizer(train_iter.metadata, cfg.tokenizer)
+    tokenized_lib.check_tokenizer(train_iter.metadata, cfg.tokenizer,
+                                  tokenized_lib.weights_fingerprint(trainer.tokenizer_params))
     moments = getattr(train_iter, 'payload', 'codes') == 'moments'
     have = (f'{train_iter.latent_channels}-channel latents' if moments
             else f'{train_iter.vocab_size} codes')

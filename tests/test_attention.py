@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from heptapod_jax import sharding
-from heptapod_jax.models import layers
+from heptapod_jax.models import attention
 from heptapod_jax.models.heptapod import Heptapod, compute_loss, init_params
 
 from test_model import make_config, random_batch
@@ -33,12 +33,12 @@ def qkv(batch=2, length=20, heads=4, kv_heads=2, dim=16, seed=0):
 @pytest.mark.parametrize('impl', ['xla', 'splash'])
 def test_attention_impls_match_einsum(impl, causal):
   q, k, v = qkv()  # Length 20: splash pads it to 128 (second segment id).
-  ref = layers.dot_product_attention(q, k, v, None, impl='einsum', causal=causal)
-  out = layers.dot_product_attention(q, k, v, None, impl=impl, causal=causal)
+  ref = attention.dot_product_attention(q, k, v, None, impl='einsum', causal=causal)
+  out = attention.dot_product_attention(q, k, v, None, impl=impl, causal=causal)
   np.testing.assert_allclose(out, ref, atol=2e-6)
 
   def loss(q, k, v, impl):
-    return jnp.sum(jnp.sin(layers.dot_product_attention(q, k, v, None, impl=impl, causal=causal)))
+    return jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, None, impl=impl, causal=causal)))
 
   g_ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 'einsum')
   g = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, impl)
@@ -51,17 +51,17 @@ def test_causal_flag_equals_explicit_mask():
   tri = jnp.tril(jnp.ones((9, 9), bool))[None, None]
   for impl in ('einsum', 'xla'):
     np.testing.assert_allclose(
-        layers.dot_product_attention(q, k, v, None, impl=impl, causal=True),
-        layers.dot_product_attention(q, k, v, tri, impl='einsum'), atol=2e-6)
+        attention.dot_product_attention(q, k, v, None, impl=impl, causal=True),
+        attention.dot_product_attention(q, k, v, tri, impl='einsum'), atol=2e-6)
 
 
 def test_splash_under_a_sharded_mesh():
   """Batch over the data axes and heads over 'tensor' (shard_map), inside jit."""
   q, k, v = qkv(batch=4, heads=4, kv_heads=2)
   mesh = sharding.create_mesh((2, 2, 2))
-  ref = layers.dot_product_attention(q, k, v, None, impl='einsum', causal=True)
+  ref = attention.dot_product_attention(q, k, v, None, impl='einsum', causal=True)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    out = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, None, impl='splash',
+    out = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, None, impl='splash',
                                                                causal=True))(q, k, v)
   np.testing.assert_allclose(out, ref, atol=2e-6)
 
@@ -85,12 +85,12 @@ def test_model_loss_and_gradients_match_across_impls(kind):
 
 
 def test_auto_resolves_per_platform_and_bad_choices_are_named():
-  assert layers.resolve_attention_impl('auto') == ('splash' if jax.default_backend() == 'tpu'
+  assert attention.resolve_attention_impl('auto') == ('splash' if jax.default_backend() == 'tpu'
                                                    else 'xla')
-  assert layers.resolve_attention_impl('einsum') == 'einsum'
+  assert attention.resolve_attention_impl('einsum') == 'einsum'
   if not ON_GPU:
     with pytest.raises(ValueError, match='model.attention_impl="cudnn" needs an NVIDIA GPU'):
-      layers.check_attention_impl('cudnn', jnp.bfloat16)
+      attention.check_attention_impl('cudnn', jnp.bfloat16)
   with pytest.raises(ValueError, match='model.attention_impl'):
     make_config('global', attention_impl='flash')
 
@@ -99,8 +99,8 @@ def test_auto_resolves_per_platform_and_bad_choices_are_named():
 def test_cudnn_matches_xla_on_gpu():
   q, k, v = (x.astype(jnp.bfloat16) for x in qkv(length=128, dim=64))
   for causal in (True, False):
-    ref = layers.dot_product_attention(q, k, v, None, impl='xla', causal=causal)
-    out = layers.dot_product_attention(q, k, v, None, impl='cudnn', causal=causal)
+    ref = attention.dot_product_attention(q, k, v, None, impl='xla', causal=causal)
+    out = attention.dot_product_attention(q, k, v, None, impl='cudnn', causal=causal)
     np.testing.assert_allclose(np.float32(out), np.float32(ref), atol=2e-2)
 
 
@@ -117,7 +117,7 @@ def test_cudnn_falls_back_where_cudnn_cannot_run(monkeypatch):
   for length, mask, want in ((256, None, 'cudnn'), (257, None, 'xla'),
                              (256, jnp.ones((1, 1, 256, 256), bool), 'xla')):
     q, k, v = (x.astype(jnp.bfloat16) for x in qkv(batch=1, length=length, dim=64))
-    layers.dot_product_attention(q, k, v, mask, impl='cudnn', causal=False)
+    attention.dot_product_attention(q, k, v, mask, impl='cudnn', causal=False)
     assert used[-1] == want, (length, mask is not None, used[-1])
 
 
@@ -130,6 +130,6 @@ def test_cached_attention_equals_masked_attention(kv_heads):
     q = jax.random.normal(jax.random.key(lq), (2, lq, 4, 8))
     slots = first + jnp.arange(lq)
     mask = (slots[:, None] >= jnp.arange(12)[None, :])[None, None]  # [1, 1, Lq, S]
-    ref = layers.dot_product_attention(q, k, v, mask, impl='einsum')
-    got = layers.cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    ref = attention.dot_product_attention(q, k, v, mask, impl='einsum')
+    got = attention.cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
     np.testing.assert_allclose(got, ref, atol=1e-6)

@@ -53,6 +53,8 @@ def test_a_run_without_a_terminal_prints_plain_lines_and_logs_everything(tmp_pat
   assert 'train 2/4 (50%)  loss ' in text and 'train 4/4 (100%)  loss ' in text, text
   assert 'eval at step 4: NLL ' in text and 'Done: 4 steps' in text
   assert f'full log: {workdir}/log.txt' in text
+  assert f'summary page (metrics, loss curve, pictures): {workdir}/summary.html' in text
+  assert '<svg' in (workdir / 'summary.html').read_text()  # The loss curve (report.py).
   # No absl records, no metric dictionaries, none of the dependencies' notices.
   assert 'train/grad_norm=' not in text and not re.search(r'^I\d{4} ', text, re.M), text
   found = [n for n in NOTICES if n in text]
@@ -112,6 +114,17 @@ def test_plain_progress_lines_every_n_updates_and_at_the_end(capsys, monkeypatch
                                                'train 8/10 (80%)']
   assert 'loss 1.25' in lines[1] and 'loss 1.25' in lines[2] and 'loss' not in lines[0]
   assert 'step/s' in lines[0] and 'ETA' in lines[0]
+  # Counts that jump (batches of images): a line when a multiple of `every` is crossed; with
+  # `min_seconds`, none sooner than that after the previous one (the last line always).
+  with console.progress(100, desc='tokenize', every=10, unit='image') as bar:
+    for n in (25, 28, 31, 100):
+      bar.update(n)
+  with console.progress(100, desc='slow', every=10, min_seconds=1e9) as bar:
+    for n in (25, 60, 100):
+      bar.update(n)
+  lines = [l.split('  ')[0] for l in capsys.readouterr().out.splitlines()]
+  assert lines == ['tokenize 25/100 (25%)', 'tokenize 31/100 (31%)', 'tokenize 100/100 (100%)',
+                   'slow 100/100 (100%)']
   monkeypatch.setitem(console._STATE, 'chief', False)  # Other processes print nothing.
   with console.progress(4, desc='train', every=1) as bar:
     bar.update(4)

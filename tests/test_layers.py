@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heptapod_jax.models import layers
+from heptapod_jax.models import attention, layers
 
 
 def _reference(x, w):
@@ -19,7 +19,7 @@ def _reference(x, w):
     ((6, 4), (4, 4)),       # 2D input, square kernel.
 ])
 def test_cpu_matmul_value_and_gradients_equal_einsum(shape_x, shape_w):
-  assert layers.target_platform() == 'cpu'
+  assert attention.target_platform() == 'cpu'
   kx, kw, kd = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, shape_x)
   w = jax.random.normal(kw, shape_w)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -273,6 +274,36 @@ def test_settings_mismatch_names_the_field(digits_dir, reference_dir, tmp_path):
     tokenized.open_metadata(str(out))
 
 
+def test_codes_of_retrained_tokenizer_weights_are_refused():
+  """Same config, other weights (a tokenizer retrained at the same path): the fingerprint differs."""
+  rng = np.random.default_rng(0)
+  params = {'enc': {'kernel': rng.normal(size=(3, 4)).astype(np.float32)},
+            'codebook': rng.normal(size=(8, 2)).astype(np.float32)}
+  fingerprint = tokenized.weights_fingerprint(params)
+  reordered = {'codebook': params['codebook'].copy(), 'enc': {'kernel': params['enc']['kernel']}}
+  assert tokenized.weights_fingerprint(reordered) == fingerprint
+  assert tokenized.weights_fingerprint(jax.device_put(params)) == fingerprint
+  retrained = {**params, 'codebook': params['codebook'].copy()}
+  retrained['codebook'][3, 1] = np.nextafter(retrained['codebook'][3, 1], np.float32(9))
+  assert tokenized.weights_fingerprint(retrained) != fingerprint
+  as_f16 = jax.tree.map(lambda a: a.astype(np.float16), params)
+  assert tokenized.weights_fingerprint(as_f16) != fingerprint
+  tok = ml_collections.ConfigDict({'kind': 'vq', 'checkpoint': '/ckpt/tokenizer'})
+  header = lambda **kw: tokenized.make_header(  # noqa: E731
+      source='builtin_digits', split='train', num_examples=10, num_classes=10, image_size=32,
+      variants='center', tokenizer_config=tok, grid_size=(8, 8), vocab_size=8, shard_size=10, **kw)
+  metadata = header(weights_sha256=fingerprint)
+  assert metadata['tokenizer']['weights_sha256'] == fingerprint
+  tokenized.check_tokenizer(metadata, tok, fingerprint)
+  tokenized.check_tokenizer(metadata, tok)  # No weights at hand: the config is checked.
+  with pytest.raises(ValueError, match=r"other tokenizer weights.*checkpoint='/ckpt/tokenizer'"):
+    tokenized.check_tokenizer(metadata, tok, tokenized.weights_fingerprint(retrained))
+  tokenized.check_tokenizer(header(), tok, fingerprint)  # Written before fingerprints: allowed.
+  # tokenize_dataset reruns refuse to add shards of other weights to a directory.
+  with pytest.raises(ValueError, match=r'tokenizer\.weights_sha256'):
+    tokenized.check_header(metadata, header(weights_sha256='0' * 64), 'DIR/metadata.json')
+
+
 def test_cli(digits_dir, tmp_path):
   out = tmp_path / 'cli'
   command = [sys.executable, '-m', 'heptapod_jax.tools.tokenize_dataset',
@@ -286,6 +317,17 @@ def test_cli(digits_dir, tmp_path):
   assert metadata['split'] == 'train[:12]' and metadata['num_shards'] == 2
   assert metadata['variant_names'] == ['center'] and metadata['augment'] == 'none'
   assert tokenized.load_shard(str(out / 'codes-00001.npz'))['codes'].shape == (4, 1, 8, 8)
+  # The terminal (a pipe here): plain progress lines and the result, no records or notices;
+  # the records are in <out>/log.txt.
+  lines = result.stdout.strip().splitlines()
+  # A short job in a pipe: its last progress line (at most one a minute), then the result.
+  assert len(lines) == 2 and lines[0].startswith('tokenize 12/12 (100%)'), lines
+  assert lines[-1] == f'{out}: wrote shards [0, 1], skipped []; complete', lines
+  assert not re.search(r'^[IWE]\d{4} ', result.stdout + result.stderr, re.M), result.stderr
+  assert 'oneDNN' not in result.stderr and 'wrote' in (out / 'log.txt').read_text()
+  # Rerun: nothing left to encode, the reader still finds its files (log.txt is not one).
+  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert again.returncode == 0 and 'skipped [0, 1]; complete' in again.stdout, again.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------- the reader

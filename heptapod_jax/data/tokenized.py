@@ -60,12 +60,14 @@ exactly the images the image pipeline would yield, with the same `get_state()`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 from typing import Any, Iterator
 
 from absl import logging
+import jax
 import ml_dtypes
 import numpy as np
 import tensorflow as tf
@@ -110,6 +112,21 @@ def header_tokenizer(tokenizer_config: Any, payload: str) -> dict[str, Any]:
   return {k: v for k, v in config.items() if k not in TRAINING_TIME_FIELDS[payload]}
 
 
+def weights_fingerprint(params: Any) -> str:
+  """sha256 (hex) of a parameter tree: every leaf's path, dtype, shape and bytes. Recorded as
+  the header's `tokenizer.weights_sha256`, so that codes of a retrained tokenizer saved at the
+  same checkpoint path are told apart. Replicated leaves of a multi-host mesh are read from
+  this process's copy."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = leaf.addressable_data(0)
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def shard_path(directory: str, shard: int) -> str:
   """Path of shard `shard`: DIR/codes-SSSSS.npz."""
   return os.path.join(directory, f'codes-{shard:05d}.npz')
@@ -128,8 +145,8 @@ def _jsonable(value: Any) -> Any:
 def make_header(*, source: str, split: str, num_examples: int, num_classes: int, image_size: int,
                 variants: str, tokenizer_config: Any, grid_size: tuple[int, int],
                 vocab_size: int | None = None, shard_size: int,
-                latent_channels: int | None = None, moments_dtype: str = 'float32'
-                ) -> dict[str, Any]:
+                latent_channels: int | None = None, moments_dtype: str = 'float32',
+                weights_sha256: str | None = None) -> dict[str, Any]:
   """The run-invariant metadata of a tokenized directory (`header_fields(payload)`).
 
   Args:
@@ -145,6 +162,8 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
     shard_size: examples per shard.
     latent_channels: C of the latents (payload 'moments', tokenizer kind 'kl').
     moments_dtype: one of MOMENTS_DTYPES (payload 'moments').
+    weights_sha256: `weights_fingerprint` of the tokenizer's parameters, recorded as
+      `tokenizer.weights_sha256` (None: not recorded, as directories of earlier versions).
 
   Returns:
     JSON-able dict.
@@ -156,6 +175,7 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
   augment = VARIANT_SETS[variants]
   names = schema.VARIANT_NAMES[augment]
   payload = payload_of(_jsonable(tokenizer_config)['kind'])
+  weights = {} if weights_sha256 is None else {'weights_sha256': weights_sha256}
   base = {
       'format_version': FORMAT_VERSION,
       'source': source,
@@ -175,14 +195,16 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
       raise ValueError(f'latent_channels={latent_channels} must be positive for payload moments')
     if moments_dtype not in MOMENTS_DTYPES:
       raise ValueError(f'moments_dtype={moments_dtype!r} is not one of {list(MOMENTS_DTYPES)}')
-    header = {**base, 'tokenizer': header_tokenizer(tokenizer_config, payload), 'grid_size': grid,
+    header = {**base, 'tokenizer': {**header_tokenizer(tokenizer_config, payload), **weights},
+              'grid_size': grid,
               'latent_channels': int(latent_channels), 'payload': payload, 'dtype': moments_dtype,
               **tail}
     assert tuple(header) == MOMENTS_HEADER_FIELDS
     return _jsonable(header)
   if vocab_size is None:
     raise ValueError('vocab_size is needed for payload codes')
-  return _jsonable({**base, 'tokenizer': _jsonable(tokenizer_config), 'grid_size': grid,
+  return _jsonable({**base, 'tokenizer': {**_jsonable(tokenizer_config), **weights},
+                    'grid_size': grid,
                     'vocab_size': int(vocab_size), 'payload': 'codes',
                     'dtype': codes_dtype(vocab_size).name, **tail})
 
@@ -324,11 +346,14 @@ def check_data_config(metadata: dict[str, Any], data_config: Any, directory: str
                      f'reads {FORMAT_VERSION}')
 
 
-def check_tokenizer(metadata: dict[str, Any], tokenizer_config: Any) -> None:
+def check_tokenizer(metadata: dict[str, Any], tokenizer_config: Any,
+                    weights_sha256: str | None = None) -> None:
   """For the trainer: the codes must come from the tokenizer the model is trained for.
 
   Payload 'moments' (kind 'kl') does not depend on latent_scale and
-  sample_posterior (`TRAINING_TIME_FIELDS`): those may differ.
+  sample_posterior (`TRAINING_TIME_FIELDS`): those may differ. `weights_sha256`
+  (`weights_fingerprint` of the trainer's tokenizer parameters) is compared with the
+  directory's when both are known: the same config with retrained weights is refused.
 
   Raises:
     ValueError naming tokenizer.kind when the config's kind needs the other
@@ -341,12 +366,23 @@ def check_tokenizer(metadata: dict[str, Any], tokenizer_config: Any) -> None:
         f'config.tokenizer.kind={kind!r} but the pre-tokenized data was made with '
         f'tokenizer.kind={_lookup(metadata, "tokenizer.kind")!r} (payload={payload!r}; kind '
         f'{kind!r} trains on payload {payload_of(kind)!r}); tokenize with this tokenizer')
+  theirs = {'tokenizer': dict(metadata['tokenizer'])}
+  recorded = theirs['tokenizer'].pop('weights_sha256', None)
   ours = {'tokenizer': header_tokenizer(tokenizer_config, payload)}
-  theirs = {'tokenizer': metadata['tokenizer']}
   field = _first_difference(theirs, ours, '')
   if field:
     raise ValueError(f'config.{field}={_lookup(ours, field)!r} but the pre-tokenized data was '
                      f'made with {field}={_lookup(theirs, field)!r}')
+  if weights_sha256 is not None and recorded is None:
+    logging.warning('The pre-tokenized data records no tokenizer weights fingerprint (written '
+                    'by an earlier version): it cannot be checked against the weights at '
+                    'config.tokenizer.checkpoint.')
+  elif weights_sha256 is not None and recorded != weights_sha256:
+    raise ValueError(
+        f'the pre-tokenized data was made with other tokenizer weights than those at '
+        f'config.tokenizer.checkpoint={_lookup(ours, "tokenizer.checkpoint")!r} (weights sha256 '
+        f'{recorded[:12]}... there, {weights_sha256[:12]}... here: retrained since?); tokenize '
+        'again into a fresh directory')
 
 
 class TokenizedTrainIterator:

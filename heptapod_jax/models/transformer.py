@@ -28,7 +28,7 @@ Array = jax.Array
 
 
 # The KV cache of decoding: one (k, v) pair per layer, each [B, kv_heads, seq_len, head_dim]
-# (heads before slots: `layers.cached_attention` reads it in this layout, no copy per token).
+# (heads before slots: `attention.cached_attention` reads it in this layout, no copy per token).
 KVCache = tuple[tuple[Array, Array], ...]
 
 

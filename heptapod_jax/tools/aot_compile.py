@@ -417,7 +417,7 @@ def compile_train_step(config, devices: Sequence[Any], *, label: str = '',
   import flax.linen as nn
   import jax
   from heptapod_jax import optim, sharding, steps
-  from heptapod_jax.models import layers
+  from heptapod_jax.models import attention, layers
   from heptapod_jax.models.heptapod import Heptapod
 
   mcfg = model_config(config)
@@ -436,7 +436,7 @@ def compile_train_step(config, devices: Sequence[Any], *, label: str = '',
   tokenizer = _step_tokenizer(config, mcfg)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    layers.check_attention_impl(mcfg.attention_impl, layers.dtype_of(mcfg.dtype))
+    attention.check_attention_impl(mcfg.attention_impl, layers.dtype_of(mcfg.dtype))
     shardings = steps.train_state_shardings(model, tx, mesh, rules)
     state = steps.abstract_train_state(model, tx, shardings)
     batch = abstract_batch(mcfg, tcfg.global_batch_size)
@@ -610,7 +610,7 @@ def compile_sampler(config, devices: Sequence[Any], *, batch_per_device: int, la
   import jax
   import jax.numpy as jnp
   from heptapod_jax import flops, optim, sampling, sharding, steps
-  from heptapod_jax.models import layers
+  from heptapod_jax.models import attention, layers
   from heptapod_jax.models.heptapod import Heptapod
 
   mcfg = model_config(config)
@@ -627,7 +627,7 @@ def compile_sampler(config, devices: Sequence[Any], *, batch_per_device: int, la
     return sampling.sample(model, params, labels, sampling.example_keys(seed, indices), scfg)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    layers.check_attention_impl(mcfg.attention_impl, layers.dtype_of(mcfg.dtype))
+    attention.check_attention_impl(mcfg.attention_impl, layers.dtype_of(mcfg.dtype))
     state_shardings = steps.train_state_shardings(model, tx, mesh, rules)
     params = steps.abstract_train_state(model, tx, state_shardings).params
     rows = sharding.batch_sharding(mesh, rules, 1)

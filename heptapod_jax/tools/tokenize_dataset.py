@@ -34,22 +34,28 @@ the format is described in heptapod_jax/data/tokenized.py.
 """
 from __future__ import annotations
 
-import functools
-import os
-import time
-from typing import Any
+if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up notices.
+  from heptapod_jax import console as _console
+  _console.quiet_dependencies()
+  _console.import_tensorflow()
 
-from absl import app, flags, logging
-import jax
-import jax.numpy as jnp
-import numpy as np
-import tensorflow as tf
+import functools  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
 
-from heptapod_jax.data import input_pipeline, sources
-from heptapod_jax.data import preprocess, record_order, schema
-from heptapod_jax.data import tokenized
-from heptapod_jax.models.tokenizers import LatentTokenizer
-from heptapod_jax.tokenizer_checkpoint import make_tokenizer
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from heptapod_jax import console  # noqa: E402
+from heptapod_jax.data import input_pipeline, sources  # noqa: E402
+from heptapod_jax.data import preprocess, record_order, schema  # noqa: E402
+from heptapod_jax.data import tokenized  # noqa: E402
+from heptapod_jax.models.tokenizers import LatentTokenizer  # noqa: E402
+from heptapod_jax.tokenizer_checkpoint import make_tokenizer  # noqa: E402
 
 
 def _moments_fn(autoencoder: Any) -> Any:
@@ -80,8 +86,8 @@ def _encode_shard(source: sources.Source, split: str, start: int, end: int, *,
                   image_size: int, augment: str, num_parallel_calls: int, encode: Any,
                   params: Any, sharding: jax.sharding.NamedSharding, examples_per_call: int,
                   rows_per_call: int, grid_size: tuple[int, int], dtype: np.dtype,
-                  payload: str = 'codes', latent_channels: int | None = None
-                  ) -> dict[str, np.ndarray]:
+                  payload: str = 'codes', latent_channels: int | None = None,
+                  progress: console.Progress | None = None) -> dict[str, np.ndarray]:
   """Codes (or moments) of every view of source examples [start, end), unreadable ones left out.
 
   Returns:
@@ -114,6 +120,8 @@ def _encode_shard(source: sources.Source, split: str, start: int, end: int, *,
     # Dispatch is asynchronous: the next batch is prepared while this one encodes.
     pending.append((encode(params, jax.device_put(padded, sharding)), len(images),
                     batch['label'], batch['source_index']))
+    if progress is not None:
+      progress.update(progress.n + len(batch['label']))
   h, w = grid_size
   view_shape = (h, w) if payload == 'codes' else (h, w, 2, latent_channels)
   if not pending:
@@ -190,13 +198,14 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   source = sources.resolve_source(data_config)
   num_examples = source.num_examples(split)
   tokenizer, params = make_tokenizer(config.tokenizer, data_config.image_size)
+  weights = tokenized.weights_fingerprint(params)
   if isinstance(tokenizer, LatentTokenizer):
     header = tokenized.make_header(
         source=sources.source_id(data_config), split=split, num_examples=num_examples,
         num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
         tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
         latent_channels=tokenizer.token_dim, shard_size=shard_size,
-        moments_dtype=moments_dtype or 'float32')
+        moments_dtype=moments_dtype or 'float32', weights_sha256=weights)
   else:
     if moments_dtype is not None:
       raise ValueError(f'moments_dtype={moments_dtype!r} applies to config.tokenizer.kind="kl" '
@@ -205,7 +214,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
         source=sources.source_id(data_config), split=split, num_examples=num_examples,
         num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
         tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
-        vocab_size=tokenizer.vocab_size, shard_size=shard_size)
+        vocab_size=tokenizer.vocab_size, shard_size=shard_size, weights_sha256=weights)
   tf.io.gfile.makedirs(out_dir)
   metadata_path = os.path.join(out_dir, tokenized.METADATA_FILE)
   my_shards = list(range(process_index, header['num_shards'], process_count))
@@ -223,6 +232,13 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   examples_per_call = max(1, batch_size // num_variants)
   rows_per_call = -(-examples_per_call * num_variants // num_devices) * num_devices
   written, skipped = [], []
+  todo = [s for s in my_shards if not tf.io.gfile.exists(tokenized.shard_path(out_dir, s))]
+  if max_shards is not None:
+    todo = todo[:max_shards]
+  total = sum(min((s + 1) * shard_size, num_examples) - s * shard_size for s in todo)
+  # In a pipe: a line per tenth, at most one a minute (a short job prints only its last).
+  bar = console.progress(total, desc='tokenize', unit='image', every=max(1, total // 10),
+                         min_seconds=60)
   for shard in my_shards:
     path = tokenized.shard_path(out_dir, shard)
     if tf.io.gfile.exists(path):
@@ -241,12 +257,14 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
                            encode=encode, params=device_params, sharding=sharding,
                            examples_per_call=examples_per_call, rows_per_call=rows_per_call,
                            grid_size=tuple(header['grid_size']), dtype=np.dtype(header['dtype']),
-                           payload=header['payload'], latent_channels=header.get('latent_channels'))
+                           payload=header['payload'], latent_channels=header.get('latent_channels'),
+                           progress=bar)
     tokenized.save_shard(path, header=header, **arrays)
     written.append(shard)
     logging.info('shard %d of %d: examples [%d, %d), %d unreadable left out, %.1f s', shard,
                  header['num_shards'], start, end, (end - start) - len(arrays['labels']),
                  time.time() - t0)
+  bar.close()
   if skipped:
     logging.info('skipped %d complete shards written before: %s', len(skipped), skipped)
 
@@ -301,6 +319,7 @@ def _define_flags() -> dict[str, Any]:
 def _main(argv, flag_values: dict[str, Any]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  console.setup(None, hold=True)  # The terminal's threshold; records held until the log exists.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   # TensorFlow only reads and resizes: keep it off the accelerators JAX owns.
@@ -308,6 +327,8 @@ def _main(argv, flag_values: dict[str, Any]) -> None:
   distributed = flag_values['distributed'].value
   if distributed == 'on' or (distributed == 'auto' and _multihost_environment()):
     jax.distributed.initialize()
+  # Every record to <out>/log.txt (log.process<i>.txt); the reader only opens its own files.
+  console.setup(flag_values['out'].value, process_index=jax.process_index())
   result = tokenize_dataset(
       flag_values['config'].value, flag_values['out'].value, split=flag_values['split'].value,
       variants=flag_values['variants'].value, shard_size=flag_values['shard_size'].value,
@@ -316,8 +337,8 @@ def _main(argv, flag_values: dict[str, Any]) -> None:
       process_index=flag_values['process_index'].value,
       process_count=flag_values['process_count'].value)
   done = 'complete' if result['metadata'] else 'incomplete (rerun, or wait for other processes)'
-  print(f'{flag_values["out"].value}: wrote shards {result["written"]}, skipped '
-        f'{result["skipped"]}; {done}', flush=True)
+  console.summary(f'{flag_values["out"].value}: wrote shards {result["written"]}, skipped '
+                  f'{result["skipped"]}; {done}')
 
 
 def run() -> None:

@@ -1,0 +1,138 @@
+"""The README's pictures, regenerated from a demo run and a small-ablation run.
+
+  python -m heptapod_jax.tools.readme_figures --demo=workdirs/demo \\
+      --ablation=workdirs/ablation_small --out=docs/figures
+
+Writes into --out (each only when its source exists; the list is printed):
+  demo_samples.png          the demo's last sample grid (one column per digit)
+  demo_reference.png        held-out real digits through the tokenizer, same layout
+  tokenizer_reconstructions.png   the tokenizer's held-out originals over reconstructions
+                                  (its workdir: --tokenizer, default <demo>/tokenizer)
+  demo_loss.svg             the demo's loss curves (report.svg_line_plot)
+  ablation_nll_by_distance.svg   benchmarks/ablation_small.py's results.json: training NLL
+                                 by distance ahead for each head (the last logged step)
+
+PNGs are copied through PIL with optimisation (a few tens of kB each); nothing is
+resampled, so the committed pictures are the run's own pixels.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from absl import app, flags
+from PIL import Image
+
+from heptapod_jax import report
+
+_DEMO = flags.DEFINE_string('demo', 'workdirs/demo', 'Workdir of a finished `make demo` run.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None,
+                                 "The tokenizer's workdir (default: <demo>/tokenizer).")
+_ABLATION = flags.DEFINE_string('ablation', 'workdirs/ablation_small',
+                                'Workdir of benchmarks/ablation_small.py (its results.json).')
+_OUT = flags.DEFINE_string('out', 'docs/figures', 'Folder to write the figures into.')
+
+# (key of the metric, x position, tick label): objective.DISTANCE_BUCKETS in order.
+DISTANCES = (('nll_ahead_1', 0, '1'), ('nll_ahead_2_4', 1, '2-4'), ('nll_ahead_5_16', 2, '5-16'),
+             ('nll_ahead_17_plus', 3, '17+'))
+
+
+def copy_png(src: str, dst: str) -> str:
+  """`src` re-saved as an optimised PNG at `dst` (same pixels)."""
+  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+  with Image.open(src) as im:
+    im.save(dst, optimize=True)
+  return dst
+
+
+def _latest(pattern: str) -> str | None:
+  found = sorted(glob.glob(pattern))
+  return found[-1] if found else None
+
+
+def last_values(scalars: Mapping[str, Sequence[tuple[int, float]]], prefix: str
+                ) -> dict[str, float]:
+  """{metric: value at its last logged step} for the tags `<prefix>/<metric>`."""
+  return {tag[len(prefix) + 1:]: points[-1][1] for tag, points in scalars.items()
+          if tag.startswith(prefix + '/') and points}
+
+
+def distance_series(runs: Sequence[Mapping[str, Any]], scalars_of) -> dict[str, list]:
+  """{head: [(bucket x, NLL)]} from each run's last training NLL by distance ahead.
+
+  `scalars_of(run)` gives that run's scalars (report.read_scalars of its workdir). The
+  next_token baseline only predicts distance 1, so it has one point.
+  """
+  series = {}
+  for run in runs:
+    last = last_values(scalars_of(run), 'train')
+    points = [(x, last[key]) for key, x, _ in DISTANCES if key in last]
+    if not points and 'nll' in last:
+      points = [(0, last['nll'])]
+    if points:
+      series[f'{run["head"]} ({run["steps"]} steps)'] = points
+  return series
+
+
+def ablation_plot(ablation_dir: str) -> str | None:
+  """The SVG of NLL by distance ahead per head, or None without results.json."""
+  path = os.path.join(ablation_dir, 'results.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    results = json.load(f)
+  series = distance_series(results['runs'],
+                           lambda run: report.read_scalars(os.path.join(ablation_dir, run['head'])))
+  if not series:
+    raise ValueError(f'{path}: its runs logged no train/nll_ahead_* scalars (in '
+                     f'{ablation_dir}/<head>/events.out.tfevents.*).')
+  budget = results['settings']['budget']
+  return report.svg_line_plot(
+      series, title=f'Training NLL by distance ahead (small ablation, equal {budget})',
+      xlabel='distance ahead (1 = the next position, the one sampling uses)',
+      ylabel='NLL (nats/token)', x_labels={x: label for _, x, label in DISTANCES}, markers=True)
+
+
+def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str) -> list[str]:
+  """Writes every figure whose source exists; returns the paths written."""
+  written = []
+  tokenizer = tokenizer or os.path.join(demo, 'tokenizer')
+  sources = (('demo_samples.png', _latest(os.path.join(demo, 'samples', 'step_*.png'))),
+             ('demo_reference.png', os.path.join(demo, 'samples', 'reference_real_tokenized.png')),
+             ('tokenizer_reconstructions.png',
+              _latest(os.path.join(tokenizer, 'reconstructions', 'step_*.png'))))
+  for name, src in sources:
+    if src and os.path.exists(src):
+      written.append(copy_png(src, os.path.join(out, name)))
+  svgs = []
+  scalars = report.read_scalars(demo) if os.path.isdir(demo) else {}
+  loss = report.loss_plot(scalars, title='make demo: loss')
+  if loss:
+    svgs.append(('demo_loss.svg', loss))
+  plot = ablation_plot(ablation)
+  if plot:
+    svgs.append(('ablation_nll_by_distance.svg', plot))
+  for name, svg in svgs:
+    path = os.path.join(out, name)
+    os.makedirs(out, exist_ok=True)
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(svg + '\n')
+    written.append(path)
+  return written
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  written = write_figures(_DEMO.value, _TOKENIZER.value, _ABLATION.value, _OUT.value)
+  if not written:
+    raise SystemExit(f'Nothing to draw: no demo run in {_DEMO.value} and no results.json in '
+                     f'{_ABLATION.value} (run `make demo` and benchmarks/ablation_small.py first).')
+  for path in written:
+    print(path)
+
+
+if __name__ == '__main__':
+  app.run(main)
