@@ -270,14 +270,15 @@ class Progress:
 
   A tqdm bar on a terminal (process 0, after `setup`); else one plain line each time the count
   crosses a multiple of `every` (at least `min_seconds` after the previous line) and one at
-  the end, printed after `setup` and always logged:
+  the end, printed after `setup` and always logged; nothing at all (bar or line) during the
+  first `delay` seconds, so a job that ends sooner stays silent:
     `train 300/1200 (25%)  loss 2.311  2.21 step/s  ETA 6m47s`
   """
 
   def __init__(self, total: int, *, desc: str, initial: int = 0, every: int | None = None,
-               unit: str = 'step', stream=None, min_seconds: float = 0.0):
+               unit: str = 'step', stream=None, min_seconds: float = 0.0, delay: float = 0.0):
     self.total, self.desc, self.unit = int(total), desc, unit
-    self.min_seconds = float(min_seconds)
+    self.min_seconds, self.delay = float(min_seconds), float(delay)
     self.last_plain = time.time()
     self.initial = self.n = int(initial)
     self.every = max(1, int(every) if every else max(1, self.total // 10))
@@ -296,7 +297,8 @@ class Progress:
         sized = False
       self.bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit=unit, file=stream,
                       dynamic_ncols=sized, ncols=None if sized else 100,
-                      nrows=None if sized else 24, mininterval=0.5, smoothing=0.1, leave=True)
+                      nrows=None if sized else 24, mininterval=0.5, smoothing=0.1, leave=True,
+                      delay=self.delay)
     self.prev = _STATE['bar']
     _STATE['bar'] = self
 
@@ -329,6 +331,8 @@ class Progress:
   def _plain(self) -> None:
     self.printed = self.n
     self.last_plain = time.time()
+    if self.last_plain - self.t0 < self.delay:  # A short job: no line at all.
+      return
     line = self.line()
     logging.info('%s', line)
     if _printing():
@@ -352,6 +356,7 @@ class Progress:
 
 
 def progress(total: int, *, desc: str, initial: int = 0, every: int | None = None,
-             unit: str = 'step', stream=None, min_seconds: float = 0.0) -> Progress:
+             unit: str = 'step', stream=None, min_seconds: float = 0.0,
+             delay: float = 0.0) -> Progress:
   return Progress(total, desc=desc, initial=initial, every=every, unit=unit, stream=stream,
-                  min_seconds=min_seconds)
+                  min_seconds=min_seconds, delay=delay)

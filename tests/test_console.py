@@ -125,6 +125,11 @@ def test_plain_progress_lines_every_n_updates_and_at_the_end(capsys, monkeypatch
   lines = [l.split('  ')[0] for l in capsys.readouterr().out.splitlines()]
   assert lines == ['tokenize 25/100 (25%)', 'tokenize 31/100 (31%)', 'tokenize 100/100 (100%)',
                    'slow 100/100 (100%)']
+  # `delay`: a job that ends sooner prints nothing at all (the digits' reference statistics).
+  with console.progress(100, desc='short', every=10, delay=1e9) as bar:
+    for n in (50, 100):
+      bar.update(n)
+  assert capsys.readouterr().out == ''
   monkeypatch.setitem(console._STATE, 'chief', False)  # Other processes print nothing.
   with console.progress(4, desc='train', every=1) as bar:
     bar.update(4)

@@ -430,6 +430,9 @@ def test_iter_npz_array_streams_rows(tmp_path, compressed):
   batches = list(reference_lib.iter_npz_array(path, 'arr_0', 5))
   assert [len(b) for b in batches] == [5, 5, 3]
   np.testing.assert_array_equal(np.concatenate(batches), images)
+  # The row count from the header alone (the progress bar's total), as np.load reads it.
+  assert reference_lib.npz_rows(path, 'arr_0') == 13 == np.load(path)['arr_0'].shape[0]
+  assert reference_lib.npz_rows(path, 'mu') is None
 
 
 def test_load_adm_reference(tmp_path):

@@ -1,5 +1,6 @@
 """Tests of pre-tokenized training data: ten-crop views, tokenize_dataset and the reader."""
 
+import hashlib
 import io
 import json
 import os
@@ -194,7 +195,9 @@ def test_shards_hold_source_order_and_metadata(reference_dir, digits_dir):
   assert metadata['variant_names'] == list(schema.VARIANT_NAMES['ten_crop'])
   assert metadata['grid_size'] == [8, 8] and metadata['vocab_size'] == 16
   assert metadata['dtype'] == 'int16' and metadata['payload'] == 'codes'
-  assert metadata['tokenizer'] == {'kind': 'pixel', 'patch': 4, 'levels': 16, 'checkpoint': ''}
+  # The pixel tokenizer has no weights: the fingerprint of nothing is sha256 of no bytes.
+  assert metadata['tokenizer'] == {'kind': 'pixel', 'patch': 4, 'levels': 16, 'checkpoint': '',
+                                   'weights_sha256': hashlib.sha256(b'').hexdigest()}
 
   source = tfds.builder('heptapod_digits', data_dir=digits_dir).as_dataset(
       split=SPLIT, shuffle_files=False)
@@ -472,11 +475,11 @@ def test_kl_moments_are_the_encoder_posterior(kl_dir, kl_checkpoint, digits_dir)
   assert metadata['latent_channels'] == 4 and 'vocab_size' not in metadata
   assert metadata['grid_size'] == [8, 8] and metadata['num_kept'] == 40
   # Stored unscaled and unsampled: the training-time fields are not part of the header.
-  assert metadata['tokenizer'] == {'kind': 'kl', 'patch': 4, 'levels': 16,
-                                   'checkpoint': kl_checkpoint, 'checkpoint_key': 'ema_params'}
-
   config = _kl_config(digits_dir, kl_checkpoint)
   tokenizer, params = make_tokenizer(config.tokenizer, 32)
+  assert metadata['tokenizer'] == {'kind': 'kl', 'patch': 4, 'levels': 16,
+                                   'checkpoint': kl_checkpoint, 'checkpoint_key': 'ema_params',
+                                   'weights_sha256': tokenized.weights_fingerprint(params)}
   moments = _kl_moments(tokenizer, params)
   source = tfds.builder('heptapod_digits', data_dir=digits_dir).as_dataset(
       split=SPLIT, shuffle_files=False)

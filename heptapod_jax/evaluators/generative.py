@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from heptapod_jax import console
 from heptapod_jax.evaluators import feature_net as feature_net_lib
 from heptapod_jax.evaluators import features as features_lib
 from heptapod_jax.evaluators import metrics as metrics_lib
@@ -94,7 +95,12 @@ class GenerativeEvaluator:
         else:
           t0 = time.time()
           images, _ = feature_net_lib.read_split(self.config.data, e.reference_split)
-          feats = features_lib.extract_features(self.extractor, images, batch_size=e.batch_size)
+          # Shown only when it takes a while (ImageNet's train split, not the digits).
+          with console.progress(len(images), desc='reference statistics', unit='image',
+                                every=max(1, len(images) // 10), min_seconds=60,
+                                delay=10) as bar:
+            feats = features_lib.extract_features(self.extractor, images, batch_size=e.batch_size,
+                                                  progress=lambda done, total: bar.update(done))
           self._reference = reference_lib.Reference.from_features(feats)
           if jax.process_index() == 0:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -148,7 +154,11 @@ def load_reference_file(path: str, extractor: Extractor, batch_size: int,
     cache = os.path.splitext(path)[0] + f'.{preprocessing}.features.npz'
     if os.path.exists(cache):
       return reference_lib.Reference.load(cache)
-    ref = reference_lib.load_adm_reference(path, extractor=extractor, batch_size=batch_size)
+    total = reference_lib.npz_rows(path, 'arr_0') or 0
+    with console.progress(total, desc='reference features', unit='image',
+                          every=max(1, total // 10), min_seconds=60, delay=10) as bar:
+      ref = reference_lib.load_adm_reference(path, extractor=extractor, batch_size=batch_size,
+                                             progress=lambda done, _: bar.update(done))
     if jax.process_index() == 0 and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
       ref.save(cache)
     return ref

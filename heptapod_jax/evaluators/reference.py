@@ -159,6 +159,21 @@ def iter_npz_array(path: str | os.PathLike[str], key: str,
       yield arr[start:start + batch_size]
 
 
+def npz_rows(path: str | os.PathLike[str], key: str) -> int | None:
+  """Rows of array `key` in an .npz, from its header alone (None when it cannot be read so)."""
+  with zipfile.ZipFile(os.fspath(path)) as zf:
+    if f'{key}.npy' not in zf.namelist():
+      return None
+    with zf.open(f'{key}.npy') as f:
+      version = np.lib.format.read_magic(f)
+      if version not in ((1, 0), (2, 0)):
+        return None
+      read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+              else np.lib.format.read_array_header_2_0)
+      shape = read(f)[0]
+  return int(shape[0]) if shape else None
+
+
 def load_adm_reference(path: str | os.PathLike[str], extractor: FeatureExtractor | None = None, *,
                        batch_size: int = 256, progress: ProgressFn | None = None,
                        cache_path: str | os.PathLike[str] | None = None) -> Reference:

@@ -17,15 +17,20 @@ resampled, so the committed pictures are the run's own pixels.
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
-from typing import Any, Mapping, Sequence
+if __name__ == '__main__':  # Before TensorFlow loads (TensorBoard's reader imports it).
+  from heptapod_jax import console as _console
+  _console.quiet_dependencies()
+  _console.import_tensorflow()
 
-from absl import app, flags
-from PIL import Image
+import glob  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from typing import Any, Mapping, Sequence  # noqa: E402
 
-from heptapod_jax import report
+from absl import app, flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from heptapod_jax import report  # noqa: E402
 
 _DEMO = flags.DEFINE_string('demo', 'workdirs/demo', 'Workdir of a finished `make demo` run.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None,
