@@ -384,18 +384,21 @@ def main(argv: Sequence[str]) -> None:
   from absl import app, logging
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  import tensorflow as tf
+  from heptapod_jax import console
+  tf = console.import_tensorflow()
   tf.config.set_visible_devices([], 'GPU')
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  logging.set_verbosity(logging.WARNING)  # The per-head lines below say what happens.
-  logging.get_absl_handler().addFilter(_quiet_orbax_read_only)
   f = _FLAGS
   quick = f['quick'].value
   budget_steps = f['budget_steps'].value or (150 if quick else 800)
   num_samples = f['num_samples'].value or (100 if quick else 300)
   workdir = f['workdir'].value or ('workdirs/ablation_small_quick' if quick
                                    else 'workdirs/ablation_small')
+  # The terminal: the per-head lines below and each run's progress; every record (the runs'
+  # metrics, Orbax's notices) to <workdir>/log.txt.
+  console.setup(workdir)
+  logging.get_absl_handler().addFilter(_quiet_orbax_read_only)
   t0 = time.time()
   out = run_ablation(heads=f['heads'].value, budget_steps=budget_steps, budget=f['budget'].value,
                      seed=f['seed'].value, num_samples=num_samples, workdir=workdir,
@@ -414,6 +417,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  from heptapod_jax import console as _console
+  _console.quiet_dependencies()  # Before TensorFlow or JAX load: their start-up notices.
   from absl import app as _app
   _FLAGS.update(_define_flags())
   _app.run(main)

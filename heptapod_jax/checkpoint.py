@@ -49,7 +49,7 @@ PyTree = Any
 STATE = 'state'
 DATA = 'data'
 CONFIG = 'config'
-_ITEM_NAMES = (STATE, DATA, CONFIG)
+ITEM_NAMES = (STATE, DATA, CONFIG)
 
 # Version of the layout of the `data` item, so that a future change can still
 # read old checkpoints.
@@ -187,7 +187,7 @@ def _allgather_json(obj: Any) -> list[Any]:
   ]
 
 
-def _with_sharding_check(abstract_state: PyTree) -> PyTree:
+def with_sharding_check(abstract_state: PyTree) -> PyTree:
   """Validates that every array leaf of `abstract_state` carries a sharding.
 
   Without a sharding Orbax restores a leaf as a host numpy array (or with the
@@ -212,7 +212,7 @@ def _with_sharding_check(abstract_state: PyTree) -> PyTree:
   return abstract_state
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
   """One line for a restore failure: the type and the first line of the message."""
   text = str(error).strip().splitlines()[0] if str(error).strip() else ''
   # Tensorstore appends the whole JSON spec of the array; the path is already named before it.
@@ -222,14 +222,14 @@ def _describe(error: BaseException) -> str:
   return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
-def _is_environment_error(error: BaseException) -> bool:
+def is_environment_error(error: BaseException) -> bool:
   """True for failures of permissions, network or memory rather than of the checkpoint."""
   if isinstance(error, (PermissionError, TimeoutError, ConnectionError, MemoryError)):
     return True
   return str(error).lstrip().startswith(_ENVIRONMENT_STATUS)
 
 
-def _to_abstract(tree: PyTree) -> PyTree:
+def to_abstract(tree: PyTree) -> PyTree:
   """Maps concrete arrays to `jax.ShapeDtypeStruct`s, keeping their sharding."""
 
   def convert(leaf):
@@ -291,7 +291,7 @@ class Checkpointer:
     # save's args) so that restore and metadata work in a fresh process.
     self._manager = ocp.CheckpointManager(
         self._directory,
-        item_names=_ITEM_NAMES,
+        item_names=ITEM_NAMES,
         item_handlers={
             STATE: ocp.StandardCheckpointHandler(),
             DATA: ocp.JsonCheckpointHandler(),
@@ -410,7 +410,7 @@ class Checkpointer:
       what = 'no checkpoint' if step is None else f'no checkpoint for step {step}'
       raise FileNotFoundError(
           f'{what} in {self._directory} (steps found: {steps}).')
-    abstract_state = _with_sharding_check(_to_abstract(abstract_state))
+    abstract_state = with_sharding_check(to_abstract(abstract_state))
     return self._restore_step(abstract_state, step)
 
   def restore_latest_intact(
@@ -455,7 +455,7 @@ class Checkpointer:
     """
     self._manager.wait_until_finished()
     self._manager.reload()
-    abstract_state = _with_sharding_check(_to_abstract(abstract_state))
+    abstract_state = with_sharding_check(to_abstract(abstract_state))
     failed: list[tuple[int, str]] = []
     restored = None
     for step in sorted(self.all_steps(), reverse=True):
@@ -464,9 +464,9 @@ class Checkpointer:
         try:
           restored = self._restore_step(abstract_state, step)
         except Exception as e:  # pylint: disable=broad-except  (classified below)
-          error, reason = e, _describe(e)
+          error, reason = e, describe_error(e)
       fatal = isinstance(error, ProcessCountMismatchError) or (
-          error is not None and _is_environment_error(error))
+          error is not None and is_environment_error(error))
       # Every process must take the same branch: one that failed where the
       # others succeeded makes the step damaged (or fatal) for all of them.
       outcomes = _allgather_json(['fatal' if fatal else 'failed' if reason else 'ok', reason])
@@ -499,7 +499,7 @@ class Checkpointer:
   def _check_step_files(self, step: int) -> str | None:
     """Cheap checks of a finished step's files; the reason it is damaged, or None."""
     path = self._directory / str(step)
-    missing = [name for name in _ITEM_NAMES if not (path / name).is_dir()]
+    missing = [name for name in ITEM_NAMES if not (path / name).is_dir()]
     if missing:
       return f'partially written: item directories {missing} missing in {path}'
     # Parsed here to name the file: Orbax's own JSON errors do not.
@@ -509,7 +509,7 @@ class Checkpointer:
         try:
           json.loads(metadata.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-          return f'unreadable {metadata}: {_describe(e)}'
+          return f'unreadable {metadata}: {describe_error(e)}'
     return None
 
   def _set_aside_unfinished_saves(self) -> list[tuple[int, str]]:
@@ -558,7 +558,7 @@ class Checkpointer:
           (self._directory / name).rename(dest)
           results.append([str(dest), ''])
         except OSError as e:
-          results.append(['', _describe(e)])
+          results.append(['', describe_error(e)])
     results = _allgather_json(results)[0]
     self._manager.reload()
     moved = []
@@ -614,184 +614,3 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def _subtree(tree: Any, keys: list[str]) -> Any:
-  """Follows `keys` down a nested metadata tree (dicts or attribute objects)."""
-  for k in keys:
-    if isinstance(tree, Mapping):
-      if k not in tree:
-        raise KeyError(k)
-      tree = tree[k]
-    elif hasattr(tree, k):
-      tree = getattr(tree, k)
-    else:
-      raise KeyError(k)
-  return tree
-
-
-def _top_keys(tree: Any) -> list[str]:
-  if isinstance(tree, Mapping):
-    return sorted(str(k) for k in tree.keys())
-  return sorted(k for k in vars(tree) if not k.startswith('_')) if hasattr(tree, '__dict__') else []
-
-
-def _read_only_manager(path: epath.Path) -> ocp.CheckpointManager:
-  # Read-only, and PyTree (not Standard) handler since only it supports
-  # partial restore; the on-disk format is the same.
-  return ocp.CheckpointManager(
-      path,
-      item_names=_ITEM_NAMES,
-      # The JSON handlers only keep Orbax from warning about unknown items.
-      item_handlers={
-          STATE: ocp.PyTreeCheckpointHandler(),
-          DATA: ocp.JsonCheckpointHandler(),
-          CONFIG: ocp.JsonCheckpointHandler(),
-      },
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-  )
-
-
-def resolve_step(manager: ocp.CheckpointManager, path: Any, step: int | None) -> int:
-  """`step`, or the newest one when None; FileNotFoundError listing the steps if there is none."""
-  steps = sorted(manager.all_steps())
-  if step is None:
-    step = steps[-1] if steps else None
-  if step is None or step not in steps:
-    what = 'no checkpoint' if step is None else f'no checkpoint for step {step}'
-    raise FileNotFoundError(f'{what} in {path} (steps found: {steps}).')
-  return step
-
-
-def checkpoint_steps(checkpoint_dir: str) -> list[int]:
-  """The finished steps in a checkpoint directory, ascending (read-only; [] if none)."""
-  path = epath.Path(checkpoint_dir)
-  if not path.exists():
-    return []
-  manager = _read_only_manager(path)
-  try:
-    return sorted(manager.all_steps())
-  finally:
-    manager.close()
-
-
-def load_params(
-    checkpoint_dir: str,
-    abstract_params: PyTree,
-    *,
-    step: int | None = None,
-    key: str = 'params',
-) -> PyTree:
-  """Loads only one subtree (e.g. the params) of another run's train state.
-
-  Used for `init_from=`: the optimizer state of the source run is neither
-  needed nor read, so its structure may differ from the current run's.
-
-  Args:
-    checkpoint_dir: the source run's checkpoint root (the directory given to
-      its `Checkpointer`).
-    abstract_params: pytree of `jax.ShapeDtypeStruct` with shardings (or
-      arrays) with the structure, shapes and dtypes of the subtree.
-    step: which step; None means the latest.
-    key: name of the subtree in the train state, e.g. 'params' or
-      'ema_params'; nested subtrees as 'a/b'.
-
-  Returns:
-    The subtree, with the structure and shardings of `abstract_params`.
-
-  Raises:
-    FileNotFoundError: no checkpoint or no such step in `checkpoint_dir`.
-    KeyError: the state has no subtree `key`.
-  """
-  path = epath.Path(checkpoint_dir)
-  keys = [k for k in key.split('/') if k]
-  if not keys:
-    raise ValueError(f'key must name a subtree, got {key!r}')
-  abstract_params = _with_sharding_check(_to_abstract(abstract_params))
-  if not path.exists():
-    raise FileNotFoundError(f'checkpoint directory {path} does not exist')
-  manager = _read_only_manager(path)
-  try:
-    step = resolve_step(manager, path, step)
-    metadata = manager.item_metadata(step)[STATE]
-    tree = getattr(metadata, 'tree', metadata)
-    try:
-      _subtree(tree, keys)
-    except KeyError:
-      raise KeyError(
-          f'train state in {path}/{step}/{STATE} has no subtree {key!r} '
-          f'(top-level keys: {_top_keys(tree)})') from None
-    # Build a nested-dict target holding only the wanted subtree; with
-    # partial_restore=True Orbax skips every other leaf (the optimizer state
-    # is never read) and matches dataclass fields by name.
-    target: Any = abstract_params
-    for k in reversed(keys):
-      target = {k: target}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True),
-        }),
-    )[STATE]
-  finally:
-    manager.close()
-  return _subtree(restored, keys)
-
-
-class NoRestorableStepError(RuntimeError):
-  """Checkpoints exist but the wanted one (or, for the latest, every one) fails to restore."""
-
-
-def load_newest_intact_params(checkpoint_dir: str, abstract: Any, *, step: int | None, key: str,
-                              what: str = 'sampling', hint: str = 'train first',
-                              step_name: str = '--step'
-                              ) -> tuple[Any, int, list[tuple[int, str]]]:
-  """(params, step, skipped): one parameter tree of a run's checkpoint, read-only.
-
-  `abstract`: the tree's ShapeDtypeStructs with their shardings (`load_params`); `key`: its
-  name in the saved state ('params' or 'ema_params'); what / hint / step_name: how the
-  caller's errors name the job, what to do, and the setting that chose `step`.
-
-  With `step` None the newest step that restores is used: a newer step that
-  fails to restore (truncated or missing array data, unreadable metadata) is
-  logged and skipped, and listed in `skipped` as (step, reason). Nothing on disk
-  is moved (a training run may still be writing there; resuming the run is what
-  sets damaged steps aside, `Checkpointer.restore_latest_intact`). An explicit
-  `step` is never replaced by another one. Call inside the mesh of the shardings.
-
-  Raises:
-    FileNotFoundError: no checkpoint in `checkpoint_dir`, or no such step.
-    NoRestorableStepError: every candidate step fails to restore (each with its reason).
-    KeyError: the saved state has no subtree `key`.
-  """
-  steps = checkpoint_steps(checkpoint_dir)
-  if not steps:
-    raise FileNotFoundError(f'{what}: no checkpoint in {checkpoint_dir} ({hint}).')
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f'{step_name}={step}: {checkpoint_dir} has steps {steps}.')
-  failed: list[tuple[int, str]] = []
-  for candidate in [step] if step is not None else sorted(steps, reverse=True):
-    try:
-      params = load_params(checkpoint_dir, abstract, step=candidate, key=key)
-    except (KeyError, ProcessCountMismatchError):
-      raise
-    except Exception as e:  # noqa: BLE001  Damage or a mismatch: named below, then the next step.
-      if _is_environment_error(e):
-        raise
-      reason = _describe(e)
-      logging.warning('Checkpoint %s/%d cannot be restored, trying an older step: %s',
-                      checkpoint_dir, candidate, reason)
-      failed.append((candidate, reason))
-      continue
-    if failed:
-      logging.warning('%s: using step %d of %s; newer steps fail to restore: %s', what, candidate,
-                      checkpoint_dir, failed)
-    return params, candidate, failed
-  lines = '\n'.join(f'  step {s} ({checkpoint_dir}/{s}): {r}' for s, r in failed)
-  tried = f'{step_name}={step}' if step is not None else 'every step tried, newest first'
-  raise NoRestorableStepError(
-      f'{what}: no step of {checkpoint_dir} restores ({tried}):\n{lines}\n'
-      'If every step reports the same shape or structure mismatch, the config (model settings) '
-      'does not match the checkpoint rather than the checkpoint being damaged.')

@@ -11,7 +11,7 @@ the config saved in the step (`config_from_saved` lays it over today's defaults)
 tokenizer path of that config is looked up from the current directory, then from the run's
 directory and its parents; `tokenizer=` overrides it. The newest step is used unless one is
 named; a damaged newest step is skipped with a warning, read-only, for the newest one that
-restores (`checkpoint.load_newest_intact_params`). The model runs data-parallel over the local
+restores (`checkpoint_read.load_newest_intact_params`). The model runs data-parallel over the local
 devices, whatever mesh it was trained on. Used by the sampling command line (`sample.py`),
 sample mode and the notebooks; it needs neither the trainer nor the command line.
 """
@@ -27,6 +27,7 @@ import ml_collections
 from absl import logging
 
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import checkpoint_read
 from heptapod_jax import config_lib, sampling
 from heptapod_jax.image_sampler import ImageSampler
 from heptapod_jax.models.config import ModelConfig
@@ -156,7 +157,7 @@ def read_run_config(location: RunLocation, step: int | None) -> ml_collections.C
     where = os.path.join(location.workdir, CONFIG_JSON)
     with open(where) as f:
       return config_from_saved(json.load(f), where)
-  steps = ckpt_lib.checkpoint_steps(location.checkpoint_dir)
+  steps = checkpoint_read.checkpoint_steps(location.checkpoint_dir)
   candidates = [step] if step is not None else sorted(steps, reverse=True)
   for s in candidates:
     # The JSON file Orbax's JsonCheckpointHandler writes for the step's config item.
@@ -261,7 +262,7 @@ def load_run(checkpoint: str, *, step: int | None = None, params: str | None = N
   sampler = ImageSampler(config)
   key = 'ema_params' if config.train.sample_with_ema else 'params'
   with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sampler.rules):
-    restored, step, skipped = ckpt_lib.load_newest_intact_params(
+    restored, step, skipped = checkpoint_read.load_newest_intact_params(
         location.checkpoint_dir, sampler.abstract_params(), step=step, key=key, what='sampling',
         hint='train first, or point --checkpoint at a trained run')
   return LoadedRun(sampler, restored, step, key, location, skipped)
@@ -272,7 +273,7 @@ def restore_params(sampler: ImageSampler, workdir: str, step: int = -1) -> tuple
   """(params, step, key) from the workdir's checkpoint: the EMA tree if train.sample_with_ema.
   Call inside the sampler's mesh context (`jax.set_mesh(sampler.mesh)`)."""
   key = 'ema_params' if sampler.config.train.sample_with_ema else 'params'
-  params, step, _ = ckpt_lib.load_newest_intact_params(
+  params, step, _ = checkpoint_read.load_newest_intact_params(
       os.path.join(workdir, CHECKPOINTS), sampler.abstract_params(),
       step=None if step < 0 else step, key=key,
       what='sample mode', hint='train first, or point --workdir at a trained run',

@@ -63,6 +63,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from heptapod_jax import checkpoint as ckpt_lib  # noqa: E402
+from heptapod_jax import checkpoint_read
 from heptapod_jax import console  # noqa: E402
 from heptapod_jax import generation  # noqa: E402
 from heptapod_jax import images as images_lib  # noqa: E402
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    cfg_scale=args.cfg_scale, parallel_tokens=args.parallel_tokens)
     classes = (generation.check_classes(classes, run.num_classes) if classes is not None
                else generation.default_classes(run.num_classes))
-  except (ValueError, FileNotFoundError, ckpt_lib.NoRestorableStepError, KeyError) as e:
+  except (ValueError, FileNotFoundError, checkpoint_read.NoRestorableStepError, KeyError) as e:
     parser.error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
   num = args.n if args.n is not None else 4 * len(classes)
   t0 = time.time()

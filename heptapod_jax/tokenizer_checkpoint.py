@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import checkpoint_read
 from heptapod_jax.models import tokenizers
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.tokenizers import autoencoder as ae
@@ -124,7 +125,7 @@ def read_metadata(directory: str, step: int | None = None,
     raise FileNotFoundError(f'tokenizer checkpoint directory {path} does not exist.')
   manager = _open(directory)
   try:
-    step = ckpt_lib.resolve_step(manager, path, step)
+    step = checkpoint_read.resolve_step(manager, path, step)
     tree = manager.item_metadata(step)[ckpt_lib.STATE]
     tree = getattr(tree, 'tree', tree)
     for k in key.split('/'):
@@ -183,7 +184,7 @@ def _restore(directory: str, config: Any, step: int, key: str, sharding) -> Any:
   sharding = sharding or _default_sharding()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract_params(config))
-  return ckpt_lib.load_params(directory, abstract, step=step, key=key)
+  return checkpoint_read.load_params(directory, abstract, step=step, key=key)
 
 
 def load_tokenizer(directory: str, *, key: str = 'ema_params', step: int | None = None,

@@ -23,6 +23,7 @@ from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import checkpoint_read
 from heptapod_jax import (config_lib, console, generation, image_sampler, images, optim, report,
                           sharding, trainlib)
 # Public here too: the pure step and its state live in steps.py (no TensorFlow, no clu).
@@ -97,7 +98,7 @@ class Trainer(image_sampler.ImageSampler):
     state = self.create_state(shardings)
     if cfg.init_from:
       abstract = self.abstract_state(shardings).params
-      params = ckpt_lib.load_params(cfg.init_from, abstract, key=cfg.init_from_key)
+      params = checkpoint_read.load_params(cfg.init_from, abstract, key=cfg.init_from_key)
       logging.info('Initialised parameters from %s (%s).', cfg.init_from, cfg.init_from_key)
       state = state.replace(params=params, ema_params=params)
     return state, None

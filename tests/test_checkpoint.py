@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import checkpoint_read
 
 
 @flax.struct.dataclass
@@ -216,17 +217,17 @@ def test_load_params_without_optimizer_structure(tmp_path):
   abstract_params = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh4, s)),
       state.params, _param_specs('model'))
-  params = ckpt_lib.load_params(str(tmp_path), abstract_params, step=1)
+  params = checkpoint_read.load_params(str(tmp_path), abstract_params, step=1)
   _assert_bit_identical(state.params, params)
   _assert_shardings(params, abstract_params)
 
-  ema = ckpt_lib.load_params(str(tmp_path), abstract_params, key='ema_params')  # Latest = 2.
+  ema = checkpoint_read.load_params(str(tmp_path), abstract_params, key='ema_params')  # Latest = 2.
   _assert_bit_identical(jax.tree.map(lambda x: x + 1, state.ema_params), ema)
 
   with pytest.raises(KeyError, match=r'no subtree .*target_params.*ema_params'):
-    ckpt_lib.load_params(str(tmp_path), abstract_params, key='target_params')
+    checkpoint_read.load_params(str(tmp_path), abstract_params, key='target_params')
   with pytest.raises(FileNotFoundError, match='step 7'):
-    ckpt_lib.load_params(str(tmp_path), abstract_params, step=7)
+    checkpoint_read.load_params(str(tmp_path), abstract_params, step=7)
 
 
 def test_restore_empty_directory_names_it(tmp_path):
@@ -238,9 +239,9 @@ def test_restore_empty_directory_names_it(tmp_path):
     ckpt.restore(abstract)
   ckpt.close()
   with pytest.raises(FileNotFoundError, match=str(directory)):
-    ckpt_lib.load_params(str(directory), abstract.params)
+    checkpoint_read.load_params(str(directory), abstract.params)
   with pytest.raises(FileNotFoundError, match='does_not_exist'):
-    ckpt_lib.load_params(str(tmp_path / 'does_not_exist'), abstract.params)
+    checkpoint_read.load_params(str(tmp_path / 'does_not_exist'), abstract.params)
 
 
 def test_to_jsonable():
@@ -267,6 +268,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import checkpoint_read
 
 auto = jax.sharding.AxisType.Auto
 mesh = jax.make_mesh((8,), ("x",), axis_types=(auto,))
@@ -294,7 +296,7 @@ assert restored_data == data_state, restored_data
 assert config == {"a": [1]}, config
 np.testing.assert_array_equal(gather(restored["params"]["w"]), value)
 np.testing.assert_array_equal(gather(restored["opt"]["m"]), 2 * value)
-params = ckpt_lib.load_params(directory, abstract["params"])
+params = checkpoint_read.load_params(directory, abstract["params"])
 np.testing.assert_array_equal(gather(params["w"]), value)
 print("WORKER_OK", process_id)
 '''
@@ -347,6 +349,6 @@ def test_two_processes(tmp_path):
     with pytest.raises(ValueError, match='2 processes but this job has 1'):
       ckpt.restore(abstract)
   # Params alone do not depend on the process count.
-  params = ckpt_lib.load_params(str(directory), abstract['params'])
+  params = checkpoint_read.load_params(str(directory), abstract['params'])
   np.testing.assert_array_equal(
       np.asarray(params['w']), np.arange(64, dtype=np.float32).reshape(16, 4))

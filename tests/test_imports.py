@@ -18,7 +18,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'heptapod_jax'
 TRAINING = ('heptapod_jax.train', 'heptapod_jax.trainlib', 'heptapod_jax.train_tokenizer',
             'heptapod_jax.main')
 # Who may not import whom: (importer prefix, forbidden prefixes, why).
-CHECKPOINTS = ('heptapod_jax.checkpoint', 'heptapod_jax.tokenizer_checkpoint')
+CHECKPOINTS = ('heptapod_jax.checkpoint', 'heptapod_jax.checkpoint_read',
+               'heptapod_jax.tokenizer_checkpoint')
 SAMPLE_CLI = ('heptapod_jax.sample',)
 LAYERS = (
     ('heptapod_jax.models', TRAINING + CHECKPOINTS + SAMPLE_CLI + (

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import checkpoint_read
 from heptapod_jax import config_lib, images, runs, sample, sampling
 from heptapod_jax import train
 from heptapod_jax.models.heptapod import Heptapod, init_params
@@ -51,7 +51,7 @@ def _direct_samples(c, checkpoint_dir, labels, seed, key='ema_params', step=None
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                      sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
       abstract)
-  params = ckpt_lib.load_params(checkpoint_dir, abstract, step=step, key=key)
+  params = checkpoint_read.load_params(checkpoint_dir, abstract, step=step, key=key)
   keys = sampling.example_keys(seed, np.arange(len(labels)))
   scfg = sampling.SamplingConfig(**c.sampling.to_dict())
   tokens = jax.jit(lambda p, l, k: sampling.sample(model, p, l, k, scfg))(

@@ -178,6 +178,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | N
     FileNotFoundError naming the path when the workdir holds no checkpoint.
   """
   from heptapod_jax import checkpoint as ckpt_lib
+  from heptapod_jax import checkpoint_read
   from heptapod_jax import config_lib
   from heptapod_jax.models.heptapod import init_params
 
@@ -199,7 +200,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | N
   if params_key is None:
     params_key = 'ema_params' if config.train.sample_with_ema else 'params'
   try:
-    params = ckpt_lib.load_params(ckpt_dir, abstract, step=step, key=params_key)
+    params = checkpoint_read.load_params(ckpt_dir, abstract, step=step, key=params_key)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'{e} ({hint}).') from None
   except ValueError as e:

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import checkpoint_read
 from heptapod_jax import runs, sharding, train
 
 import _harness as h
@@ -119,7 +120,7 @@ def test_checkpointer_8_to_4_to_8_devices_then_params_onto_one(tmp_path):
   for key in ('params', 'ema_params'):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                             getattr(original, key))
-    loaded = ckpt_lib.load_params(directory, abstract, key=key)
+    loaded = checkpoint_read.load_params(directory, abstract, key=key)
     _assert_equal(loaded, getattr(second, key))
     _assert_placed(loaded, abstract, devices[:1])
 
