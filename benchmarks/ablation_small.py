@@ -28,18 +28,19 @@ and its sample chunks. The table is printed and written with everything else to
 <workdir>/results.json.
 
 Time (defaults: budget_steps 800 -> next_token 1272, local 1155, global 800 steps of batch 32):
-on 2 CPU cores next_token and local train at ~4 steps/s and global at 2.2 (3.7 in the README's
-demo run), about 13-17 min in all with sampling and probes (~40 s per head); under other load the
-measured run took 48 min (2886 s). Measured (seed 0, 300 samples, 2026-11-29):
+on 2 CPU cores of an AMD EPYC the rerun of 2026-12-04 took 20 min 18 s (training 453 / 347 /
+299 s, then sampling and probes; partly beside other tests). Measured (seed 0, 300 samples,
+2026-12-04):
 
   head        steps  NLL    acc    FID    prec   recall cls acc  probe L  probe best
-  next_token   1272  1.133  0.630   7.61  0.793  0.863   0.930    0.808  0.808 (L4)
-  local        1155  1.448  0.522  20.87  0.813  0.704   0.950    0.778  0.788 (L3)
-  global        800  1.601  0.487  24.42  0.760  0.591   0.930    0.717  0.717 (L2)
+  next_token   1272  1.087  0.634   7.53  0.873  0.858   0.967    0.848  0.848 (L4)
+  local        1155  1.383  0.533  20.72  0.757  0.756   0.940    0.791  0.798 (L3)
+  global        800  1.534  0.503  20.95  0.760  0.605   0.927    0.731  0.731 (L4)
   real (test)                      34.99  0.747  0.763   0.960
 
 At equal training FLOPs on this small set the 1D baseline is ahead on held-out NLL, FID,
-recall and the probe; one seed, and the README's caveats on these FIDs apply.
+precision, recall, class accuracy and the probe; one seed, and the README's caveats on these FIDs
+apply. `python -m heptapod_jax.tools.readme_figures` plots each head's NLL by distance ahead.
 """
 from __future__ import annotations
 
@@ -385,10 +386,6 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from heptapod_jax import console
-  tf = console.import_tensorflow()
-  tf.config.set_visible_devices([], 'GPU')
-  import tensorflow_datasets as tfds
-  tfds.disable_progress_bar()
   f = _FLAGS
   quick = f['quick'].value
   budget_steps = f['budget_steps'].value or (150 if quick else 800)
@@ -396,9 +393,13 @@ def main(argv: Sequence[str]) -> None:
   workdir = f['workdir'].value or ('workdirs/ablation_small_quick' if quick
                                    else 'workdirs/ablation_small')
   # The terminal: the per-head lines below and each run's progress; every record (the runs'
-  # metrics, Orbax's notices) to <workdir>/log.txt.
+  # metrics, Orbax's notices, TensorFlow's load-time notices) to <workdir>/log.txt.
   console.setup(workdir)
   logging.get_absl_handler().addFilter(_quiet_orbax_read_only)
+  tf = console.import_tensorflow()
+  tf.config.set_visible_devices([], 'GPU')
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
   t0 = time.time()
   out = run_ablation(heads=f['heads'].value, budget_steps=budget_steps, budget=f['budget'].value,
                      seed=f['seed'].value, num_samples=num_samples, workdir=workdir,

@@ -27,6 +27,8 @@ import time
 # The drilled run uses 8 CPU devices (mesh 4 x 2), in this process and in the children.
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+from heptapod_jax import console  # noqa: E402
+console.quiet_dependencies()  # Before TensorFlow loads: its start-up notices.
 
 from absl import app, flags  # noqa: E402
 
@@ -72,13 +74,22 @@ def main(argv):
   del argv
   root = tempfile.mkdtemp(prefix='fault_drill_')
   data_dir = os.path.join(root, 'tfds')
+  # The terminal: a progress bar over the trials and a line per trial; the records of the
+  # uninterrupted reference run go to <root>/log.txt (removed with the drill's files).
+  console.setup(root)
+  console.import_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
   from heptapod_jax import train
   from heptapod_jax.data import builtin
   builtin.prepare(data_dir)
   reference = os.path.join(root, 'reference')
+  console.say(f'reference: an uninterrupted run of {_STEPS.value} steps in {reference}')
   train.train_and_evaluate(h.config(_STEPS.value, data_dir), reference)
   rng = random.Random(0)
   rows = []
+  bar = console.progress(len(_KINDS.value) * _TRIALS.value, desc='fault drill', unit='trial',
+                         every=1)
   for kind in _KINDS.value:
     recovered, lost_steps, lost_data = 0, [], 0
     for trial in range(_TRIALS.value):
@@ -94,9 +105,11 @@ def main(argv):
         recovered += 1
       except AssertionError:
         lost_data += 1
-      print(f'  {kind} trial {trial}: fault after {done} updates, resumed from step '
-            f'{resumed_from}, exit {rc}', flush=True)
+      console.say(f'  {kind} trial {trial}: fault after {done} updates, resumed from step '
+                  f'{resumed_from}, exit {rc}')
+      bar.update(bar.n + 1, recovered=f'{sum(r[2] for r in rows) + recovered}/{bar.n + 1}')
     rows.append((kind, _TRIALS.value, recovered, sum(lost_steps) / len(lost_steps), lost_data))
+  bar.close()
   print(f'\n{"fault injected":22s} {"runs tried":>10s} {"recovered":>10s} '
         f'{"steps lost (mean)":>18s} {"data lost":>10s}')
   for kind, tried, ok, lost, data in rows:

@@ -91,8 +91,10 @@ def svg_line_plot(series: Mapping[str, Series], *, title: str, xlabel: str, ylab
   points = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
   if not points:
     raise ValueError(f'svg_line_plot({title!r}): no finite points to draw.')
-  left, right, top, bottom = 62, 16, 30, 44
+  # The legend has a band of its own above the plot (one row per series), so no line hides it.
   legend_h = 16 * len(series)
+  left, right, top, bottom = 62, 16, 30 + legend_h, 44
+  height += legend_h
   plot_w, plot_h = width - left - right, height - top - bottom
   xs, ys = [p[0] for p in points], [p[1] for p in points]
   x_lo, x_hi = min(xs), max(xs)
@@ -134,12 +136,11 @@ def svg_line_plot(series: Mapping[str, Series], *, title: str, xlabel: str, ylab
       out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.6"/>')
     if markers or len(pts) <= 12:
       out.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in pts)
-    ly = top + 12 + 16 * i
+    ly = 30 + 12 + 16 * i - 4
     lx = left + plot_w - 30 - 6 * max(len(n) for n in series)
-    if ly < top + legend_h + 12:
-      out.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" '
-                 'stroke-width="2"/>')
-      out.append(f'<text x="{lx + 24}" y="{ly}">{esc(name)}</text>')
+    out.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" '
+               'stroke-width="2"/>')
+    out.append(f'<text x="{lx + 24}" y="{ly}">{esc(name)}</text>')
   out.append('</svg>')
   return '\n'.join(out)
 
@@ -176,7 +177,8 @@ _GENERATIVE = (('fid', 'FID'), ('precision', 'precision'), ('recall', 'recall'),
 def _generative_table(summary: Mapping[str, Any]) -> str | None:
   gen = summary.get('generative') or {}
   real = summary.get('generative_real') or {}
-  rows_in = [('samples', gen)] + [(f'real held-out ({name})', m) for name, m in real.items()]
+  names = {'real': 'held-out real images', 'real_tokenized': 'the same through the tokenizer'}
+  rows_in = [('samples', gen)] + [(names.get(name, name), m) for name, m in real.items()]
   keys = [(k, label) for k, label in _GENERATIVE if any(k in m for _, m in rows_in)]
   if not keys:
     return None

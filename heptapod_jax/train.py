@@ -188,7 +188,7 @@ def _write_page(config: ml_collections.ConfigDict, workdir: str, summary: dict[s
   if '://' in workdir:
     return None
   try:
-    return report.write_run_page(workdir, summary, title=f'Heptapod: {config_lib.describe(config)}',
+    return report.write_run_page(workdir, summary, title=config_lib.describe(config),
                                  tokenizer_workdir=report.tokenizer_dir(config))
   except (OSError, ValueError) as e:
     logging.warning('Could not write the summary page in %s: %s', workdir, e)

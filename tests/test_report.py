@@ -77,7 +77,7 @@ def test_run_page_embeds_the_runs_pictures_and_metrics(tmp_path):
                           'generative/fid': [(50, 40.0), (100, 20.0)]})
   summary = {'step': 100, 'eval': {'nll': 1.25, 'accuracy': 0.5, 'bits_per_token': 1.8},
              'generative': {'fid': 20.0, 'class_accuracy': 0.9},
-             'generative_real': {'raw': {'fid': 30.0, 'class_accuracy': 0.95}},
+             'generative_real': {'real': {'fid': 30.0, 'class_accuracy': 0.95}},
              'train': {'loss': 1.0, 'steps_per_sec': 3.0}, 'samples': []}
   path = report.write_run_page(workdir, summary, title='a run', tokenizer_workdir=tok)
   assert path == os.path.join(workdir, 'summary.html')
@@ -87,7 +87,7 @@ def test_run_page_embeds_the_runs_pictures_and_metrics(tmp_path):
   np.testing.assert_array_equal(pictures[0], samples)
   np.testing.assert_array_equal(pictures[1], recon)
   assert page.count('<svg') == 2  # Loss curve, FID over steps.
-  for value in ('1.25', '20', '30', '0.95', 'a run'):
+  for value in ('1.25', '20', '30', '0.95', 'a run', 'held-out real images'):
     assert f'>{value}<' in page
   assert 'http' not in page.replace('http://www.w3.org/2000/svg', '')  # Nothing fetched.
 
