@@ -153,7 +153,8 @@ def _png_data(path: str) -> str:
     return 'data:image/png;base64,' + base64.b64encode(f.read()).decode('ascii')
 
 
-def _latest(pattern: str) -> str | None:
+def latest_file(pattern: str) -> str | None:
+  """The last match of a glob in name order (step_0001000.png after step_0000500.png), or None."""
   found = sorted(glob.glob(pattern))
   return found[-1] if found else None
 
@@ -260,7 +261,7 @@ def write_run_page(workdir: str, summary: Mapping[str, Any], *, title: str = '',
     parts += ['<h2>Training curves</h2>'] + [f'<div class="plot">{svg}</div>' for svg in curves]
   pictures = []
   samples = list(summary.get('samples') or [])
-  final = samples[-1] if samples else _latest(os.path.join(workdir, 'samples', 'step_*.png'))
+  final = samples[-1] if samples else latest_file(os.path.join(workdir, 'samples', 'step_*.png'))
   if final and os.path.exists(final):
     pictures.append(('Samples (one column per class)', final))
   reference = summary.get('reference') or os.path.join(workdir, 'samples',
@@ -269,7 +270,7 @@ def write_run_page(workdir: str, summary: Mapping[str, Any], *, title: str = '',
     pictures.append(('Held-out real images through the tokenizer (what perfect samples look like)',
                      reference))
   if tokenizer_workdir:
-    recon = _latest(os.path.join(tokenizer_workdir, 'reconstructions', 'step_*.png'))
+    recon = latest_file(os.path.join(tokenizer_workdir, 'reconstructions', 'step_*.png'))
     if recon:
       pictures.append(('Tokenizer: held-out originals (odd rows) over reconstructions', recon))
   for caption, path in pictures:

@@ -22,7 +22,6 @@ if __name__ == '__main__':  # Before TensorFlow loads (TensorBoard's reader impo
   _console.quiet_dependencies()
   _console.import_tensorflow()
 
-import glob  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 from typing import Any, Mapping, Sequence  # noqa: E402
@@ -50,11 +49,6 @@ def copy_png(src: str, dst: str) -> str:
   with Image.open(src) as im:
     im.save(dst, optimize=True)
   return dst
-
-
-def _latest(pattern: str) -> str | None:
-  found = sorted(glob.glob(pattern))
-  return found[-1] if found else None
 
 
 def last_values(scalars: Mapping[str, Sequence[tuple[int, float]]], prefix: str
@@ -104,10 +98,10 @@ def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str) -> 
   """Writes every figure whose source exists; returns the paths written."""
   written = []
   tokenizer = tokenizer or os.path.join(demo, 'tokenizer')
-  sources = (('demo_samples.png', _latest(os.path.join(demo, 'samples', 'step_*.png'))),
+  sources = (('demo_samples.png', report.latest_file(os.path.join(demo, 'samples', 'step_*.png'))),
              ('demo_reference.png', os.path.join(demo, 'samples', 'reference_real_tokenized.png')),
              ('tokenizer_reconstructions.png',
-              _latest(os.path.join(tokenizer, 'reconstructions', 'step_*.png'))))
+              report.latest_file(os.path.join(tokenizer, 'reconstructions', 'step_*.png'))))
   for name, src in sources:
     if src and os.path.exists(src):
       written.append(copy_png(src, os.path.join(out, name)))
