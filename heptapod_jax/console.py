@@ -136,6 +136,13 @@ def _orbax_read_only_notice(record: pylogging.LogRecord) -> bool:
   return not ('read_only=True' in msg or 'is read only' in msg)
 
 
+def _not_unretrieved_task(record: pylogging.LogRecord) -> bool:
+  """False for asyncio's 'Task exception was never retrieved' records: when a checkpoint save
+  fails (a full disk), Orbax leaves one per array, each with the tensorstore spec; the failure
+  itself is reported once, with its step, by the trainer. They stay in log.txt."""
+  return not (record.name == 'asyncio' and str(record.msg).startswith('Task exception was never'))
+
+
 def quiet_read_only_warnings() -> None:
   """Drops Orbax's warning on every read-only open of a checkpoint from absl's output (for
   notebooks and other callers that load runs without `setup`)."""
@@ -148,6 +155,29 @@ def _verbosity_asked() -> bool:
   from absl import flags  # pylint: disable=g-import-not-at-top
   fl = flags.FLAGS
   return any(name in fl and fl[name].present for name in ('verbosity', 'v'))
+
+
+class _LogFile(pylogging.FileHandler):
+  """log.txt. A record that cannot be written (a full disk) is dropped with one line on stderr
+  for the whole failing stretch, instead of logging's traceback for every record."""
+
+  def __init__(self, path: str):
+    super().__init__(path)
+    self._failing = self._error = False
+
+  def handleError(self, record: pylogging.LogRecord) -> None:
+    self._error = True
+    if not self._failing:
+      self._failing = True
+      sys.stderr.write(f'{self.baseFilename} cannot be written ({sys.exc_info()[1]}); its '
+                       'records are dropped until it can be written again.\n')
+
+  def emit(self, record: pylogging.LogRecord) -> None:
+    self._error = False
+    super().emit(record)
+    if self._failing and not self._error:
+      self._failing = False
+      sys.stderr.write(f'{self.baseFilename} is written again.\n')
 
 
 def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = None,
@@ -166,6 +196,8 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
   quiet_read_only_warnings()
   if quiet:
     absl_handler.setLevel(pylogging.WARNING)
+    if _not_unretrieved_task not in absl_handler.filters:
+      absl_handler.addFilter(_not_unretrieved_task)
   root = pylogging.getLogger()
   if hold or (workdir and '://' not in workdir):  # A file will take every INFO record.
     if root.level == pylogging.NOTSET or root.level > pylogging.INFO:
@@ -196,7 +228,7 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
     for old in [h for h in root.handlers if getattr(h, '_heptapod_log', False)]:
       root.removeHandler(old)
       old.close()
-    handler = pylogging.FileHandler(path)
+    handler = _LogFile(path)
     handler._heptapod_log = True  # pylint: disable=protected-access
     handler.setLevel(pylogging.INFO)
     handler.setFormatter(logging.PythonFormatter())
@@ -240,6 +272,23 @@ def say(message: str) -> None:
   logging.info('%s', message)
   if _printing():
     _write(message)
+
+
+def error(text: str, *, terminal: bool = True) -> None:
+  """An error a person must read, from any process: the plain text on stderr (each process has
+  its own terminal or log stream; not with terminal=False) and an ERROR record in the log file.
+  Without `setup`'s quiet terminal, an absl error record as usual."""
+  if not _STATE['quiet']:
+    logging.error('%s', text)
+    return
+  record = pylogging.LogRecord('absl', pylogging.ERROR, __file__, 0, '%s', (text,), None)
+  for handler in pylogging.getLogger().handlers:
+    if getattr(handler, '_heptapod_log', False):
+      handler.handle(record)
+      handler.flush()
+  if terminal:
+    sys.stderr.write('\n' + text + '\n')
+    sys.stderr.flush()
 
 
 def stage(title: str) -> None:

@@ -26,7 +26,7 @@ if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up noti
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from heptapod_jax import config_lib, console  # noqa: E402
+from heptapod_jax import config_lib, console, liveness  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:options]).',
                                           lock_config=True)
@@ -70,22 +70,45 @@ def main(argv):
   tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
 
   import jax
+  config = _CONFIG.value
   if _DISTRIBUTED.value == 'on' or (_DISTRIBUTED.value == 'auto' and _multihost_environment()):
+    config_lib.validate_distributed(config)
     kwargs = {k: v for k, v in (('coordinator_address', _COORDINATOR.value),
                                 ('num_processes', _NUM_PROCESSES.value),
                                 ('process_id', _PROCESS_ID.value)) if v is not None}
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(
+        heartbeat_timeout_seconds=int(config.distributed.heartbeat_timeout_s), **kwargs)
   log_path = console.setup(_WORKDIR.value, process_index=jax.process_index())
   logging.info('JAX process %d of %d, %d local / %d global devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
+  if log_path:
+    logging.info('Full log of this run: %s', log_path)
+  _report_previous_failure(_WORKDIR.value, jax.process_index())
+  with liveness.watch(liveness.PeerWatchdog.for_job(config.distributed, _WORKDIR.value)):
+    _run(config)
 
-  config = _CONFIG.value
+
+def _report_previous_failure(workdir: str, process_index: int) -> None:
+  """A last word left by the previous run (liveness.py): logged, then moved into the log."""
+  path = liveness.failure_file(workdir, process_index)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    text = f.read().strip()
+  logging.warning('The previous run of this workdir ended with:\n%s', text)
+  if process_index == 0:
+    console.say(f'Resuming after a lost process (previous run: {text.splitlines()[0]})')
+  if console.log_path():  # Its text is in log.txt now; without a log file it stays.
+    os.remove(path)
+
+
+def _run(config) -> None:
+  """The job of --mode for the config's trainer."""
   if _MODE.value == 'sample' and config.trainer != 'ar':
     raise app.UsageError(f'--mode=sample needs an AR config (config.trainer=ar), got '
                          f'config.trainer={config.trainer!r}.')
-  if log_path:
-    logging.info('Full log of this run: %s', log_path)
+  import jax
   if config.trainer == 'tokenizer':
     from heptapod_jax import train_tokenizer
     console.stage(_title(config))

@@ -145,8 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tcfg = config.train
   if trainer.is_chief:
     trainlib.write_config(config, workdir)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not trainer.is_chief,
-                                                asynchronous=True)
+  writer = trainlib.TolerantWriter(lambda: metric_writers.create_default_writer(
+      workdir, just_logging=not trainer.is_chief, asynchronous=True), workdir)
   summary: dict[str, Any] = {'workdir': workdir, 'samples': [], 'history': []}
   # Before the mesh is installed: on CPU this times a matmul on one device.
   throughput = trainlib.Throughput(trainer.model_config, tcfg.global_batch_size, tcfg.peak_tflops)
@@ -326,7 +326,7 @@ def _at_end(loop: _Loop, state: TrainState, step: int) -> None:
     summary['generative_real'] = real
   if ecfg.features and loop.evaluator.cache_info().currsize:
     summary['generative_info'] = loop.evaluator().info
-  loop.saver.finish(step)
+  loop.saver.finish(step, final=True)
 
 
 def _eval_params(trainer: Trainer, state: TrainState) -> Any:

@@ -73,7 +73,8 @@ class TokenizerTrainer:
                        f'divisible by the {dp} data-parallel shards of mesh {dict(self.mesh.shape)}.')
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.num_steps)
     self.disc_tx, _ = optim.make_optimizer(config.disc_optim, config.train.num_steps)
-    self.lpips = lpips_lib.LPIPSLoss(config.loss.lpips_path or None) if (
+    self.lpips = lpips_lib.LPIPSLoss(
+        config.loss.lpips_path or None, allow_pickle=config.loss.lpips_allow_pickle) if (
         config.loss.perceptual_weight > 0) else None
     self.batch_shardings = {'image': sharding.batch_sharding(self.mesh, self.rules, 4),
                             'label': sharding.batch_sharding(self.mesh, self.rules, 1),
@@ -296,8 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tcfg = config.train
   if trainer.is_chief:
     trainlib.write_config(config, workdir)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not trainer.is_chief,
-                                                asynchronous=True)
+  writer = trainlib.TolerantWriter(lambda: metric_writers.create_default_writer(
+      workdir, just_logging=not trainer.is_chief, asynchronous=True), workdir)
   summary: dict[str, Any] = {'workdir': workdir, 'history': []}
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
     shardings = trainer.state_shardings()
@@ -325,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       summary['step'] = step
       summary['eval'] = _evaluate(trainer, state, writer, step)
       summary['reconstructions'] = _write_reconstructions(trainer, state, writer, step)
-      loop.saver.finish(step)
+      loop.saver.finish(step, final=True)
       checkpointer.close()
       summary['export'] = _export(trainer, state, step)
     else:

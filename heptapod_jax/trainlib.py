@@ -14,7 +14,7 @@ from absl import logging
 from clu import periodic_actions
 
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import console
+from heptapod_jax import console, liveness
 
 Array = jax.Array
 
@@ -186,9 +186,11 @@ class TolerantSaver:
     except Exception as e:  # pylint: disable=broad-except  (disk full, permissions, remote FS)
       self.failures_in_a_row += 1
       self.total_failures += 1
-      logging.error('Checkpoint save at step %d in %s failed (%d in a row; the run stops at %d): '
-                    '%s: %s', step, self.checkpointer.directory, self.failures_in_a_row,
-                    self.max_failures, type(e).__name__, e)
+      free = ckpt_lib.describe_free_space(self.checkpointer.directory)
+      free = f' [{free}]' if free else ''
+      logging.error('Checkpoint save at step %d in %s%s failed (%d in a row; the run stops at %d): '
+                    '%s', step, self.checkpointer.directory, free, self.failures_in_a_row,
+                    self.max_failures, ckpt_lib.describe_error(e))
       if self.failures_in_a_row >= self.max_failures:
         try:  # Let the saves still in flight finish: the intact checkpoints are what is left.
           self.checkpointer.wait_until_finished()
@@ -196,7 +198,7 @@ class TolerantSaver:
           pass
         raise CheckpointSaveError(
             f'{self.failures_in_a_row} checkpoint saves in a row failed, the last at step {step} '
-            f'in {self.checkpointer.directory} ({type(e).__name__}: {e}); stopping '
+            f'in {self.checkpointer.directory}{free} ({ckpt_lib.describe_error(e)}); stopping '
             f'(config.train.max_save_failures={self.max_failures}). Latest intact checkpoint: '
             f'{self.last_saved}.') from e
       return False
@@ -216,13 +218,76 @@ class TolerantSaver:
                     where if self.last_saved == step else f'none at this step (latest: {where})')
     return {'step': step, 'preempted': cause, 'checkpoint': where}
 
-  def finish(self, step: int) -> None:
-    """Waits for pending async saves; a failure here is fatal (nothing else will retry it)."""
+  def finish(self, step: int, final: bool = False) -> None:
+    """Waits for pending async saves; a failure here is fatal (nothing else will retry it).
+    With `final`, the run's last step must be saved: a run never ends "done" without it."""
+    free = ckpt_lib.describe_free_space(self.checkpointer.directory)
+    free = f' [{free}]' if free else ''
     try:
       self.checkpointer.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointSaveError(f'the checkpoint save pending at step {step} in '
-                                f'{self.checkpointer.directory} failed: {type(e).__name__}: {e}') from e
+                                f'{self.checkpointer.directory}{free} failed: '
+                                f'{ckpt_lib.describe_error(e)}. Newest intact checkpoint: '
+                                f'{self.checkpointer.latest_step()}; run the same command again '
+                                'to resume from it.') from e
+    if final and step not in self.checkpointer.all_steps():
+      raise CheckpointSaveError(
+          f'the final checkpoint (step {step}) could not be saved in '
+          f'{self.checkpointer.directory}{free}; newest intact checkpoint: '
+          f'{self.checkpointer.latest_step()}. Make room, then run the same command again: it '
+          'resumes from there and repeats the steps after it.')
+
+
+class TolerantWriter:
+  """A clu metric writer whose failures (a full disk, a flaky remote filesystem) are logged and
+  skipped instead of ending the run: metrics are not state, checkpoints are. After a failure
+  the broken writer is dropped and a new one is made at most every `retry_s` seconds (a new
+  events file), so metrics come back once the disk does; the steps in between are missing
+  from TensorBoard, and the log says which.
+
+    writer = TolerantWriter(lambda: metric_writers.create_default_writer(workdir, ...), workdir)
+  """
+
+  def __init__(self, make, workdir: str, retry_s: float = 60.0, clock=time.monotonic):
+    self._make, self._workdir, self._retry_s, self._clock = make, workdir, retry_s, clock
+    self._writer = make()
+    self._failed_at: float | None = None
+    self.failures = 0
+
+  def _call(self, name: str, *args, **kwargs) -> None:
+    if self._writer is None:
+      if self._clock() - self._failed_at < self._retry_s:
+        self.failures += 1
+        return
+      try:
+        self._writer = self._make()
+      except Exception:  # pylint: disable=broad-except
+        self._failed_at = self._clock()
+        self.failures += 1
+        return
+      logging.warning('Metrics are written to %s again (%d writes were dropped).',
+                      self._workdir, self.failures)
+    try:
+      getattr(self._writer, name)(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      self.failures += 1
+      step = args[0] if args and isinstance(args[0], (int, np.integer)) else kwargs.get('step')
+      free = ckpt_lib.describe_free_space(self._workdir)
+      logging.error('Metrics could not be written to %s%s (%s%s); the run goes on without '
+                    'them and retries in %.0f s.', self._workdir, f' [{free}]' if free else '',
+                    ckpt_lib.describe_error(e), f', at step {step}' if step is not None else '',
+                    self._retry_s)
+      broken, self._writer, self._failed_at = self._writer, None, self._clock()
+      try:
+        broken.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+
+  def __getattr__(self, name: str):
+    if name.startswith('write_') or name in ('flush', 'close'):
+      return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+    raise AttributeError(name)
 
 
 class Throughput:
@@ -312,6 +377,7 @@ class TrainLoop:
     self.unchecked = metrics
     self.pending.append(metrics)
     self.report(step)
+    liveness.note_step(step)
     preempted = self.stop.requested or self.checkpointer.reached_preemption(step)
     if step % tcfg.log_every == 0 or step == tcfg.num_steps or preempted:
       self.check(metrics, step)

@@ -46,6 +46,9 @@ LAYERS = (
     ('heptapod_jax.sample', TRAINING, 'sample mode and its CLI do not need the trainer'),
     ('heptapod_jax.evaluators', TRAINING + SAMPLE_CLI,
      'evaluation needs neither the trainer nor the CLI'),
+    ('heptapod_jax.liveness', TRAINING + CHECKPOINTS + SAMPLE_CLI + ('heptapod_jax.data',),
+     'the watchdog may run while a peer is dead: it lists files, never calls Orbax or JAX '
+     'collectives'),
 )
 
 

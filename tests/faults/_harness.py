@@ -2,6 +2,7 @@
 flags (for child processes killed and restarted) and as a ConfigDict (for in-process
 reference runs), and helpers to drive a child process and compare checkpoints."""
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -56,8 +57,9 @@ def flags(steps: int, workdir, data_dir: str, **extra) -> list[str]:
 class Child:
   """`tests/faults/runner.py` in a child process with 8 CPU devices; stdout read by line."""
 
-  def __init__(self, argv: list[str], runner_args: tuple[str, ...] = (), log_path=None):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  def __init__(self, argv: list[str], runner_args: tuple[str, ...] = (), log_path=None,
+               devices: int = 8):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
                JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT,
                PYTHONUNBUFFERED='1')
     self.stderr_path = log_path
@@ -96,6 +98,24 @@ class Child:
     if not self.stderr_path or not os.path.exists(self.stderr_path):
       return ''
     return open(self.stderr_path).read()[-4000:]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def job(argv: list[str], processes: int = 2, runner_args: tuple[str, ...] = (),
+        log_dir=None) -> list[Child]:
+  """One run as `processes` real processes joined by jax.distributed (gloo collectives on the
+  CPU), 8 // processes devices each: the same 8-device mesh as a one-process Child."""
+  port = free_port()
+  return [Child([*argv, '--distributed=on', f'--coordinator_address=127.0.0.1:{port}',
+                 f'--num_processes={processes}', f'--process_id={pid}'], runner_args,
+                log_path=os.path.join(log_dir, f'process{pid}.stderr') if log_dir else None,
+                devices=8 // processes)
+          for pid in range(processes)]
 
 
 def saved_steps(workdir) -> list[int]:

