@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from typing import Any, Mapping, NamedTuple
 
@@ -221,24 +220,6 @@ def describe_error(error: BaseException) -> str:
   if len(text) > 300:
     text = text[:300] + '...'
   return f'{type(error).__name__}: {text}' if text else type(error).__name__
-
-
-def describe_free_space(path: Any) -> str:
-  """'0.4 MB free of 32.0 MB' on the filesystem holding `path` (or its nearest existing
-  parent); '' for a remote path (gs://...) or when it cannot be read."""
-  path = os.fspath(path)
-  if '://' in path:
-    return ''
-  while path and not os.path.exists(path):
-    parent = os.path.dirname(path)
-    if parent == path:
-      break
-    path = parent
-  try:
-    usage = shutil.disk_usage(path or '.')
-  except OSError:
-    return ''
-  return f'{usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB'
 
 
 def is_environment_error(error: BaseException) -> bool:

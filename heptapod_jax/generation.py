@@ -11,11 +11,14 @@ or for chosen classes (the sampling command line and the notebooks).
 start_index=, pad_to=)`. Sample i has class i mod C and its own key from (seed, i), so chunks of
 `chunk_size` are independent: each is one call and, with `out_dir`, one file
 `<out_dir>/chunks/chunk_<start>_<end>.npz` written atomically by process 0. A rerun skips the
-chunks on disk (damaged ones are made again) and `<out_dir>/manifest.json` refuses to mix
-chunks made with other settings.
+chunks on disk and `<out_dir>/manifest.json` refuses to mix chunks made with other settings. A
+chunk that does not read back whole (truncated, a zip checksum mismatch) or holds other than
+the uint8 images of its range's class-balanced labels is never used: it is moved aside to
+`<name>.bad-<UTC time>`, with a warning naming it and what is wrong, and made again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -26,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from heptapod_jax import console
+from heptapod_jax import artifacts, console
 
 MANIFEST = 'manifest.json'
 # Settings that change the pixels: a resumed run must agree on all of them.
@@ -48,42 +51,101 @@ def _chunk_path(out_dir: str, start: int, end: int) -> str:
   return os.path.join(out_dir, 'chunks', f'chunk_{start:08d}_{end:08d}.npz')
 
 
-def _load_chunk(path: str, count: int, image_size: int) -> tuple[np.ndarray, np.ndarray] | None:
-  """A finished chunk, or None when missing or damaged (then it is made again)."""
+def _load_chunk(path: str, start: int, labels: np.ndarray, image_size: int) -> np.ndarray | None:
+  """The images of a finished chunk of samples [start, start + len(labels)), or None when it
+  is missing or damaged (then it is made again).
+
+  A chunk that does not read back whole (truncated, a checksum mismatch: `artifacts.read_npz`)
+  or holds other than uint8[n, S, S, 3] images of exactly the class-balanced `labels` of its
+  range is never used: the warning names it and what is wrong, and process 0 moves it aside
+  to `<name>.bad-<UTC time>` (kept for inspection) so that the new chunk does not overwrite it.
+  """
   if not os.path.exists(path):
     return None
   try:
-    with np.load(path) as f:
-      imgs, labels = f['images'], f['labels']
-  except Exception as e:  # noqa: BLE001  A torn or foreign file: redo that chunk.
-    logging.warning('Chunk %s is unreadable (%s); generating it again.', path, e)
+    found = artifacts.read_npz(path, ('images', 'labels'), path)
+  except FileNotFoundError:  # Moved aside by process 0 since: damaged.
     return None
-  if imgs.shape != (count, image_size, image_size, 3) or imgs.dtype != np.uint8:
-    logging.warning('Chunk %s holds %s %s, expected %s uint8; generating it again.', path,
-                    imgs.shape, imgs.dtype, (count, image_size, image_size, 3))
+  except artifacts.DamagedFileError as e:
+    return _set_chunk_aside(path, str(e))
+  imgs, got = found['images'], found['labels']
+  want = (len(labels), image_size, image_size, 3)
+  if imgs.shape != want or imgs.dtype != np.uint8:
+    return _set_chunk_aside(path, f'{path} holds images {imgs.dtype}{list(imgs.shape)}, '
+                                  f'expected uint8{list(want)}')
+  if got.shape != labels.shape or got.dtype.kind not in 'iu' or (got != labels).any():
+    where = ''
+    if got.shape == labels.shape and got.dtype.kind in 'iu':
+      i = int(np.flatnonzero(got != labels)[0])
+      where = f': sample {start + i} has class {got[i]} instead of {labels[i]}'
+    return _set_chunk_aside(
+        path, f'{path} holds labels {got.dtype}{list(got.shape)} that are not the class-balanced '
+              f'labels int32[{len(labels)}] of samples [{start}, {start + len(labels)}){where}')
+  return imgs
+
+
+def _set_chunk_aside(path: str, problem: str) -> None:
+  """Logs why a chunk is not used and (process 0) renames it to `<path>.bad-<UTC time>`."""
+  if jax.process_index() != 0:  # One file system for all hosts: process 0 moves it.
+    logging.warning('%s; generating the chunk again.', problem)
     return None
-  return imgs, labels
+  try:
+    aside = artifacts.move_aside(path)
+  except OSError as e:
+    raise OSError(f'{problem}; could not move it aside ({e}), and generating it again would '
+                  'overwrite it: move it away by hand and rerun') from e
+  logging.warning('%s; moved it aside to %s (kept for inspection, delete it when no longer '
+                  'needed), generating the chunk again.', problem, aside)
+  return None
 
 
 def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
   """np.savez to `path` through a temporary file and a rename: never a torn file."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  except OSError as e:  # A full disk: no torn file left, the error names the file and space.
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise artifacts.write_error(path, e) from e
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+  """An existing manifest; DamagedFileError naming it when it is not a JSON object."""
+  advice = ('the samples beside it cannot be checked against this run: use another '
+            'config.sample.out_dir, or delete it when sure that they are of this run')
+  with open(path) as f:
+    text = f.read()
+  try:
+    old = json.loads(text)
+  except ValueError as e:
+    raise artifacts.DamagedFileError(f'{path} is not valid JSON ({e}); {advice}') from e
+  if not isinstance(old, dict):
+    raise artifacts.DamagedFileError(f'{path} holds a JSON {type(old).__name__}, not an object; '
+                                     f'{advice}')
+  return old
 
 
 def _check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
+  """Writes `<out_dir>/manifest.json`, or checks this run's settings against an existing one.
+
+  Raises:
+    ValueError naming the manifest, the first differing field (dotted, e.g. `model.num_layers`)
+    and both values; artifacts.DamagedFileError when the manifest is not a JSON object.
+  """
   path = os.path.join(out_dir, MANIFEST)
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    old = _read_manifest(path)
     for key in _MANIFEST_FIELDS:
-      if old.get(key) != manifest.get(key):
+      field = artifacts.first_difference(old.get(key), manifest.get(key), key)
+      if field:
         raise ValueError(
-            f'{out_dir} holds samples made with {key}={old.get(key)!r}, this run has '
-            f'{key}={manifest.get(key)!r}; use another config.sample.out_dir (or delete that one) '
-            'instead of mixing them.')
+            f'{path}: the samples in {out_dir} were made with '
+            f'{field}={artifacts.lookup(old, field)!r}, this run has '
+            f'{field}={artifacts.lookup(manifest, field)!r}; use another config.sample.out_dir '
+            '(or delete that one) instead of mixing them.')
   elif jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     with open(path + '.tmp', 'w') as f:
@@ -116,9 +178,7 @@ def generate(sampler: Any, params: Any, *, num_samples: int, seed: int, chunk_si
   chunks: list[np.ndarray | None] = [None] * len(bounds)
   if out_dir is not None:
     for i, (s, e) in enumerate(bounds):
-      found = _load_chunk(_chunk_path(out_dir, s, e), e - s, size)
-      if found is not None:
-        chunks[i] = found[0]
+      chunks[i] = _load_chunk(_chunk_path(out_dir, s, e), s, labels[s:e], size)
     if jax.process_count() > 1:  # Every host must agree on what is left to do.
       from jax.experimental import multihost_utils
       have = multihost_utils.broadcast_one_to_all(np.array([c is not None for c in chunks]))

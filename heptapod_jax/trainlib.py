@@ -13,8 +13,8 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
+from heptapod_jax import artifacts, console, liveness
 from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import console, liveness
 
 Array = jax.Array
 
@@ -186,7 +186,7 @@ class TolerantSaver:
     except Exception as e:  # pylint: disable=broad-except  (disk full, permissions, remote FS)
       self.failures_in_a_row += 1
       self.total_failures += 1
-      free = ckpt_lib.describe_free_space(self.checkpointer.directory)
+      free = artifacts.describe_free_space(self.checkpointer.directory)
       free = f' [{free}]' if free else ''
       logging.error('Checkpoint save at step %d in %s%s failed (%d in a row; the run stops at %d): '
                     '%s', step, self.checkpointer.directory, free, self.failures_in_a_row,
@@ -221,7 +221,7 @@ class TolerantSaver:
   def finish(self, step: int, final: bool = False) -> None:
     """Waits for pending async saves; a failure here is fatal (nothing else will retry it).
     With `final`, the run's last step must be saved: a run never ends "done" without it."""
-    free = ckpt_lib.describe_free_space(self.checkpointer.directory)
+    free = artifacts.describe_free_space(self.checkpointer.directory)
     free = f' [{free}]' if free else ''
     try:
       self.checkpointer.wait_until_finished()
@@ -273,7 +273,7 @@ class TolerantWriter:
     except Exception as e:  # pylint: disable=broad-except
       self.failures += 1
       step = args[0] if args and isinstance(args[0], (int, np.integer)) else kwargs.get('step')
-      free = ckpt_lib.describe_free_space(self._workdir)
+      free = artifacts.describe_free_space(self._workdir)
       logging.error('Metrics could not be written to %s%s (%s%s); the run goes on without '
                     'them and retries in %.0f s.', self._workdir, f' [{free}]' if free else '',
                     ckpt_lib.describe_error(e), f', at step {step}' if step is not None else '',

@@ -25,6 +25,14 @@ File format of a directory DIR:
                     order, see input_pipeline) of each row, increasing
       header        str, JSON of the HEADER_FIELDS of the run that wrote it
 
+Integrity: a shard is read back whole or refused. Every member read is read to its end, so
+the zip CRC-32 its writer recorded is checked (np.load alone stops where the .npy header says
+the array ends, and a member never read is never checked); a truncated or damaged shard raises
+`artifacts.DamagedFileError` naming it and what is wrong. The reader also checks each shard's
+header against metadata.json and its rows against its range; a rerun of tokenize_dataset reads
+every existing shard through (`check_shard`), moves a damaged one aside to
+`codes-SSSSS.npz.bad-<UTC time>` with a warning and encodes it again.
+
 Shard s covers source examples [s * shard_size, min((s + 1) * shard_size,
 num_examples)) in source order (not shuffled). Examples whose image cannot be
 decoded are left out, as the image pipeline drops them: n can be smaller than
@@ -72,6 +80,8 @@ import ml_dtypes
 import numpy as np
 import tensorflow as tf
 
+from heptapod_jax import artifacts
+from heptapod_jax.artifacts import first_difference, lookup
 from heptapod_jax.data import record_order, schema, sources
 
 FORMAT_VERSION = 1
@@ -209,50 +219,34 @@ def make_header(*, source: str, split: str, num_examples: int, num_classes: int,
                     'dtype': codes_dtype(vocab_size).name, **tail})
 
 
-def _first_difference(got: Any, want: Any, path: str) -> str | None:
-  """Dotted path of the first field where `got` differs from `want`, or None."""
-  if isinstance(got, dict) and isinstance(want, dict):
-    for key in list(want) + [k for k in got if k not in want]:
-      if key not in got or key not in want:
-        return f'{path}.{key}' if path else key
-      found = _first_difference(got[key], want[key], f'{path}.{key}' if path else key)
-      if found:
-        return found
-    return None
-  return None if got == want else path
-
-
-def check_header(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+def check_header(found: dict[str, Any], expected: dict[str, Any], where: str, *,
+                 theirs: str = 'this run has',
+                 advice: str = ('use another output directory (or delete that one) to tokenize '
+                                'with other settings')) -> None:
   """Raises ValueError naming the first header field where `found` differs.
 
   Args:
     found: metadata read from `where` (may hold more than the header).
-    expected: `make_header` of this run.
+    expected: `make_header` of this run (or the header fields of the metadata.json a shard
+      is read under).
     where: file the metadata came from, for the message.
+    theirs: who holds `expected`, for the message ('this run has', '<metadata.json> says').
+    advice: what to do instead, for the message.
   """
   if found.get('payload') != expected['payload']:
     # Codes and moments never mix: say so before any field the two headers do not share.
-    kind = lambda header: _lookup(header, 'tokenizer.kind')  # noqa: E731
+    kind = lambda header: lookup(header, 'tokenizer.kind')  # noqa: E731
     raise ValueError(
         f'{where} was written with payload={found.get("payload")!r} '
-        f'(tokenizer.kind={kind(found)!r}) but this run has payload={expected["payload"]!r} '
+        f'(tokenizer.kind={kind(found)!r}) but {theirs} payload={expected["payload"]!r} '
         f'(tokenizer.kind={kind(expected)!r}); use another output directory to tokenize with '
         'another kind of tokenizer')
   found = {k: found.get(k) for k in header_fields(expected['payload'])}
-  field = _first_difference(found, expected, '')
+  field = first_difference(found, expected, '')
   if field:
     raise ValueError(
-        f'{where} was written with {field}={_lookup(found, field)!r} but this run has '
-        f'{field}={_lookup(expected, field)!r}; use another output directory (or delete that '
-        'one) to tokenize with other settings')
-
-
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-  for key in dotted.split('.'):
-    if not isinstance(tree, dict) or key not in tree:
-      return '<missing>'
-    tree = tree[key]
-  return tree
+        f'{where} was written with {field}={lookup(found, field)!r} but {theirs} '
+        f'{field}={lookup(expected, field)!r}; {advice}')
 
 
 def write_json_atomic(path: str, value: dict[str, Any]) -> None:
@@ -264,12 +258,26 @@ def write_json_atomic(path: str, value: dict[str, Any]) -> None:
 
 
 def read_metadata(directory: str) -> dict[str, Any] | None:
-  """DIR/metadata.json, or None when it does not exist (yet)."""
+  """DIR/metadata.json, or None when it does not exist (yet).
+
+  Raises:
+    artifacts.DamagedFileError naming the file when it is not a JSON object (torn, edited).
+  """
   path = os.path.join(directory, METADATA_FILE)
   if not tf.io.gfile.exists(path):
     return None
   with tf.io.gfile.GFile(path, 'r') as f:
-    return json.loads(f.read())
+    text = f.read()
+  advice = (f'delete it and rerun tokenize_dataset on {directory}: it checks every shard and '
+            'writes it again')
+  try:
+    metadata = json.loads(text)
+  except ValueError as e:
+    raise artifacts.DamagedFileError(f'{path} is not valid JSON ({e}); {advice}') from e
+  if not isinstance(metadata, dict):
+    raise artifacts.DamagedFileError(
+        f'{path} holds a JSON {type(metadata).__name__}, not an object; {advice}')
+  return metadata
 
 
 def save_shard(path: str, *, labels: np.ndarray, source_index: np.ndarray,
@@ -297,28 +305,65 @@ def save_shard(path: str, *, labels: np.ndarray, source_index: np.ndarray,
            source_index=source_index.astype(np.int64),
            header=np.array(json.dumps(header, sort_keys=True)))
   tmp = path + '.tmp'
-  with tf.io.gfile.GFile(tmp, 'wb') as f:
-    f.write(buffer.getvalue())
-  # A shard under its final name is complete: a crash leaves only the .tmp.
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  try:
+    with tf.io.gfile.GFile(tmp, 'wb') as f:
+      f.write(buffer.getvalue())
+    # A shard under its final name is complete: a crash leaves only the .tmp.
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  except (OSError, tf.errors.OpError) as e:  # A full disk: the error names the shard and space.
+    try:
+      tf.io.gfile.remove(tmp)
+    except (OSError, tf.errors.OpError):
+      pass
+    raise artifacts.write_error(path, e) from e
 
 
 def load_shard(path: str, keys: tuple[str, ...] = ('codes', 'labels', 'source_index')
                ) -> dict[str, Any]:
   """Reads the named arrays of a shard ('header' comes back as a dict).
 
-  'moments' stored as bfloat16 bits (uint16) comes back as ml_dtypes' bfloat16.
+  Each member asked for is read to its end, so that its zip CRC-32 is checked (np.load stops
+  where the .npy header says, unchecked); the others are not read: a header check does not
+  read the codes. 'moments' stored as bfloat16 bits (uint16) comes back as ml_dtypes' bfloat16.
+
+  Raises:
+    artifacts.DamagedFileError naming the shard and what is wrong (truncated, checksum
+    mismatch in member X, a header that is not JSON).
   """
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    # np.load reads only the members asked for; GFile seeks, so a header check
-    # does not read the codes.
-    with np.load(f) as data:
-      out = {k: data[k] for k in keys}
+  with tf.io.gfile.GFile(path, 'rb') as f:  # GFile seeks: members are read where they are.
+    out: dict[str, Any] = artifacts.read_npz(f, keys, path)
   if 'header' in out:
-    out['header'] = json.loads(str(out['header']))
+    try:
+      out['header'] = json.loads(str(out['header']))
+    except ValueError as e:
+      raise artifacts.DamagedFileError(f'{path}: member header.npy is not JSON ({e})') from e
+    if not isinstance(out['header'], dict):
+      raise artifacts.DamagedFileError(f'{path}: member header.npy holds a JSON '
+                                       f'{type(out["header"]).__name__}, not an object')
   if 'moments' in out and out['moments'].dtype == np.uint16:
     out['moments'] = out['moments'].view(ml_dtypes.bfloat16)
   return out
+
+
+def check_shard(path: str) -> dict[str, Any]:
+  """Reads every member of a shard to its end (each zip CRC-32 checked); its header.
+
+  What a rerun of tokenize_dataset does before it skips a shard written before: the header
+  alone would not notice damage to the payload.
+
+  Raises:
+    artifacts.DamagedFileError as `load_shard`.
+  """
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    artifacts.check_npz(f, path)
+  return load_shard(path, ('header',))['header']
+
+
+def move_shard_aside(path: str) -> str:
+  """Renames a damaged shard to `<path>.bad-<UTC time>` (kept, never overwritten); the new path."""
+  return artifacts.move_aside(
+      path, exists=tf.io.gfile.exists,
+      rename=lambda src, dest: tf.io.gfile.rename(src, dest, overwrite=False))
 
 
 def check_data_config(metadata: dict[str, Any], data_config: Any, directory: str) -> None:
@@ -332,12 +377,13 @@ def check_data_config(metadata: dict[str, Any], data_config: Any, directory: str
            ('augment', 'augment'))
   for field, key in pairs:
     value = sources.source_id(data_config) if field == 'source' else getattr(data_config, field)
-    if value != metadata[key]:
+    held = metadata.get(key, '<missing>')
+    if value != held:
       hint = ''
       if field == 'augment':
         sets = [k for k, v in VARIANT_SETS.items() if v == value]
         hint = f' (tokenize with --variants={sets[0]})' if sets else ''
-      raise ValueError(f'data.{field}={value!r} but {where} holds {key}={metadata[key]!r}{hint}')
+      raise ValueError(f'data.{field}={value!r} but {where} holds {key}={held!r}{hint}')
   if metadata.get('payload') not in PAYLOADS:
     raise NotImplementedError(f'{where}: payload {metadata.get("payload")!r}; this reader '
                               f'reads {list(PAYLOADS)}')
@@ -364,15 +410,15 @@ def check_tokenizer(metadata: dict[str, Any], tokenizer_config: Any,
   if payload != payload_of(kind):
     raise ValueError(
         f'config.tokenizer.kind={kind!r} but the pre-tokenized data was made with '
-        f'tokenizer.kind={_lookup(metadata, "tokenizer.kind")!r} (payload={payload!r}; kind '
+        f'tokenizer.kind={lookup(metadata, "tokenizer.kind")!r} (payload={payload!r}; kind '
         f'{kind!r} trains on payload {payload_of(kind)!r}); tokenize with this tokenizer')
   theirs = {'tokenizer': dict(metadata['tokenizer'])}
   recorded = theirs['tokenizer'].pop('weights_sha256', None)
   ours = {'tokenizer': header_tokenizer(tokenizer_config, payload)}
-  field = _first_difference(theirs, ours, '')
+  field = first_difference(theirs, ours, '')
   if field:
-    raise ValueError(f'config.{field}={_lookup(ours, field)!r} but the pre-tokenized data was '
-                     f'made with {field}={_lookup(theirs, field)!r}')
+    raise ValueError(f'config.{field}={lookup(ours, field)!r} but the pre-tokenized data was '
+                     f'made with {field}={lookup(theirs, field)!r}')
   if weights_sha256 is not None and recorded is None:
     logging.warning('The pre-tokenized data records no tokenizer weights fingerprint (written '
                     'by an earlier version): it cannot be checked against the weights at '
@@ -380,7 +426,7 @@ def check_tokenizer(metadata: dict[str, Any], tokenizer_config: Any,
   elif weights_sha256 is not None and recorded != weights_sha256:
     raise ValueError(
         f'the pre-tokenized data was made with other tokenizer weights than those at '
-        f'config.tokenizer.checkpoint={_lookup(ours, "tokenizer.checkpoint")!r} (weights sha256 '
+        f'config.tokenizer.checkpoint={lookup(ours, "tokenizer.checkpoint")!r} (weights sha256 '
         f'{recorded[:12]}... there, {weights_sha256[:12]}... here: retrained since?); tokenize '
         'again into a fresh directory')
 
@@ -451,15 +497,43 @@ class TokenizedTrainIterator:
     return {'position': self._position, 'num_skipped': self._position - self._num_emitted}
 
 
+def _check_rows(path: str, data: dict[str, Any], payload: str, first: int, end: int,
+                num_classes: int) -> None:
+  """The rows of a shard read back: one per kept example of [first, end), in source order.
+
+  Raises:
+    artifacts.DamagedFileError naming the shard and the first inconsistency.
+  """
+  n = len(data[payload])
+  lengths = {k: len(data[k]) for k in ('labels', 'source_index')}
+  if any(length != n for length in lengths.values()):
+    raise artifacts.DamagedFileError(f'{path}: {n} rows of {payload} but {lengths}')
+  index = data['source_index']
+  if n and (index[0] < first or index[-1] >= end or (np.diff(index) <= 0).any()):
+    raise artifacts.DamagedFileError(
+        f'{path}: source_index is not increasing within the shard\'s examples [{first}, {end}) '
+        f'(it runs from {index[0]} to {index[-1]})')
+  labels = data['labels']
+  if n and (labels.min() < 0 or labels.max() >= num_classes):
+    raise artifacts.DamagedFileError(f'{path}: labels in [{labels.min()}, {labels.max()}], '
+                                     f'outside the num_classes={num_classes} classes')
+
+
 def _load_slice(directory: str, metadata: dict[str, Any], start: int, end: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source examples [start, end): (codes[k, V, h, w], labels int32[k], row_of int64[end - start]).
 
   (Payload 'moments': moments[k, V, h, w, 2, C] in place of the codes.)
   row_of[i] is the row of source example start + i, or -1 when it was left out.
+
+  Every shard is refused, naming it, unless it reads back whole (each member's zip CRC-32),
+  its header agrees with metadata.json's and its rows are those of its range: a damaged or
+  foreign shard never reaches training.
   """
   shard_size = int(metadata['shard_size'])
   payload = metadata['payload']
+  where = os.path.join(directory, METADATA_FILE)
+  want_header = {k: metadata.get(k) for k in header_fields(payload)}
   want_shape = (int(metadata['num_variants']), *metadata['grid_size'])
   if payload == 'moments':
     want_shape += (2, int(metadata['latent_channels']))
@@ -470,11 +544,23 @@ def _load_slice(directory: str, metadata: dict[str, Any], start: int, end: int
       raise FileNotFoundError(f'{path} is missing although {METADATA_FILE} says the directory '
                               f'is complete; delete {METADATA_FILE} and rerun tokenize_dataset '
                               'on it (existing shards are kept)')
-    data = load_shard(path, (payload, 'labels', 'source_index'))
-    array = data[payload]
-    if array.shape[1:] != want_shape or array.dtype.name != metadata['dtype']:
-      raise ValueError(f'{path}: {payload} {array.dtype}{list(array.shape)}, '
-                       f'metadata says {metadata["dtype"]}[n, {", ".join(map(str, want_shape))}]')
+    try:
+      data = load_shard(path, (payload, 'labels', 'source_index', 'header'))
+      array = data[payload]
+      if array.shape[1:] != want_shape or array.dtype.name != metadata['dtype']:
+        raise artifacts.DamagedFileError(
+            f'{path}: {payload} {array.dtype}{list(array.shape)}, metadata says '
+            f'{metadata["dtype"]}[n, {", ".join(map(str, want_shape))}]')
+      _check_rows(path, data, payload, shard * shard_size,
+                  min((shard + 1) * shard_size, int(metadata['num_examples'])),
+                  int(metadata['num_classes']))
+    except artifacts.DamagedFileError as e:
+      raise artifacts.DamagedFileError(
+          f'{e}; delete {where} and rerun tokenize_dataset on {directory}: it moves damaged '
+          'shards aside and encodes them again') from e
+    check_header(data['header'], want_header, path, theirs=f'{where} says',
+                 advice='shards of another tokenization do not mix: tokenize into a fresh '
+                        'directory')
     inside = (data['source_index'] >= start) & (data['source_index'] < end)
     codes.append(array[inside])
     labels.append(data['labels'][inside])

@@ -18,11 +18,13 @@ the format is described in heptapod_jax/data/tokenized.py.
   local devices. Multi-host: run it on every host (`--distributed` as in
   heptapod_jax.main), or as independent jobs with --process_index/--process_count.
 * Resumable: a shard is written under a temporary name and renamed when
-  complete; a rerun skips the shards that exist (after checking their header)
-  and writes metadata.json once every shard is there: process 0 after a
-  barrier under jax.distributed, otherwise whichever run finds the set complete.
-  An existing metadata.json (or shard) written with other settings stops the
-  run with the differing field named.
+  complete; a rerun skips the shards that exist (after reading each through,
+  its zip CRC-32 checked, and checking its header) and writes metadata.json
+  once every shard is there: process 0 after a barrier under jax.distributed,
+  otherwise whichever run finds the set complete. An existing metadata.json
+  (or shard) written with other settings stops the run with the differing
+  field named; a damaged shard (truncated, a checksum mismatch) is moved aside
+  to codes-SSSSS.npz.bad-<UTC time> with a warning naming it and encoded again.
 * Unreadable images are left out, as the image pipeline drops them; each shard
   records the source indices of its rows, and the reader counts the missing
   ones as skipped records, so example numbering stays aligned with the source.
@@ -50,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from heptapod_jax import console  # noqa: E402
+from heptapod_jax import artifacts, console  # noqa: E402
 from heptapod_jax.data import input_pipeline, sources  # noqa: E402
 from heptapod_jax.data import preprocess, record_order, schema  # noqa: E402
 from heptapod_jax.data import tokenized  # noqa: E402
@@ -139,6 +141,31 @@ def _encode_shard(source: sources.Source, split: str, start: int, end: int, *,
           'source_index': np.concatenate([p[3] for p in pending]).astype(np.int64)}
 
 
+def _keep_existing_shard(path: str, header: dict[str, Any]) -> bool:
+  """Whether a shard written before is kept: True when it reads back whole with this run's header.
+
+  A damaged shard (truncated, a checksum mismatch: `tokenized.check_shard`) returns False
+  after a warning naming it and the damage: it is moved aside to `<path>.bad-<UTC time>`, kept
+  for inspection, and the caller encodes it again (a rerun is how a directory is repaired).
+  A whole shard written with other settings is not damaged, and mixing it in is never right:
+  ValueError naming the field, as before.
+  """
+  try:
+    found = tokenized.check_shard(path)
+  except artifacts.DamagedFileError as damage:
+    try:
+      aside = tokenized.move_shard_aside(path)
+    except (OSError, tf.errors.OpError) as e:
+      raise OSError(f'{damage}; could not move it aside ({e}): move it away by hand and rerun'
+                    ) from e
+    logging.warning('%s; moved it aside to %s (kept for inspection, delete it when no longer '
+                    'needed) and encoding the shard again', damage, aside)
+    return False
+  # A shard from a run with other settings must not be mixed into this one.
+  tokenized.check_header(found, header, path)
+  return True
+
+
 def _finalize(out_dir: str, header: dict[str, Any]) -> dict[str, Any] | None:
   """Writes (or checks) metadata.json once every shard exists; None while some are missing."""
   num_shards = header['num_shards']
@@ -225,6 +252,13 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
                  header['num_shards'])
     return {'written': [], 'skipped': my_shards, 'metadata': existing}
 
+  # Shards written before are read through first: a damaged one is set aside and made again,
+  # one of other settings stops the run before anything is encoded.
+  t0 = time.time()
+  kept = [s for s in my_shards if tf.io.gfile.exists(tokenized.shard_path(out_dir, s))
+          and _keep_existing_shard(tokenized.shard_path(out_dir, s), header)]
+  if kept:
+    logging.info('%d shards written before read back whole, %.1f s', len(kept), time.time() - t0)
   augment = header['augment']
   num_variants = header['num_variants']
   encode, device_params, sharding = _local_encoder(tokenizer, params)
@@ -232,7 +266,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   examples_per_call = max(1, batch_size // num_variants)
   rows_per_call = -(-examples_per_call * num_variants // num_devices) * num_devices
   written, skipped = [], []
-  todo = [s for s in my_shards if not tf.io.gfile.exists(tokenized.shard_path(out_dir, s))]
+  todo = [s for s in my_shards if s not in kept]
   if max_shards is not None:
     todo = todo[:max_shards]
   total = sum(min((s + 1) * shard_size, num_examples) - s * shard_size for s in todo)
@@ -241,9 +275,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
                          min_seconds=60)
   for shard in my_shards:
     path = tokenized.shard_path(out_dir, shard)
-    if tf.io.gfile.exists(path):
-      # A shard from a run with other settings must not be mixed into this one.
-      tokenized.check_header(tokenized.load_shard(path, ('header',))['header'], header, path)
+    if shard in kept:
       skipped.append(shard)
       continue
     if max_shards is not None and len(written) >= max_shards:
