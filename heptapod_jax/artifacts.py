@@ -243,3 +243,15 @@ def write_error(path: str, error: BaseException) -> OSError:
                  f'{path} could not be written{f" [{free}]" if free else ""} '
                  f'({type(error).__name__}: {text}); the files written before it are complete: '
                  'make room and run the same command again, it resumes')
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}: a parameter tree saved flat in an npz."""
+  tree: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree

