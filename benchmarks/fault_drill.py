@@ -40,6 +40,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -197,7 +198,7 @@ class Drill:
   def _lost(self, workdir, rng, in_save: bool):
     self.reference('train2')
     argv = self.train_argv(workdir, **_DISTRIBUTED)
-    survivor, victim = h.job(argv, runner_args=('--slow_commit=20',) if in_save else ())
+    survivor, victim = h.job(argv, runner_args=('--slow_commit=8',) if in_save else ())
     if in_save:
       for _ in range(rng.randint(1, self.steps // 2 - 1)):
         survivor.wait_for('COMMIT_PENDING')
@@ -288,7 +289,8 @@ def _child_env() -> dict[str, str]:
 
 
 def _last_step(child: h.Child) -> int:
-  steps = [int(line.split()[1]) for line in child.lines if line.startswith('STEP ')]
+  # The gloo library writes to the same stdout ('STEP 1[Gloo] Rank 0 is connected ...').
+  steps = [int(m.group(1)) for m in map(re.compile(r'STEP (\d+)').match, child.lines) if m]
   return steps[-1] if steps else 0
 
 
