@@ -332,8 +332,9 @@ def _same_shards(reference: str, out_dir: str) -> bool:
 def _small_disk(path: str, megabytes: int):
   """A tmpfs of `megabytes` MB at `path` (yields False when mounting is not allowed)."""
   os.makedirs(path, exist_ok=True)
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={megabytes}m', 'tmpfs', path],
-                           capture_output=True, check=False).returncode == 0
+  mounted = shutil.which('mount') is not None and subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', f'size={megabytes}m', 'tmpfs', path],
+      capture_output=True, check=False).returncode == 0
   try:
     yield mounted
   finally:
