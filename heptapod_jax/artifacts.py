@@ -216,8 +216,9 @@ def lookup(tree: Any, dotted: str) -> Any:
 
 
 def describe_free_space(path: Any) -> str:
-  """'0.4 MB free of 32.0 MB' on the filesystem holding `path` (or its nearest existing
-  parent); '' for a remote path (gs://...) or when it cannot be read."""
+  """' [0.4 MB free of 32.0 MB]' on the filesystem holding `path` (or its nearest existing
+  parent), to follow a path in a message; '' for a remote path (gs://...) or when it cannot
+  be read."""
   path = os.fspath(path)
   if '://' in path:
     return ''
@@ -230,7 +231,7 @@ def describe_free_space(path: Any) -> str:
     usage = shutil.disk_usage(path or '.')
   except OSError:
     return ''
-  return f'{usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB'
+  return f' [{usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB]'
 
 
 def write_error(path: str, error: BaseException) -> OSError:
@@ -240,7 +241,7 @@ def write_error(path: str, error: BaseException) -> OSError:
   code = getattr(error, 'errno', None) or (  # TensorFlow's file errors carry no errno.
       errno.ENOSPC if 'No space left on device' in str(error) else errno.EIO)
   return OSError(code,
-                 f'{path} could not be written{f" [{free}]" if free else ""} '
+                 f'{path} could not be written{free} '
                  f'({type(error).__name__}: {text}); the files written before it are complete: '
                  'make room and run the same command again, it resumes')
 

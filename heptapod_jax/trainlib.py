@@ -187,7 +187,6 @@ class TolerantSaver:
       self.failures_in_a_row += 1
       self.total_failures += 1
       free = artifacts.describe_free_space(self.checkpointer.directory)
-      free = f' [{free}]' if free else ''
       logging.error('Checkpoint save at step %d in %s%s failed (%d in a row; the run stops at %d): '
                     '%s', step, self.checkpointer.directory, free, self.failures_in_a_row,
                     self.max_failures, ckpt_lib.describe_error(e))
@@ -221,20 +220,19 @@ class TolerantSaver:
   def finish(self, step: int, final: bool = False) -> None:
     """Waits for pending async saves; a failure here is fatal (nothing else will retry it).
     With `final`, the run's last step must be saved: a run never ends "done" without it."""
-    free = artifacts.describe_free_space(self.checkpointer.directory)
-    free = f' [{free}]' if free else ''
+    where = self.checkpointer.directory
     try:
       self.checkpointer.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointSaveError(f'the checkpoint save pending at step {step} in '
-                                f'{self.checkpointer.directory}{free} failed: '
+                                f'{where}{artifacts.describe_free_space(where)} failed: '
                                 f'{ckpt_lib.describe_error(e)}. Newest intact checkpoint: '
                                 f'{self.checkpointer.latest_step()}; run the same command again '
                                 'to resume from it.') from e
     if final and step not in self.checkpointer.all_steps():
       raise CheckpointSaveError(
           f'the final checkpoint (step {step}) could not be saved in '
-          f'{self.checkpointer.directory}{free}; newest intact checkpoint: '
+          f'{where}{artifacts.describe_free_space(where)}; newest intact checkpoint: '
           f'{self.checkpointer.latest_step()}. Make room, then run the same command again: it '
           'resumes from there and repeats the steps after it.')
 
@@ -273,9 +271,9 @@ class TolerantWriter:
     except Exception as e:  # pylint: disable=broad-except
       self.failures += 1
       step = args[0] if args and isinstance(args[0], (int, np.integer)) else kwargs.get('step')
-      free = artifacts.describe_free_space(self._workdir)
       logging.error('Metrics could not be written to %s%s (%s%s); the run goes on without '
-                    'them and retries in %.0f s.', self._workdir, f' [{free}]' if free else '',
+                    'them and retries in %.0f s.', self._workdir,
+                    artifacts.describe_free_space(self._workdir),
                     ckpt_lib.describe_error(e), f', at step {step}' if step is not None else '',
                     self._retry_s)
       broken, self._writer, self._failed_at = self._writer, None, self._clock()

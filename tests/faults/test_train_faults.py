@@ -124,3 +124,37 @@ def test_unknown_config_field_is_named(tmp_path, digits_dir):
   c.train.unlocked = True
   with pytest.raises(ValueError, match='unlocked'):
     config_lib.validate(c)
+
+
+def test_metric_writes_that_fail_are_dropped_and_retried(tmp_path, caplog):
+  """trainlib.TolerantWriter: a failing writer is logged once per failure, dropped, and made
+  again after retry_s; the run's calls never raise."""
+  made, written, now = [], [], [0.0]
+
+  class Writer:
+    def __init__(self, broken):
+      self.broken = broken
+
+    def write_scalars(self, step, scalars):
+      if self.broken:
+        raise OSError(errno.ENOSPC, 'No space left on device')
+      written.append((step, scalars))
+
+    def close(self):
+      pass
+
+  def make():
+    made.append(Writer(broken=len(made) == 0))  # The first writer fails, the next ones work.
+    return made[-1]
+
+  writer = trainlib.TolerantWriter(make, str(tmp_path), retry_s=60, clock=lambda: now[0])
+  writer.write_scalars(1, {'loss': 1.0})  # Fails: logged, the writer dropped.
+  writer.write_scalars(2, {'loss': 0.9})  # Within retry_s: dropped without a new writer.
+  assert len(made) == 1 and writer.failures == 2 and not written
+  assert f'Metrics could not be written to {tmp_path}' in caplog.text
+  assert 'at step 1' in caplog.text and 'No space left on device' in caplog.text
+  now[0] = 61.0
+  writer.write_scalars(3, {'loss': 0.8})  # A new writer; the metrics are back.
+  writer.close()
+  assert len(made) == 2 and written == [(3, {'loss': 0.8})]
+  assert 'Metrics are written to' in caplog.text and '(2 writes were dropped)' in caplog.text
