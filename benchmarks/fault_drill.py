@@ -24,6 +24,9 @@ of the same command):
                         random moment of its run; samples must equal the uninterrupted ones;
   sigkill_tokenize      SIGKILL to tools/tokenize_dataset at a random moment; every shard and
                         metadata.json must equal the uninterrupted run's.
+  sigkill_reference     SIGKILL to tools/reference_stats (the FID reference statistics of the
+                        train split, in saved parts) at a random moment; the statistics and
+                        pool features must equal the uninterrupted run's.
 
 Columns: recovered = the final result equals the uninterrupted run's (train state bit-identical:
 parameters, optimizer state, EMA, RNG and data position; samples and shards array-equal);
@@ -63,7 +66,11 @@ import _harness as h  # noqa: E402
 
 KINDS = ('sigterm', 'sigkill_training', 'sigkill_async_save', 'lost_process',
          'lost_process_in_save', 'full_disk', 'sigkill_tokenizer', 'sigkill_sample',
-         'sigkill_tokenize')
+         'sigkill_tokenize', 'sigkill_reference')
+# Kinds that are not the trainer: no steps to lose.
+_JOB_KINDS = ('sigkill_sample', 'sigkill_tokenize', 'sigkill_reference')
+_REFERENCE = os.path.join('feature_net', 'reference_builtin_digits_train_32.npz')
+_REFERENCE_PARTS = 94  # 1,500 images in parts of 16.
 _TRIALS = flags.DEFINE_integer('trials', 5, 'Trials per fault kind.')
 _QUICK = flags.DEFINE_bool('quick', False, 'One trial per kind (overrides --trials).')
 _STEPS = flags.DEFINE_integer('steps', 12, 'Training steps of the drilled trainer runs.')
@@ -127,10 +134,17 @@ class Drill:
             '--config.data.train_split=train[:480]',  # 30 shards of 16
             f'--out={out_dir}', '--variants=center', '--shard_size=16', '--batch_size=16']
 
+  def reference_stats_command(self, workdir: str) -> list[str]:
+    return [sys.executable, '-m', 'heptapod_jax.tools.reference_stats',
+            f'--config={ROOT}/configs/demo.py:tokenizer=pixel', f'--workdir={workdir}',
+            f'--config.data.data_dir={self.data_dir}', '--config.evaluator.batch_size=8',
+            '--config.evaluator.reference_part_size=16']
+
   # -- references ----------------------------------------------------------------------------
 
   def reference(self, name: str) -> str:
-    """The uninterrupted run of `name` (train, train2, tokenizer, sample, tokenize)."""
+    """The uninterrupted run of `name` (train, train2, tokenizer, sample, tokenize,
+    reference_stats)."""
     if name in self._refs:
       return self._refs[name]
     path = os.path.join(self.root, f'reference_{name}')
@@ -147,6 +161,9 @@ class Drill:
       rcs = [h.Child(self.sample_argv(path)).finish()]
     elif name == 'tokenize':
       rcs = [subprocess.run(self.tokenize_command(path), env=_child_env(), cwd=ROOT,
+                            capture_output=True, check=False).returncode]
+    elif name == 'reference_stats':
+      rcs = [subprocess.run(self.reference_stats_command(path), env=_child_env(), cwd=ROOT,
                             capture_output=True, check=False).returncode]
     else:
       raise ValueError(name)
@@ -275,12 +292,35 @@ class Drill:
     return Trial(note=f'{shards} shards on disk at the kill'), rc == 0 and _same_shards(
         reference, workdir)
 
+  def _sigkill_reference(self, workdir, rng):
+    reference = self.reference('reference_stats')
+    # The uninterrupted run's trained feature net: what is killed is the statistics' job.
+    shutil.copytree(os.path.join(reference, 'feature_net'), os.path.join(workdir, 'feature_net'),
+                    ignore=shutil.ignore_patterns('reference_*'))
+    parts = os.path.join(workdir, _REFERENCE + '.parts', 'part-??????.npz')
+    proc = subprocess.Popen(self.reference_stats_command(workdir), env=_child_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Parts come about 30 a second: the moment within a part is random enough by itself.
+    _wait_for_files(parts, rng.randint(1, _REFERENCE_PARTS - 4), proc, poll=0.005)
+    proc.kill()
+    proc.wait()
+    saved = len(glob.glob(parts))
+    finished = os.path.exists(os.path.join(workdir, _REFERENCE))
+    rc = subprocess.run(self.reference_stats_command(workdir), env=_child_env(), cwd=ROOT,
+                        capture_output=True, check=False).returncode
+    note = ('it had finished before the kill' if finished
+            else f'{saved} of {_REFERENCE_PARTS} parts on disk at the kill')
+    return Trial(note=note), (
+        rc == 0 and _same_npz(os.path.join(reference, _REFERENCE),
+                              os.path.join(workdir, _REFERENCE)))
 
-def _wait_for_files(pattern: str, count: int, proc: subprocess.Popen, timeout: float = 300):
+
+def _wait_for_files(pattern: str, count: int, proc: subprocess.Popen, timeout: float = 300,
+                    poll: float = 0.05):
   """Until `count` files match `pattern` (a job's outputs so far) or the job has ended."""
   deadline = time.time() + timeout
   while (len(glob.glob(pattern)) < count and proc.poll() is None and time.time() < deadline):
-    time.sleep(0.05)
+    time.sleep(poll)
 
 
 def _child_env() -> dict[str, str]:
@@ -314,6 +354,13 @@ def _same_samples(reference: str, out_dir: str) -> bool:
     return False
   with np.load(ref) as a, np.load(found[0]) as b:
     return all(np.array_equal(a[k], b[k]) for k in ('arr_0', 'arr_1'))
+
+
+def _same_npz(want: str, got: str) -> bool:
+  if not os.path.exists(got):
+    return False
+  with np.load(want) as a, np.load(got) as b:
+    return sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
 def _same_shards(reference: str, out_dir: str) -> bool:
@@ -400,7 +447,7 @@ def main(argv):
       print(f'{kind:22s} {len(results):6d} {"-":>9s} {"-":>10s} {"-":>9s} {"-":>14s}  '
             f'{results[0][0].note}')
       continue
-    trainer_kind = kind not in ('sigkill_sample', 'sigkill_tokenize')
+    trainer_kind = kind not in _JOB_KINDS
     lost = (f'{np.mean([max(r.done_before - r.resumed_from, 0) for r, _ in ran]):.1f}'
             if trainer_kind else '-')
     det = [r.detected_s for r, _ in ran if r.detected_s is not None]

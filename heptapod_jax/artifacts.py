@@ -14,12 +14,14 @@ Writes that fail (a full disk) raise `write_error(path, error)`: an OSError nami
 free space and what to do; the files written before it are complete (each is written under a
 temporary name and renamed), so the rerun resumes.
 
+`save_npz` writes an npz under a temporary name and renames it.
 `move_aside` renames a damaged file to `<name>.bad-<UTC time>` rather than letting a rewrite
 overwrite it (kept for inspection, never deleted); `first_difference` and `lookup` name the
 field where two settings (a manifest, a header) differ.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -244,6 +246,25 @@ def write_error(path: str, error: BaseException) -> OSError:
                  f'{path} could not be written{free} '
                  f'({type(error).__name__}: {text}); the files written before it are complete: '
                  'make room and run the same command again, it resumes')
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+  """np.savez to `path` through a temporary file and a rename: never a torn file.
+
+  The temporary name is fixed (`<path>.tmp.npz`), so a write killed halfway leaves one stray
+  file that the next write of the same path replaces. A failed write (a full disk) removes it
+  and raises `write_error`."""
+  directory = os.path.dirname(path)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  tmp = path + '.tmp.npz'
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise write_error(path, e) from e
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:

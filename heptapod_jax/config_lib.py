@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
       # ADM's VIRTUAL_imagenet256_labeled.npz or a reference .npz written by the project.
       reference='',
       reference_split='train',
+      # Reference statistics are computed in parts of this many images, each saved as it is
+      # made, so that a killed run resumes; 0 = about a twentieth of the split.
+      reference_part_size=0,
       num_samples=5000,  # Class-balanced samples per evaluation during training.
       every_steps=0,  # During training; 0 = off.
       at_end=False,  # Also once at the end of training.
@@ -360,7 +363,7 @@ def _validate_evaluator(config: ml_collections.ConfigDict) -> None:
   if (e.every_steps or e.at_end) and not e.features:
     raise ValueError('config.evaluator.every_steps / at_end need config.evaluator.features '
                      "('inception' or 'feature_net').")
-  for name in ('every_steps', 'feature_net_steps'):
+  for name in ('every_steps', 'feature_net_steps', 'reference_part_size'):
     _positive(f'config.evaluator.{name}', e[name], allow_zero=True)
   for name in ('num_samples', 'batch_size', 'is_split_size'):
     _positive(f'config.evaluator.{name}', e[name])

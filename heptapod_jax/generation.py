@@ -18,7 +18,6 @@ the uint8 images of its range's class-balanced labels is never used: it is moved
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Any
@@ -97,19 +96,6 @@ def _set_chunk_aside(path: str, problem: str) -> None:
   logging.warning('%s; moved it aside to %s (kept for inspection, delete it when no longer '
                   'needed), generating the chunk again.', problem, aside)
   return None
-
-
-def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
-  """np.savez to `path` through a temporary file and a rename: never a torn file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  try:
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-  except OSError as e:  # A full disk: no torn file left, the error names the file and space.
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise artifacts.write_error(path, e) from e
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -199,7 +185,7 @@ def generate(sampler: Any, params: Any, *, num_samples: int, seed: int, chunk_si
     chunks[i] = imgs
     new += 1
     if out_dir is not None and jax.process_index() == 0:
-      save_npz_atomic(_chunk_path(out_dir, s, e), images=imgs, labels=labels[s:e])
+      artifacts.save_npz(_chunk_path(out_dir, s, e), images=imgs, labels=labels[s:e])
     done += e - s
     if bar:
       bar.update(done)

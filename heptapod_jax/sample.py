@@ -62,6 +62,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from heptapod_jax import artifacts  # noqa: E402
 from heptapod_jax import checkpoint as ckpt_lib  # noqa: E402
 from heptapod_jax import checkpoint_read
 from heptapod_jax import console  # noqa: E402
@@ -106,7 +107,7 @@ def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   summary: dict[str, Any] = {'workdir': workdir, 'step': step, 'out_dir': out_dir, 'npz': npz,
                              'num_samples': num_samples, 'seconds': seconds}
   if jax.process_index() == 0:
-    generation.save_npz_atomic(npz, arr_0=imgs, arr_1=labels.astype(np.int64))
+    artifacts.save_npz(npz, arr_0=imgs, arr_1=labels.astype(np.int64))
     if s.num_png:
       summary['png'] = write_pngs(imgs, labels, os.path.join(out_dir, 'png'), s.num_png)
     cols = min(num_classes, 10)

@@ -2,15 +2,26 @@
 
 A feature extractor is any callable mapping uint8 images [B, H, W, 3] to a dict
 of per-image float features ('pool', optionally 'spatial' and 'logits');
-`extract_features` runs one over many images in chunks. `check_features`
+`extract_features` runs one over many images in chunks, and
+`extract_features_resumable` does so in parts saved as it goes, so that a
+killed job (reference statistics of ImageNet's train split take an hour)
+resumes where it stopped and gives the same features. `check_features`
 validates a float[N, D] feature array for the metrics of `fid`,
 `inception_score`, `precision_recall` and `metrics`.
 """
 from __future__ import annotations
 
+import glob
+import math
+import os
+import shutil
+import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
+from absl import logging
+
+from heptapod_jax import artifacts
 
 ProgressFn = Callable[[int, 'int | None'], None]
 
@@ -120,6 +131,115 @@ def extract_features(extractor: FeatureExtractor,
   return {key: np.concatenate(values, axis=0) for key, values in outputs.items()}
 
 
+# Saved beside the features in each part: how they were cut. A part written with another
+# batch size (whose features may differ in the last bits) or cut differently is not reused.
+_PART_META = ('part_batch_size', 'part_every', 'part_total')
+
+
+def _part_path(directory: str, index: int) -> str:
+  return os.path.join(directory, f'part-{index:06d}.npz')
+
+
+def _skip(images: Iterable[np.ndarray], count: int) -> Iterator[np.ndarray]:
+  """The images of an iterable of batches after its first `count` (read, not computed)."""
+  for batch in images:
+    batch = np.asarray(batch)
+    if count >= batch.shape[0]:
+      count -= batch.shape[0]
+      continue
+    yield batch[count:]
+    count = 0
+
+
+def _read_parts(directory: str, meta: dict[str, int]) -> list[dict[str, np.ndarray]]:
+  """The parts saved in `directory`, in order from the first, up to the first missing one.
+
+  A damaged part is moved aside (`<name>.bad-<time>`) and computed again with those after it;
+  parts of another cut (batch size, part size, image count) are all removed (logged).
+  """
+  parts = []
+  while True:
+    path = _part_path(directory, len(parts))
+    if not os.path.exists(path):
+      return parts
+    try:
+      with zipfile.ZipFile(path) as archive:
+        keys = tuple(os.path.splitext(n)[0] for n in archive.namelist())
+      part = artifacts.read_npz(path, keys, path)
+    except FileNotFoundError:  # Process 0 removed the parts as this process read them.
+      return parts
+    except (zipfile.BadZipFile, OSError, artifacts.DamagedFileError) as e:
+      moved = artifacts.move_aside(path)
+      logging.warning('%s is damaged (%s): moved to %s; its features are computed again.',
+                      path, e, moved)
+      return parts
+    found = {key: int(part.pop(key)) if key in part else None for key in _PART_META}
+    if found != meta:
+      saved = len(glob.glob(os.path.join(directory, 'part-??????.npz')))
+      logging.warning('%s was cut with %s, this run with %s: its %d saved parts are not reused.',
+                      directory, found, meta, saved)
+      shutil.rmtree(directory, ignore_errors=True)
+      return []
+    parts.append(part)
+
+
+def extract_features_resumable(extractor: FeatureExtractor,
+                               images: np.ndarray | Iterable[np.ndarray],
+                               batch_size: int,
+                               directory: str,
+                               *,
+                               every: int | None = None,
+                               total: int | None = None,
+                               write: bool = True,
+                               progress: ProgressFn | None = None,
+                               pad_to_batch: bool = False) -> dict[str, np.ndarray]:
+  """`extract_features` in parts of `every` images, each saved to `directory` when computed.
+
+  A rerun after a kill reads the saved parts, skips their images and computes the rest:
+  the result equals an uninterrupted run's, bit for bit (the same batches, cut the same way).
+  The caller removes `directory` once it has saved what it made of the features.
+
+  Args:
+    extractor, images, batch_size, progress, pad_to_batch: as `extract_features`.
+    directory: where the parts go (`part-000000.npz`, ...); created when needed.
+    every: images per part, rounded up to a multiple of batch_size; by default about a
+      twentieth of the images (64 batches when their number is not known).
+    total: the number of images of an iterable `images`, when known (for `every`'s default).
+    write: save the parts (False on every process but the first of a multi-host job: they
+      read the parts the first one saved, when the directory is shared, and save nothing).
+  Returns:
+    As `extract_features`.
+  """
+  if batch_size < 1:
+    raise ValueError(f'extract_features: batch_size must be >= 1, got {batch_size}.')
+  if isinstance(images, np.ndarray):
+    total = images.shape[0]
+  if every is None:
+    every = math.ceil(total / 20) if total else 64 * batch_size
+  every = max(1, math.ceil(every / batch_size)) * batch_size
+  meta = {'part_batch_size': batch_size, 'part_every': every,
+          'part_total': -1 if total is None else total}
+  parts = _read_parts(directory, meta)
+  done = sum(next(iter(p.values())).shape[0] for p in parts)
+  if parts:
+    logging.info('%s: %d parts (%d images) saved by an earlier run, not computed again.',
+                 directory, len(parts), done)
+  rest = images[done:] if isinstance(images, np.ndarray) else _skip(images, done)
+  for segment in _batches(rest, every):
+    offset = done
+    part = extract_features(
+        extractor, segment, batch_size, pad_to_batch=pad_to_batch,
+        progress=None if progress is None else lambda n, _: progress(offset + n, total))
+    if write:
+      artifacts.save_npz(_part_path(directory, len(parts)), **part,
+                         **{key: np.asarray(value) for key, value in meta.items()})
+    parts.append(part)
+    done += segment.shape[0]
+  if not parts:
+    raise ValueError('extract_features: no images.')
+  return {key: np.concatenate([p[key] for p in parts], axis=0) for key in parts[0]}
+
+
 def check_features(features: Any, name: str, min_rows: int = 1) -> np.ndarray:
   """Returns `features` as an array after checking it is real, finite [N >= min_rows, D]."""
   x = np.asarray(features)
@@ -132,4 +252,4 @@ def check_features(features: Any, name: str, min_rows: int = 1) -> np.ndarray:
   return x
 
 
-__all__ = ['FeatureExtractor', 'check_features', 'extract_features']
+__all__ = ['FeatureExtractor', 'check_features', 'extract_features', 'extract_features_resumable']

@@ -16,6 +16,7 @@ reported only for `feature_net`, whose classes are the data set's classes; the
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -86,25 +87,31 @@ class GenerativeEvaluator:
       e = self.config.evaluator
       if e.reference:
         self._reference = load_reference_file(e.reference, self.extractor, e.batch_size,
-                                              e.inception_preprocessing)
+                                              e.inception_preprocessing,
+                                              part_size=e.reference_part_size or None)
         self.info['reference'] = e.reference
       else:
         cache = self._reference_cache()
         if os.path.exists(cache):
           self._reference = reference_lib.Reference.load(cache)
         else:
+          extractor = self.extractor  # The feature net trains first when it is missing.
           t0 = time.time()
           images, _ = feature_net_lib.read_split(self.config.data, e.reference_split)
           # Shown only when it takes a while (ImageNet's train split, not the digits).
+          # In parts saved as they are made: a killed run resumes (ImageNet's train split
+          # through Inception takes an hour), with the same statistics.
+          parts = cache + '.parts'
           with console.progress(len(images), desc='reference statistics', unit='image',
                                 every=max(1, len(images) // 10), min_seconds=60,
                                 delay=10) as bar:
-            feats = features_lib.extract_features(self.extractor, images, batch_size=e.batch_size,
-                                                  progress=lambda done, total: bar.update(done))
+            feats = features_lib.extract_features_resumable(
+                extractor, images, e.batch_size, parts, every=e.reference_part_size or None,
+                write=jax.process_index() == 0, progress=lambda done, total: bar.update(done))
           self._reference = reference_lib.Reference.from_features(feats)
           if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
             self._reference.save(cache)
+            shutil.rmtree(parts, ignore_errors=True)
           # Log only: the run's summary names the reference and its file.
           logging.info('Reference statistics of %s split %r (%d images) in %.0f s -> %s',
                        self.config.data.source, e.reference_split, len(images), time.time() - t0,
@@ -142,7 +149,8 @@ class GenerativeEvaluator:
 
 
 def load_reference_file(path: str, extractor: Extractor, batch_size: int,
-                        preprocessing: str = 'adm') -> reference_lib.Reference:
+                        preprocessing: str = 'adm', part_size: int | None = None
+                        ) -> reference_lib.Reference:
   """ADM's reference batch (keys mu, sigma, mu_s, sigma_s, arr_0) or a project reference file."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'config.evaluator.reference={path} does not exist.')
@@ -155,12 +163,18 @@ def load_reference_file(path: str, extractor: Extractor, batch_size: int,
     if os.path.exists(cache):
       return reference_lib.Reference.load(cache)
     total = reference_lib.npz_rows(path, 'arr_0') or 0
+    writable = os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+    write = jax.process_index() == 0 and writable
+    parts = cache + '.parts'
     with console.progress(total, desc='reference features', unit='image',
                           every=max(1, total // 10), min_seconds=60, delay=10) as bar:
       ref = reference_lib.load_adm_reference(path, extractor=extractor, batch_size=batch_size,
-                                             progress=lambda done, _: bar.update(done))
-    if jax.process_index() == 0 and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+                                             progress=lambda done, _: bar.update(done),
+                                             resume_dir=parts if writable else None,
+                                             part_size=part_size, write_parts=write)
+    if write:
       ref.save(cache)
+      shutil.rmtree(parts, ignore_errors=True)
     return ref
   return reference_lib.Reference.load(path)
 

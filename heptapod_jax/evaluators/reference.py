@@ -15,7 +15,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from heptapod_jax.evaluators.features import FeatureExtractor, ProgressFn, extract_features
+from heptapod_jax import artifacts
+from heptapod_jax.evaluators.features import (FeatureExtractor, ProgressFn, extract_features,
+                                              extract_features_resumable)
 from heptapod_jax.evaluators.fid import statistics
 
 
@@ -70,11 +72,7 @@ class Reference:
       arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
     if self.pool_features is not None:
       arrays['pool_features'] = self.pool_features
-    path = os.fspath(path)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
+    artifacts.save_npz(os.fspath(path), **arrays)
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> Reference:
@@ -176,7 +174,9 @@ def npz_rows(path: str | os.PathLike[str], key: str) -> int | None:
 
 def load_adm_reference(path: str | os.PathLike[str], extractor: FeatureExtractor | None = None, *,
                        batch_size: int = 256, progress: ProgressFn | None = None,
-                       cache_path: str | os.PathLike[str] | None = None) -> Reference:
+                       cache_path: str | os.PathLike[str] | None = None,
+                       resume_dir: str | None = None, part_size: int | None = None,
+                       write_parts: bool = True) -> Reference:
   """Loads an ADM reference batch such as `VIRTUAL_imagenet256_labeled.npz`.
 
   Those files hold 'mu', 'sigma', 'mu_s', 'sigma_s' (ADM's TF Inception
@@ -195,6 +195,10 @@ def load_adm_reference(path: str | os.PathLike[str], extractor: FeatureExtractor
     cache_path: if given, a `Reference.save` file: returned directly when it
       exists (and has pool features, if an extractor was given), else written
       after computing.
+    resume_dir: if given, the features are computed in parts saved there as they are made
+      (`extract_features_resumable`, `part_size` images each, by default a twentieth), so
+      that a killed run resumes; the caller removes it.
+    write_parts: save those parts (False on all but one process of a multi-host job).
   Returns:
     The Reference (pool_features None without extractor).
   """
@@ -217,8 +221,13 @@ def load_adm_reference(path: str | os.PathLike[str], extractor: FeatureExtractor
     raise ValueError(f"{os.fspath(path)}: missing key '{missing}' (the file has {sorted(files)}).")
   features: dict[str, np.ndarray] = {}
   if extractor is not None:
-    features = extract_features(extractor, iter_npz_array(path, 'arr_0', batch_size), batch_size,
-                                progress=progress)
+    batches = iter_npz_array(path, 'arr_0', batch_size)
+    if resume_dir is None:
+      features = extract_features(extractor, batches, batch_size, progress=progress)
+    else:
+      features = extract_features_resumable(extractor, batches, batch_size, resume_dir,
+                                            every=part_size, total=npz_rows(path, 'arr_0'),
+                                            write=write_parts, progress=progress)
   if has_stats:
     mu, sigma = stats['mu'], stats['sigma']
   else:

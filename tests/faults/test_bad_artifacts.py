@@ -98,7 +98,7 @@ def test_read_npz_returns_what_np_load_does(tmp_path):
             'header': np.array(json.dumps({'a': [1, 2]})),
             'big': rng.normal(size=(3 << 18,)).astype(np.float32)}  # 3 MiB: several reads.
   path = str(tmp_path / 'a.npz')
-  generation.save_npz_atomic(path, **arrays)
+  artifacts.save_npz(path, **arrays)
   got = artifacts.read_npz(path, tuple(arrays), path)
   with np.load(path) as raw:
     for key in arrays:
@@ -384,14 +384,14 @@ def _rewrite(path, **change):
   with np.load(path) as f:
     arrays = {'images': f['images'], 'labels': f['labels']}
   arrays = {k: change[k](v) if k in change else v for k, v in arrays.items()}
-  generation.save_npz_atomic(path, **arrays)
+  artifacts.save_npz(path, **arrays)
 
 
 def _other_classes(path):
   """The images of the next class of each sample, labelled as such: a coherent foreign chunk."""
   labels = (np.arange(4, 8) + 1) % CLASSES
   images = _StubSampler().sample_images(None, labels, seed=0, start_index=4, pad_to=4)
-  generation.save_npz_atomic(path, images=images, labels=labels.astype(np.int32))
+  artifacts.save_npz(path, images=images, labels=labels.astype(np.int32))
 
 
 # damage -> (damage(path), what the warning says after the path, a regular expression).
