@@ -8,6 +8,13 @@ Options (`--config=configs/imagenet256.py:size=L,head=local,window=16`), one swi
   steps_per_image   steps t drawn per image for the 2D head (default 4; cost is linear in it)
   targets_per_step  supervision density: targets drawn per step (-1 = every remaining position)
   visible_context   true | false   the global head also sees the already-visible positions
+  loss_weighting    pairs | steps   every (step, target) pair alike (default) or every step alike
+  next_weight       lambda >= 0: the next position's loss added with this weight (default 0)
+  condition         context | add   h_t reaches the 2D head through one context token (paper)
+                    or is also added to every grid token
+  direct_next       true | false   h_t also projected straight onto the next position's output
+                    (these four are studied on the digits by benchmarks/objective_study.py;
+                    see the README, "Does the 2D objective help?"; ImageNet may differ)
   tokens            vq | kl   VQ-16 codes (cross-entropy) or KL-16 latents (MAR's diffusion loss)
   tokenizer         imported | trained   sets tokenizer.checkpoint to <tokenizer_root>/...:
                     imported = LlamaGen VQ-16 / MAR KL-16 converted once
@@ -98,7 +105,9 @@ TOKENIZER_DIRS = {'imported': {'vq': 'llamagen_vq16', 'kl': 'mar_kl16'},
 
 def get_config(arg: str | None = None):
   opts = config_lib.parse_arg(arg, size='B', head='global', steps_per_image=4, window=32,
-                              targets_per_step=-1, visible_context=True, tokens='vq',
+                              targets_per_step=-1, visible_context=True,
+                              loss_weighting='pairs', next_weight=0.0, condition='context',
+                              direct_next=False, tokens='vq',
                               tokenizer='', tokenizer_root='tokenizers', epochs=800,
                               batch=2048, runlocal=False)
   c = common.base_config()
@@ -132,6 +141,10 @@ def get_config(arg: str | None = None):
   m.head.targets_per_step = opts.targets_per_step
   m.head.window = opts.window
   m.head.visible_context = opts.visible_context
+  m.head.loss_weighting = opts.loss_weighting
+  m.head.next_weight = float(opts.next_weight)
+  m.head.condition = opts.condition
+  m.head.direct_next = opts.direct_next
   m.backbone.class_prefix_len = 1
   m.backbone.dropout = 0.1
   m.backbone.token_dropout = 0.1

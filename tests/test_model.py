@@ -19,6 +19,9 @@ KINDS = ('global', 'local', 'next_token')
 GRID = (3, 4)  # Non-square, so that rows and columns cannot be confused.
 N = GRID[0] * GRID[1]
 VOCAB = 13
+# (model.head.condition, model.head.direct_next) besides the default ('context', False).
+HEAD_OPTIONS = [('add', False), ('context', True), ('add', True)]
+OPTION_LAYERS = ('condition_proj', 'next_proj')  # Their zero-initialised Dense layers.
 
 
 def make_config(kind='global', **over) -> ModelConfig:
@@ -36,6 +39,18 @@ def setup_model(kind='global', seed=0, **over):
   model = Heptapod(cfg)
   params = nn.unbox(init_params(model, jax.random.key(seed)))
   return model, params
+
+
+def randomize_option_kernels(params, seed=5, names=OPTION_LAYERS):
+  """params with the head's option kernels among `names` (zero at init) set to random values,
+  so that a test sees the paths they open."""
+  head = dict(params['head'])
+  for i, name in enumerate(names):
+    if name in head:
+      kernel = head[name]['kernel']
+      head[name] = {'kernel': 0.1 * jax.random.normal(jax.random.key(seed + i), kernel.shape,
+                                                       kernel.dtype)}
+  return dict(params, head=head)
 
 
 def random_batch(seed=1, batch=3):
@@ -66,8 +81,10 @@ def test_backbone_causality():
 
 
 @pytest.mark.parametrize('kind', ('global', 'local'))
-def test_head_causality(kind):
-  model, params = setup_model(kind)
+@pytest.mark.parametrize('condition,direct_next', [('context', False), *HEAD_OPTIONS])
+def test_head_causality(kind, condition, direct_next):
+  model, params = setup_model(kind, head=dict(condition=condition, direct_next=direct_next))
+  params = randomize_option_kernels(params)  # (Zero at init: they would hide nothing.)
   tokens, labels = random_batch()
   j = 5
   tokens2 = tokens.at[:, j].set((tokens[:, j] + 3) % VOCAB)
@@ -168,22 +185,74 @@ def test_cached_decode_equals_full_forward(kind, prefix, kv_heads):
   np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
 
 
+# The head options' decoding cases: (kind, config overrides, test id).
+OPTION_DECODE_CASES = [
+    *[(kind, dict(head=dict(condition=c, direct_next=d)), f'{kind}-{c}-{"next" if d else "0"}')
+      for kind in ('global', 'local') for c, d in HEAD_OPTIONS],
+    ('global', dict(head=dict(condition='add', direct_next=True, depth=1)),
+     'global-add-next-depth1'),
+    ('global', dict(head=dict(condition='add', visible_context=False)), 'global-add-no-visible')]
+
+
 @pytest.mark.parametrize('kind, over', [
     ('global', {}), ('global', dict(head=dict(depth=1))),
     ('global', dict(head=dict(visible_context=False))), ('local', {}),
-    ('local', dict(head=dict(depth=1)))],
-    ids=['global', 'global-depth1', 'global-no-visible', 'local', 'local-depth1'])
+    ('local', dict(head=dict(depth=1))), *[case[:2] for case in OPTION_DECODE_CASES]],
+    ids=['global', 'global-depth1', 'global-no-visible', 'local', 'local-depth1',
+         *[case[2] for case in OPTION_DECODE_CASES]])
 def test_decoded_multi_position_outputs_equal_full_forward(kind, over):
   """The heads' decoding state answers for several positions at once (parallel decoding):
-  each equals the full forward's prediction for that target at that step."""
+  each equals the full forward's prediction for that target at that step. With the head
+  options (condition='add', direct_next) their kernels are randomised first (zero at init,
+  where a decoder that ignored them would pass), and row 0 of each answer is the distance-1
+  position that direct_next reaches."""
   size = 3
   model, params = setup_model(kind, **over)
+  params = randomize_option_kernels(params)
   tokens, labels = random_batch()
   steps = jnp.broadcast_to(jnp.arange(N - size + 1), (tokens.shape[0], N - size + 1))
   targets = steps[..., None] + jnp.arange(size)
   full = model.apply({'params': params}, tokens, labels, steps, targets)
   cached = cached_step_logits(model, params, tokens, labels, size=size)
   np.testing.assert_allclose(cached, full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('kind', ('global', 'local'))
+@pytest.mark.parametrize('condition,direct_next', HEAD_OPTIONS)
+def test_head_options_start_as_context_and_act_where_claimed(kind, condition, direct_next):
+  """condition='add' / direct_next add zero-initialised kernels only: the other parameters
+  of a fresh model are those of the default head and the outputs are exactly its outputs.
+  Randomised, condition_proj moves every valid target of every step, next_proj exactly the
+  distance-1 target (target == step) and nothing else."""
+  options = dict(condition=condition, direct_next=direct_next)
+  base_model, base = setup_model(kind)
+  model, params = setup_model(kind, head=options)
+  head = dict(params['head'])
+  new = {name: head.pop(name)['kernel'] for name in OPTION_LAYERS if name in head}
+  assert set(new) == {n for n, on in zip(OPTION_LAYERS, (condition == 'add', direct_next)) if on}
+  for name, kernel in new.items():
+    assert kernel.shape == (32, 32), name
+    np.testing.assert_array_equal(kernel, 0.0, err_msg=name)
+  assert jax.tree.structure(dict(params, head=head)) == jax.tree.structure(base)
+  for a, b in zip(jax.tree.leaves(dict(params, head=head)), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(a, b)
+  tokens, labels = random_batch()
+  ref, targets, valid = all_steps_forward(base_model, base, tokens, labels)
+  out, _, _ = all_steps_forward(model, params, tokens, labels)
+  np.testing.assert_array_equal(out, ref)
+
+  steps = jnp.broadcast_to(jnp.arange(N), (tokens.shape[0], N))
+  is_next = np.asarray(targets == steps[..., None])  # [B, N, C]
+  valid = np.broadcast_to(np.asarray(valid), is_next.shape)
+  for name in new:
+    moved, _, _ = all_steps_forward(model, randomize_option_kernels(params, names=(name,)),
+                                    tokens, labels)
+    changed = np.abs(np.asarray(moved) - np.asarray(ref)).max(-1)  # [B, N, C]
+    if name == 'condition_proj':
+      assert (changed[valid] > 1e-5).all()
+    else:  # Only the next position's output, and exactly nothing else.
+      assert (changed[is_next] > 1e-5).all()
+      np.testing.assert_array_equal(changed[~is_next], 0.0)
 
 
 def greedy_by_full_forward(model, params, labels):
@@ -251,8 +320,10 @@ def test_cfg_scale_one_is_plain_sampling_and_cfg_runs():
 
 
 def test_every_param_has_logical_axes():
-  for kind in KINDS:
-    model = Heptapod(make_config(kind))
+  options = [(kind, {}) for kind in KINDS] + [
+      (kind, dict(condition='add', direct_next=True)) for kind in ('global', 'local')]
+  for kind, head in options:
+    model = Heptapod(make_config(kind, head=head))
     boxed = init_params(model, jax.random.key(0))
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     for leaf in leaves:

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 from heptapod_jax.models.diffusion import DiffusionConfig
 
 HEAD_KINDS = ('global', 'local', 'next_token')
+LOSS_WEIGHTINGS = ('pairs', 'steps')
+HEAD_CONDITIONS = ('context', 'add')
 TOKEN_KINDS = ('vq', 'kl')  # Discrete codes (cross-entropy) | continuous latents (diffusion loss).
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'save_attention_out')
 ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn', 'splash')
@@ -71,6 +73,21 @@ class HeadConfig:
     -1 = all N steps.
   targets_per_step: future positions supervised per step; -1 = all of them
     (for 'local' all = the window).
+  loss_weighting: how the supervised (step, target) pairs of a batch weigh in the loss.
+    'pairs': every pair alike (the mean over pairs; a step with m targets weighs m times
+    one with a single target); 'steps': every step alike (its targets averaged first).
+  next_weight: lambda >= 0: the next position's loss (distance 1, the one prediction that
+    raster-order sampling uses) is added with weight lambda, as
+    loss = (L + lambda * L_next) / (1 + lambda), L the loss `loss_weighting` says and L_next
+    the mean over steps of the distance-1 pair's loss; the next position is then always
+    among the supervised targets. 0 = off.
+  condition: how h_t reaches the 2D head's tokens. 'context': through one context token
+    (global) / the cross-attended memory (local), the paper's design; 'add': a projection
+    of h_t is also added to every grid token's (query's) input (initialised at zero, so a
+    new run starts as 'context').
+  direct_next: also add a projection of h_t (initialised at zero) to the next position's
+    output features, before the final norm: a direct path from h_t to the one prediction
+    sampling uses, as the next_token head has.
   """
   kind: str = 'global'
   width: int = 768
@@ -83,6 +100,10 @@ class HeadConfig:
   steps_per_image: int = 16
   targets_per_step: int = ALL
   dropout: float = 0.0
+  loss_weighting: str = 'pairs'
+  next_weight: float = 0.0
+  condition: str = 'context'
+  direct_next: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +176,14 @@ class ModelConfig:
     """Raises ValueError naming the first field that is out of range."""
     b, h = self.backbone, self.head
     _choice('model.head.kind', h.kind, HEAD_KINDS)
+    _choice('model.head.loss_weighting', h.loss_weighting, LOSS_WEIGHTINGS)
+    _choice('model.head.condition', h.condition, HEAD_CONDITIONS)
+    if not h.next_weight >= 0.0:
+      raise ValueError(f'model.head.next_weight={h.next_weight}: must be >= 0 (0 = off).')
+    if h.kind == 'next_token' and (h.condition != 'context' or h.direct_next):
+      raise ValueError('model.head.condition / direct_next shape how h_t reaches a 2D head; the '
+                       'next_token head is a projection of h_t already: leave them at '
+                       "'context' / False.")
     _choice('model.tokens', self.tokens, TOKEN_KINDS)
     _choice('model.remat_policy', self.remat_policy, REMAT_POLICIES)
     _choice('model.attention_impl', self.attention_impl, ATTENTION_IMPLS)

@@ -25,6 +25,15 @@ the cross-attention keys and values of every memory slot for every layer. In the
 layer only the wanted positions are queries (every position is still a key).
 `layer_params` is the head's stacked 'layers' split into one tree per layer
 (`heptapod.split_layers`). tests/test_model.py checks each path against the full forward.
+
+Two options of the 2D heads (`HeadConfig.condition`, `direct_next`) add more paths from h_t,
+each a Dense initialised at zero (a new model computes exactly what it computes without
+them): condition='add' adds `condition_proj(h_t)` to the input of every grid token (global)
+or window query (local) of step t; direct_next adds `next_proj(h_t)` to the output features
+of position t (distance 1) before the final norm. Under condition='add' the global head's
+grid tokens depend on the current h_t, so its state keeps only their inputs and the first
+layer projects them at every step; with either option the local head's state also keeps the
+newest state h_t ('h'), as the global head's always does.
 """
 from __future__ import annotations
 
@@ -81,6 +90,36 @@ class _HeadBase(nn.Module):
     pos = row[:, None, :] + col[None, :, :]
     return pos.reshape(-1, row.shape[-1]).astype(layers.dtype_of(self.config.dtype))
 
+  def _option_layers(self):
+    """The zero-initialised projections of h_t that `condition`='add' and `direct_next` add."""
+    h, kw = self.config.head, self._kw()
+    if h.condition == 'add':
+      self.condition_proj = layers.Dense(h.width, ('embed', None), std=0.0, **kw)
+    if h.direct_next:
+      self.next_proj = layers.Dense(h.width, ('embed', None), std=0.0, **kw)
+
+  def _add_condition(self, x: Array, h_t: Array) -> Array:
+    """condition='add': x [..., L, Wh] (the L grid tokens or queries of one step) plus
+    condition_proj(h_t) (h_t: [..., E]); else x unchanged."""
+    if self.config.head.condition != 'add':
+      return x
+    return x + self.condition_proj(h_t)[..., None, :].astype(x.dtype)
+
+  def _add_next(self, y: Array, h_t: Array, is_next: Array) -> Array:
+    """direct_next: output features y [..., K, Wh] plus next_proj(h_t) (h_t: [..., E]) where
+    `is_next` ([..., K] bool: the target is the step's own position t); else y unchanged."""
+    if not self.config.head.direct_next:
+      return y
+    direct = self.next_proj(h_t)[..., None, :].astype(y.dtype)
+    return jnp.where(is_next[..., None], y + direct, y)
+
+  def _add_next_decoded(self, y: Array, h_t: Array) -> Array:
+    """direct_next while decoding: y [B, size, Wh] holds positions t..t+size-1, so only its
+    first row (position t) gets next_proj(h_t) (h_t: [B, E])."""
+    if not self.config.head.direct_next:
+      return y
+    return y.at[:, 0].add(self.next_proj(h_t).astype(y.dtype))
+
   def _token(self, name: str) -> Array:
     return self.param(name, layers.normal_init(('embed',)), (self.config.head.width,),
                       layers.dtype_of(self.config.param_dtype))
@@ -109,8 +148,9 @@ class GlobalHead(_HeadBase):
 
   For step t: the context token is W_c h_t; grid position j gets W_v h_{j+1} +
   pos_j when j < t and `visible_context` is on (the state of the slot holding
-  x_j, MAE's visible patches), else mask + pos_j. The output at j >= t is the
-  prediction for x_j.
+  x_j, MAE's visible patches), else mask + pos_j (condition='add': every grid token
+  also gets W_a h_t). The output at j >= t is the prediction for x_j (direct_next: the
+  one at j = t also gets W_n h_t before the final norm).
   """
 
   def setup(self):
@@ -121,6 +161,7 @@ class GlobalHead(_HeadBase):
     self.mask_token = self._token('mask_token')
     if h.visible_context:
       self.visible_proj = layers.Dense(h.width, ('embed', None), **kw)
+    self._option_layers()
     self._output_layers()
 
   def _context(self, h_t: Array) -> Array:
@@ -137,7 +178,8 @@ class GlobalHead(_HeadBase):
     cfg, h = self.config, self.config.head
     n = cfg.num_positions
     batch, num_steps = steps.shape
-    ctx = self._context(_take_steps(states, steps))
+    h_t = _take_steps(states, steps)  # [B, S, E]
+    ctx = self._context(h_t)
     grid = jnp.broadcast_to(self.mask_token.astype(ctx.dtype), (batch, num_steps, n, h.width))
     if h.visible_context:
       # x_j lives in slot state h_{j+1}; x_{N-1} is never visible (no state after it).
@@ -145,7 +187,7 @@ class GlobalHead(_HeadBase):
       vis = jnp.pad(vis, ((0, 0), (0, 1), (0, 0)))
       visible = jnp.arange(n)[None, None, :] < steps[..., None]  # [B, S, N]
       grid = jnp.where(visible[..., None], vis[:, None], grid)
-    grid = grid + self._grid_pos(self.pos)
+    grid = self._add_condition(grid + self._grid_pos(self.pos), h_t)
     x = jnp.concatenate([ctx[:, :, None, :], grid], axis=2)  # [B, S, N+1, Wh]
     x = rearrange(x, 'b s l e -> (b s) l e')
     stack = layers.stack(self._block_kwargs(deterministic), h.depth, cfg.remat_policy, name='layers',
@@ -153,16 +195,25 @@ class GlobalHead(_HeadBase):
     x, _ = stack(x, None, None, None, None, None, None)
     x = rearrange(x[:, 1:], '(b s) n e -> b s n e', b=batch)
     y = jnp.take_along_axis(x, targets[..., None], axis=2)  # [B, S, K, Wh]
+    y = self._add_next(y, h_t, targets == steps[..., None])
     return self._outputs(y, features_only)
+
+  def _caches_qkv(self) -> bool:
+    """Whether the state keeps the grid tokens' first-layer q, k, v: not under
+    condition='add', where their inputs change with h_t at every step."""
+    return self.config.head.condition != 'add'
 
   def decode_init(self, h0: Array, layer_params: tuple[Any, ...]) -> HeadState:
     """Every grid token masked: its input mask + pos_j and its first-layer q, k, v (the same
-    for every row, computed once)."""
+    for every row, computed once; not under condition='add')."""
     batch, n = h0.shape[0], self.config.num_positions
     grid = self._masked_grid()[None]
-    qkv = self._decode_block().apply({'params': layer_params[0]}, grid, method=layers.Block.self_qkv)
     expand = lambda a: jnp.broadcast_to(a, (batch, n, *a.shape[2:]))
-    return {'h': h0, 'grid': expand(grid), 'qkv': tuple(map(expand, qkv))}
+    state = {'h': h0, 'grid': expand(grid)}
+    if not self._caches_qkv():
+      return state
+    qkv = self._decode_block().apply({'params': layer_params[0]}, grid, method=layers.Block.self_qkv)
+    return dict(state, qkv=tuple(map(expand, qkv)))
 
   def decode_push(self, state: HeadState, h: Array, index: Array,
                   layer_params: tuple[Any, ...]) -> HeadState:
@@ -172,26 +223,33 @@ class GlobalHead(_HeadBase):
       return state
     pos = jax.lax.dynamic_slice_in_dim(self._grid_pos(self.pos), index, h.shape[1])
     vis = self.visible_proj(h) + pos  # [B, c, Wh]
-    qkv = self._decode_block().apply({'params': layer_params[0]}, vis, method=layers.Block.self_qkv)
     put = lambda a, new: jax.lax.dynamic_update_slice_in_dim(a, new.astype(a.dtype), index, axis=1)
-    return dict(state, grid=put(state['grid'], vis),
-                qkv=tuple(put(a, b) for a, b in zip(state['qkv'], qkv)))
+    state = dict(state, grid=put(state['grid'], vis))
+    if not self._caches_qkv():
+      return state
+    qkv = self._decode_block().apply({'params': layer_params[0]}, vis, method=layers.Block.self_qkv)
+    return dict(state, qkv=tuple(put(a, b) for a, b in zip(state['qkv'], qkv)))
 
   def decode_outputs(self, state: HeadState, t: Array, size: int,
                      layer_params: tuple[Any, ...]) -> Array:
-    """Outputs for positions t..t+size-1 at step t: [B, size, V] (or [B, size, Wz])."""
+    """Outputs for positions t..t+size-1 at step t: [B, size, V] (or [B, size, Wz]).
+    Under condition='add' the grid tokens' inputs get condition_proj(h_t) here and the first
+    layer projects every token itself (nothing cached is valid for them)."""
     block = self._decode_block()
     ctx = self._context(state['h'])[:, None]  # [B, 1, Wh]
-    ctx_qkv = block.apply({'params': layer_params[0]}, ctx, method=layers.Block.self_qkv)
-    x = jnp.concatenate([ctx, state['grid'].astype(ctx.dtype)], axis=1)  # [B, N+1, Wh]
-    qkv = tuple(jnp.concatenate([a, b.astype(a.dtype)], axis=1)
-                for a, b in zip(ctx_qkv, state['qkv']))
+    grid = self._add_condition(state['grid'].astype(ctx.dtype), state['h'])
+    x = jnp.concatenate([ctx, grid], axis=1)  # [B, N+1, Wh]
+    qkv = None
+    if self._caches_qkv():
+      ctx_qkv = block.apply({'params': layer_params[0]}, ctx, method=layers.Block.self_qkv)
+      qkv = tuple(jnp.concatenate([a, b.astype(a.dtype)], axis=1)
+                  for a, b in zip(ctx_qkv, state['qkv']))
     wanted = 1 + t + jnp.arange(size)  # Token 0 is the context token.
     depth = len(layer_params)
     for i, params in enumerate(layer_params):
       x, _ = block.apply({'params': params}, x, None, None, None, qkv=qkv if i == 0 else None,
                          query_index=wanted if i == depth - 1 else None)
-    return self._outputs(x)
+    return self._outputs(self._add_next_decoded(x, state['h']))
 
 
 class LocalHead(_HeadBase):
@@ -199,7 +257,9 @@ class LocalHead(_HeadBase):
 
   Every layer cross-attends to the causal states h_0..h_t (never beyond t),
   then self-attends bidirectionally inside the window (positions >= N are
-  padding and are hidden as keys). All steps run in one pass.
+  padding and are hidden as keys). All steps run in one pass. condition='add': every
+  query of step t also gets W_a h_t in its input; direct_next: the output at position t
+  gets W_n h_t before the final norm.
   """
 
   def setup(self):
@@ -209,6 +269,7 @@ class LocalHead(_HeadBase):
     self.memory_pos = self._grid_pos_params('memory_pos')
     self.mask_token = self._token('mask_token')  # (Creation order fixes the initial values.)
     self.pos = self._grid_pos_params('pos')
+    self._option_layers()
     self._output_layers()
 
   def _memory_pos(self) -> Array:
@@ -231,7 +292,9 @@ class LocalHead(_HeadBase):
     cfg, h = self.config, self.config.head
     n, window = cfg.num_positions, h.window
     mem = self.memory_proj(states) + self._memory_pos()
+    h_t = _take_steps(states, steps)  # [B, S, E]
     x, in_grid = self._queries(steps)  # [B, S, W, Wh], [B, S, W]
+    x = self._add_condition(x, h_t)
     x = rearrange(x, 'b s w e -> b (s w) e')
     # Cross mask: a query of step t sees states h_0..h_t. Self mask: keys inside the grid.
     mem_mask = jnp.arange(n)[None, None, :] <= steps[..., None]  # [B, S, N]
@@ -243,7 +306,13 @@ class LocalHead(_HeadBase):
     x, _ = stack(x, None, self_mask, None, mem, mem_mask, None)
     x = rearrange(x, 'b (s w) e -> b s w e', w=window)
     y = jnp.take_along_axis(x, (targets - steps[..., None])[..., None], axis=2)  # [B, S, K, Wh]
+    y = self._add_next(y, h_t, targets == steps[..., None])
     return self._outputs(y, features_only)
+
+  def _keeps_h(self) -> bool:
+    """Whether the decoding state keeps the newest state h_t (only an option reads it)."""
+    h = self.config.head
+    return h.condition == 'add' or h.direct_next
 
   def _push_memory(self, state: HeadState, h: Array, slot: Array,
                    layer_params: tuple[Any, ...]) -> HeadState:
@@ -259,16 +328,21 @@ class LocalHead(_HeadBase):
     return dict(state, memory_kv=tuple(kv))
 
   def decode_init(self, h0: Array, layer_params: tuple[Any, ...]) -> HeadState:
-    """Memory slot 0 (h_0) written; per layer (k, v) [B, heads, N, head_dim] (cache layout)."""
+    """Memory slot 0 (h_0) written; per layer (k, v) [B, heads, N, head_dim] (cache layout);
+    with condition='add' or direct_next also the newest state 'h' (h_0)."""
     h = self.config.head
     shape = (h0.shape[0], h.num_heads, self.config.num_positions, h.width // h.num_heads)
     dtype = layers.dtype_of(self.config.dtype)
     empty = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layer_params)
-    return self._push_memory({'memory_kv': empty}, h0[:, None], jnp.int32(0), layer_params)
+    state = {'h': h0} if self._keeps_h() else {}
+    return self._push_memory(dict(state, memory_kv=empty), h0[:, None], jnp.int32(0),
+                             layer_params)
 
   def decode_push(self, state: HeadState, h: Array, index: Array,
                   layer_params: tuple[Any, ...]) -> HeadState:
     """States h_{index+1..index+c} arrived: memory slots index+1..index+c."""
+    if self._keeps_h():
+      state = dict(state, h=h[:, -1])
     return self._push_memory(state, h, index + 1, layer_params)
 
   def decode_outputs(self, state: HeadState, t: Array, size: int,
@@ -277,7 +351,7 @@ class LocalHead(_HeadBase):
     n = self.config.num_positions
     batch = state['memory_kv'][0][0].shape[0]
     x, in_grid = self._queries(t)  # [W, Wh], [W]
-    x = jnp.broadcast_to(x, (batch, *x.shape))
+    x = self._add_condition(jnp.broadcast_to(x, (batch, *x.shape)), state.get('h'))
     self_mask = in_grid[None, None, None, :]
     mem_mask = (jnp.arange(n) <= t)[None, None, None, :]
     # One window per row, so the block needs no window reshape (window=0, same parameters).
@@ -286,7 +360,7 @@ class LocalHead(_HeadBase):
     for i, (params, kv) in enumerate(zip(layer_params, state['memory_kv'])):
       x, _ = block.apply({'params': params}, x, None, self_mask, None, None, mem_mask,
                          memory_kv=kv, query_index=jnp.arange(size) if i == depth - 1 else None)
-    return self._outputs(x)
+    return self._outputs(self._add_next_decoded(x, state.get('h')))
 
 
 class NextTokenHead(_HeadBase):

@@ -233,8 +233,8 @@ def continuous_pair_loss(model: Heptapod, params: Any, z: Array, target_tokens: 
     target_tokens: float[B, N, C] latents of every grid position; only the supervised
       pairs' targets are read.
   Returns:
-    (scalar loss = mean over valid pairs of the per-pair diffusion MSE, metrics as
-    (sum, count): loss, mse and mse split by distance ahead).
+    (scalar loss = the `objective.pair_weights` mean of the per-pair diffusion MSE, metrics
+    as (sum, count): loss, mse and mse split by distance ahead).
   """
   x0 = jnp.take_along_axis(target_tokens[:, None], targets[..., None], axis=2)  # [B, S, K, C]
   flat_z = z.reshape(-1, z.shape[-1])
@@ -244,6 +244,8 @@ def continuous_pair_loss(model: Heptapod, params: Any, z: Array, target_tokens: 
   weight = valid.astype(jnp.float32)
   count = jnp.sum(weight)
   total = jnp.sum(per_pair * weight)
-  metrics = {'loss': (total, count), 'mse': (total, count)}
+  loss_weight = objective.pair_weights(model.config, steps, targets, valid)
+  metrics = {'loss': (jnp.sum(per_pair * loss_weight), jnp.sum(loss_weight)),
+             'mse': (total, count)}
   metrics.update(objective.distance_metrics('mse', per_pair, steps, targets, valid))
-  return total / jnp.maximum(count, 1.0), metrics
+  return metrics['loss'][0] / jnp.maximum(metrics['loss'][1], 1e-30), metrics

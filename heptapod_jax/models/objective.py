@@ -4,8 +4,11 @@ For each image, `steps_per_image` steps t are drawn uniformly without
 replacement from 0..N-1 (or all N). Step t has seen x_0..x_{t-1}; its
 candidate targets are the future positions j >= t the head can predict
 (global: all of them; local: the window t..t+W-1; next_token: j = t), of which
-`targets_per_step` are supervised (all by default). The loss is the mean of the
-token cross-entropy over every supervised (t, j) pair in the batch.
+`targets_per_step` are supervised (all by default). The loss is a weighted mean of the
+token cross-entropy over the supervised (t, j) pairs of the batch, sum_p w_p l_p / sum_p w_p
+(`pair_weights`): by default every pair alike (`model.head.loss_weighting='pairs'`), or every
+step alike ('steps'), with an optional extra weight on the next position
+(`model.head.next_weight`).
 """
 from __future__ import annotations
 
@@ -47,15 +50,19 @@ def candidate_targets(config: ModelConfig, steps: Array) -> tuple[Array, Array]:
   raise ValueError(f'model.head.kind={head.kind!r} has no target rule.')
 
 
-def choose_targets(rng: Array, targets: Array, valid: Array, targets_per_step: int):
+def choose_targets(rng: Array, targets: Array, valid: Array, targets_per_step: int,
+                   keep: Array | None = None):
   """Keeps `targets_per_step` valid candidates per step, uniformly at random (all: unchanged).
 
   Steps with fewer valid candidates than asked keep them all; the padding is
-  marked invalid.
+  marked invalid. Valid candidates where `keep` (bool, as `targets`) is set are always
+  kept (the next position, when `model.head.next_weight` weighs it); the rest are drawn.
   """
   if targets_per_step == ALL or targets_per_step >= targets.shape[-1]:
     return targets, valid
   scores = jnp.where(valid, jax.random.uniform(rng, targets.shape), -1.0)
+  if keep is not None:
+    scores = jnp.where(valid & keep, 2.0, scores)
   _, idx = jax.lax.top_k(scores, targets_per_step)
   return jnp.take_along_axis(targets, idx, -1), jnp.take_along_axis(valid, idx, -1)
 
@@ -65,8 +72,30 @@ def draw_pairs(rng: Array, config: ModelConfig, batch_size: int):
   step_rng, target_rng = jax.random.split(rng)
   steps = sample_steps(step_rng, batch_size, config.num_positions, config.head.steps_per_image)
   targets, valid = candidate_targets(config, steps)
-  targets, valid = choose_targets(target_rng, targets, valid, config.head.targets_per_step)
+  keep = targets == steps[..., None] if config.head.next_weight > 0 else None
+  targets, valid = choose_targets(target_rng, targets, valid, config.head.targets_per_step, keep)
   return steps, targets, valid
+
+
+def pair_weights(config: ModelConfig, steps: Array, targets: Array, valid: Array) -> Array:
+  """float32[B, S, K]: each supervised pair's weight w_p in the loss sum_p w_p l_p / sum_p w_p.
+
+  loss_weighting='pairs': w_p = 1 (the mean over pairs); 'steps': w_p = 1 / (the step's
+  supervised pairs), so that every step weighs alike whatever its number of targets. With
+  next_weight = lambda > 0, each step's distance-1 pair gets lambda * W / M more, W the sum
+  of those weights and M the number of such pairs, so that the loss is
+  (L + lambda * L_next) / (1 + lambda) with L_next the mean loss of the next positions.
+  Invalid pairs weigh 0. Under gradient accumulation W and M are each microbatch's.
+  """
+  head = config.head
+  weight = valid.astype(jnp.float32)
+  if head.loss_weighting == 'steps':
+    weight = weight / jnp.maximum(jnp.sum(weight, axis=-1, keepdims=True), 1.0)
+  if head.next_weight > 0:
+    is_next = (valid & (targets == steps[..., None])).astype(jnp.float32)
+    extra = head.next_weight * jnp.sum(weight) / jnp.maximum(jnp.sum(is_next), 1.0)
+    weight = weight + extra * is_next
+  return weight
 
 
 def token_loss(logits: Array, target_dist: Array, *, label_smoothing: float = 0.0,
@@ -145,7 +174,7 @@ def pair_loss_and_metrics(config: ModelConfig, logits: Array, target: Array, ste
   # for the top count as correct; with float logits they do not occur in practice.
   picked = jnp.take_along_axis(logits, ids[..., None], axis=-1)[..., 0]
   correct = (picked >= jnp.max(logits, axis=-1)).astype(jnp.float32)
-  return _reduce_pairs(loss, nll, correct, steps, targets, valid)
+  return _reduce_pairs(config, loss, nll, correct, steps, targets, valid)
 
 
 def _row_chunks(x: Array, chunk: int) -> Array:
@@ -253,21 +282,24 @@ def fused_pair_loss_and_metrics(config: ModelConfig, features: Array, kernel: Ar
       features.reshape(b, s * k, d), kernel, ids.reshape(b, s * k).astype(jnp.int32),
       config.label_smoothing, config.z_loss, config.loss_chunk, layers.dtype_of(config.dtype))
   loss, nll, correct = (x.reshape(b, s, k) for x in (loss, nll, correct))
-  return _reduce_pairs(loss, nll, correct, steps, targets, valid)
+  return _reduce_pairs(config, loss, nll, correct, steps, targets, valid)
 
 
-def _reduce_pairs(loss: Array, nll: Array, correct: Array, steps: Array, targets: Array,
-                  valid: Array) -> tuple[Array, Mapping[str, tuple[Array, Array]]]:
-  """The mean loss over the valid pairs and the (sum, count) metrics from per-pair values."""
+def _reduce_pairs(config: ModelConfig, loss: Array, nll: Array, correct: Array, steps: Array,
+                  targets: Array, valid: Array) -> tuple[Array, Mapping[str, tuple[Array, Array]]]:
+  """The loss (the `pair_weights` mean) and the (sum, count) metrics from per-pair values:
+  'loss' as the loss weighs the pairs, the others as plain means over the valid pairs."""
   weight = valid.astype(jnp.float32)
   count = jnp.sum(weight)
+  loss_weight = pair_weights(config, steps, targets, valid)
   metrics = {
-      'loss': (jnp.sum(loss * weight), count),
+      'loss': (jnp.sum(loss * loss_weight), jnp.sum(loss_weight)),
       'nll': (jnp.sum(nll * weight), count),
       'accuracy': (jnp.sum(correct * weight), count),
   }
   metrics.update(distance_metrics('nll', nll, steps, targets, valid))
-  return metrics['loss'][0] / jnp.maximum(count, 1.0), metrics
+  total, total_weight = metrics['loss']
+  return total / jnp.maximum(total_weight, 1e-30), metrics
 
 
 def distance_metrics(prefix: str, per_pair: Array, steps: Array, targets: Array,

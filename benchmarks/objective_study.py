@@ -1,0 +1,498 @@
+"""Does next 2D distribution prediction help, and when? The paper's ablations x seeds, resumable.
+
+  python benchmarks/objective_study.py                  # the default grid, 3 seeds
+  python benchmarks/objective_study.py --quick          # fewer settings, steps and samples
+  python benchmarks/objective_study.py --groups=heads,weighting --seeds=0,1,2,3,4
+  python benchmarks/objective_study.py --list           # the grid, without running it
+
+Every run is configs/demo.py on the built-in digits (8x8 grid of the demo's VQ codes, 64 codes,
+batch 32) with the setting's fields changed, trained by `train.train_and_evaluate`, sampled and
+scored by `sample.sample_and_evaluate` and probed by `evaluators.probe` (through
+`benchmarks/ablation_small.run_head`), then measured on the held-out split by distance ahead.
+The tokenizers (VQ, and KL for the `tokens` group) are trained once into <workdir>/tokenizers/
+and the feature network once into <workdir>/feature_net: every run of every setting shares
+them, so settings differ only in what the setting says (and the seed).
+
+Groups (a setting named in several groups runs once; `global` is the reference of most):
+  heads         global, local and next_token at equal steps, and local and next_token at
+                equal training FLOPs (their steps scaled to global's FLOPs; flops.py);
+  density       targets_per_step 1, 4, 16, all for global; 1, 4, all (= the window of 8) for
+                local;
+  window        the local head's window 4, 8 (local), 16, 32 (= the whole grid);
+  visible       the global head without visible_context;
+  weighting     loss_weighting=steps; next_weight=1 (pairs and steps);
+  tokens        KL tokens with the diffusion loss (global head) vs VQ, each at 1x and 3x steps;
+  conditioning  condition=add (h_t added to every grid token), direct_next (h_t straight to the
+                next position's output), and both.
+
+Per run (each seed): held-out NLL (nats/token, the exact raster-order likelihood) and next-token
+accuracy; held-out NLL by distance ahead (every step, every target the head predicts); FID,
+precision, recall and class accuracy of class-balanced samples in the demo's feature-net space
+against the train split; the linear probe on the backbone's final layer (fixed in advance, never
+picked on the test split). KL-token runs have no likelihood: their NLL columns are empty and
+their held-out diffusion MSE by distance is reported instead.
+
+Per setting: mean and standard deviation over seeds, printed and written to <workdir>/results.json
+(every run's numbers too), <workdir>/results.md (the tables) and <workdir>/nll_by_distance.svg.
+Each run lives in <workdir>/runs/<setting>/seed<k>/ and is skipped when its study_result.json
+exists; an interrupted run resumes from its checkpoint and sample chunks. A setting whose
+fields changed since its runs were made is refused (delete its directory or use another
+--workdir).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_FILE = 'study_result.json'
+GROUPS = ('heads', 'density', 'window', 'visible', 'weighting', 'tokens', 'conditioning')
+# The budget (--steps): see the module docstring of the study's README section; measured on the
+# 2-core machine, where the held-out NLL of the global head changes by < 1% over its last fifth.
+DEFAULT_STEPS, QUICK_STEPS = 600, 150
+DEFAULT_SAMPLES, QUICK_SAMPLES = 200, 100
+LONG = 3  # The tokens group's long runs: LONG x --steps.
+
+Configure = Callable[[ml_collections.ConfigDict], None]
+
+
+def _ablation():
+  spec = importlib.util.spec_from_file_location(
+      'ablation_small', os.path.join(ROOT, 'benchmarks', 'ablation_small.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+ablation = _ablation()
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One cell of the grid: a head of configs/demo.py with some fields changed.
+
+  fields: {dotted config path under config.model.head (or 'model.' / 'train.' paths): value}.
+  steps: a multiple of the study's --steps, or 'flops' = global's training FLOPs at --steps.
+  """
+  name: str
+  head: str
+  fields: tuple[tuple[str, Any], ...] = ()
+  steps: float | str = 1.0
+  tokenizer: str = 'vq'
+  groups: tuple[str, ...] = ()
+  note: str = ''
+
+  def describe(self) -> str:
+    parts = [f'head={self.head}'] + [f'{k}={v}' for k, v in self.fields]
+    if self.tokenizer != 'vq':
+      parts.append(f'tokens={self.tokenizer}')
+    if self.steps != 1.0:
+      parts.append('equal FLOPs' if self.steps == 'flops' else f'{self.steps:g}x steps')
+    return ', '.join(parts)
+
+
+def grid(groups: Sequence[str] = GROUPS, quick: bool = False) -> list[Setting]:
+  """The settings of `groups`, each once (its groups merged), in a stable order."""
+  unknown = sorted(set(groups) - set(GROUPS))
+  if unknown:
+    raise ValueError(f'groups {unknown} are not among {list(GROUPS)}.')
+  s = Setting
+  table: dict[str, list[Setting]] = {
+      'heads': [s('global', 'global', note='the demo default'), s('local', 'local'),
+                s('next_token', 'next_token'),
+                s('local@flops', 'local', steps='flops'),
+                s('next_token@flops', 'next_token', steps='flops')],
+      'density': [s('global', 'global')] + [
+          s(f'global/tps{k}', 'global', (('targets_per_step', k),)) for k in (1, 4, 16)] + [
+          s('local', 'local')] + [
+          s(f'local/tps{k}', 'local', (('targets_per_step', k),)) for k in (1, 4)],
+      'window': [s(f'local/w{w}', 'local', (('window', w),)) for w in (4, 16, 32)] + [
+          s('local', 'local')],
+      'visible': [s('global', 'global'),
+                  s('global/no_visible', 'global', (('visible_context', False),))],
+      'weighting': [s('global', 'global'),
+                    s('global/steps', 'global', (('loss_weighting', 'steps'),)),
+                    s('global/next1', 'global', (('next_weight', 1.0),)),
+                    s('global/steps+next1', 'global',
+                      (('loss_weighting', 'steps'), ('next_weight', 1.0)))],
+      'tokens': [s('global', 'global'), s(f'global@{LONG}x', 'global', steps=float(LONG)),
+                 s('global/kl', 'global', tokenizer='kl'),
+                 s(f'global/kl@{LONG}x', 'global', steps=float(LONG), tokenizer='kl')],
+      'conditioning': [s('global', 'global'),
+                       s('global/add', 'global', (('condition', 'add'),)),
+                       s('global/direct', 'global', (('direct_next', True),)),
+                       s('global/add+direct', 'global',
+                         (('condition', 'add'), ('direct_next', True)))],
+  }
+  if quick:  # One contrast per group.
+    keep = {'heads': ('global', 'next_token'), 'density': ('global/tps1',),
+            'window': ('local/w4',), 'visible': ('global/no_visible',),
+            'weighting': ('global/next1',), 'tokens': ('global/kl',),
+            'conditioning': ('global/direct',)}
+    table = {g: [x for x in rows if x.name in keep[g]] for g, rows in table.items()}
+  merged: dict[str, Setting] = {}
+  for group in GROUPS:
+    if group not in groups:
+      continue
+    for setting in table[group]:
+      old = merged.get(setting.name)
+      merged[setting.name] = dataclasses.replace(
+          setting, groups=(old.groups if old else ()) + (group,), note=setting.note or (
+              old.note if old else ''))
+  return list(merged.values())
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  path = dotted if '.' in dotted else f'model.head.{dotted}'
+  node = config
+  *parents, leaf = path.split('.')
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise ValueError(f'objective_study: config field {path} does not exist.')
+  node[leaf] = value
+
+
+def run_config(setting: Setting, *, steps: int, seed: int, num_samples: int, workdir: str,
+               configure: Configure | None = None) -> ml_collections.ConfigDict:
+  """The experiment config of one run of `setting` (demo.py + its fields), `steps` steps."""
+  def edit(c: ml_collections.ConfigDict) -> None:
+    c.tokenizer.checkpoint = tokenizer_checkpoint(workdir, setting.tokenizer)
+    for key, value in setting.fields:
+      _set(c, key, value)
+    if configure is not None:
+      configure(c)
+    c.train.checkpoint_every = max(c.train.num_steps // 3, 1)
+  return ablation.head_config(setting.head, steps=steps, seed=seed, num_samples=num_samples,
+                              feature_net_dir=os.path.join(workdir, 'feature_net'),
+                              options=f'tokenizer={setting.tokenizer}', configure=edit)
+
+
+def tokenizer_checkpoint(workdir: str, kind: str) -> str:
+  return '' if kind == 'pixel' else os.path.join(workdir, 'tokenizers', kind, 'tokenizer')
+
+
+def ensure_tokenizer(workdir: str, kind: str, configure_tokenizer: Configure | None = None,
+                     log=print) -> None:
+  """Trains configs/vq_demo.py (kind=vq or kl) into <workdir>/tokenizers/<kind> once."""
+  if kind == 'pixel' or os.path.exists(os.path.join(workdir, 'tokenizers', kind, 'tokenizer')):
+    return
+  from heptapod_jax import train_tokenizer
+  spec = importlib.util.spec_from_file_location('vq_demo',
+                                                os.path.join(ROOT, 'configs', 'vq_demo.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f'kind={kind}')
+  if configure_tokenizer is not None:
+    configure_tokenizer(config)
+  log(f'training the {kind} tokenizer (configs/vq_demo.py:kind={kind}) once for every run ...')
+  t0 = time.time()
+  train_tokenizer.train_and_evaluate(config, os.path.join(workdir, 'tokenizers', kind))
+  log(f'{kind} tokenizer trained in {time.time() - t0:.0f} s')
+
+
+def heldout_by_distance(config: ml_collections.ConfigDict, workdir: str,
+                        batch_size: int = 32) -> dict[str, float]:
+  """Held-out NLL (discrete tokens; diffusion MSE for continuous ones) of every (step, target)
+  pair the head predicts, every step of every held-out image, by distance ahead."""
+  import jax
+  import jax.numpy as jnp
+  from heptapod_jax.evaluators import probe
+  from heptapod_jax.models import heptapod, objective
+
+  model, params = probe.load_model(config, workdir)
+  cfg = model.config
+  tokens, labels = probe.tokenize_split(config, config.data.eval_split)
+  n = cfg.num_positions
+
+  @jax.jit
+  def measure(params, tokens, labels):
+    b = tokens.shape[0]
+    steps = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    targets, valid = objective.candidate_targets(cfg, steps)
+    out = model.apply({'params': params}, tokens, labels, steps, targets)
+    if cfg.continuous:
+      _, metrics = heptapod.continuous_pair_loss(model, params, out, tokens, steps, targets, valid,
+                                                 jax.random.key(0))
+    else:
+      _, metrics = objective.pair_loss_and_metrics(cfg, out, tokens, steps, targets, valid)
+    return {k: v for k, v in metrics.items() if k != 'loss'}
+
+  sums: dict[str, list[float]] = {}
+  for start in range(0, len(tokens), batch_size):
+    stop = min(start + batch_size, len(tokens))
+    metrics = jax.device_get(measure(params, jnp.asarray(tokens[start:stop]),
+                                     jnp.asarray(labels[start:stop])))
+    for k, (s, c) in metrics.items():
+      acc = sums.setdefault(k, [0.0, 0.0])
+      acc[0] += float(s)
+      acc[1] += float(c)
+  return {k: (s / c if c else float('nan')) for k, (s, c) in sums.items()}
+
+
+def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdir: str,
+            probe_steps: int, configure: Configure | None = None, log=print) -> dict[str, Any]:
+  """Trains, samples, scores and measures one seed of `setting`; its result (also saved)."""
+  run_dir = os.path.join(workdir, 'runs', setting.name.replace('/', '_'), f'seed{seed}')
+  result_path = os.path.join(run_dir, RESULT_FILE)
+  config = run_config(setting, steps=steps, seed=seed, num_samples=num_samples, workdir=workdir,
+                      configure=configure)
+  depth = config.model.backbone.depth
+  settings = dict(setting=setting.name, head=setting.head, fields=[list(f) for f in setting.fields],
+                  tokenizer=setting.tokenizer, steps=steps, seed=seed, num_samples=num_samples,
+                  batch=config.train.global_batch_size,
+                  train_flops_per_image=ablation.train_flops(config),
+                  probe_layers=[str(depth)], probe_steps=probe_steps)
+  if os.path.exists(result_path):
+    ablation._check_settings(run_dir, settings)  # Refuses a changed setting.
+    return ablation._read_json(result_path)
+  label = f'{setting.name} seed {seed}'
+  result = ablation.run_head(label, config, run_dir, settings, probe_layers=[str(depth)],
+                             probe_steps=probe_steps, log=log)
+  t0 = time.time()
+  result['heldout_by_distance'] = heldout_by_distance(config, run_dir)
+  result['heldout_seconds'] = time.time() - t0
+  result['setting'] = setting.name
+  result['seed'] = seed
+  ablation._write_json(result_path, result)
+  return result
+
+
+# --------------------------------------------------------------------------- the study
+
+
+# (key, label, format, where in a run's result): the columns of the tables, in order.
+METRICS = (
+    ('nll', 'NLL', '.3f', ('eval', 'nll')),
+    ('accuracy', 'acc', '.3f', ('eval', 'accuracy')),
+    ('nll_ahead_1', 'NLL d=1', '.3f', ('heldout_by_distance', 'nll_ahead_1')),
+    ('nll_ahead_2_4', 'NLL d=2-4', '.3f', ('heldout_by_distance', 'nll_ahead_2_4')),
+    ('nll_ahead_5_16', 'NLL d=5-16', '.3f', ('heldout_by_distance', 'nll_ahead_5_16')),
+    ('nll_ahead_17_plus', 'NLL d=17+', '.3f', ('heldout_by_distance', 'nll_ahead_17_plus')),
+    ('mse_ahead_1', 'MSE d=1', '.4f', ('heldout_by_distance', 'mse_ahead_1')),
+    ('fid', 'FID', '.2f', ('generative', 'fid')),
+    ('precision', 'prec', '.3f', ('generative', 'precision')),
+    ('recall', 'recall', '.3f', ('generative', 'recall')),
+    ('class_accuracy', 'cls acc', '.3f', ('generative', 'class_accuracy')),
+    ('probe', 'probe', '.3f', ('probe_final_top1',)),
+)
+
+
+def _get(result: Mapping[str, Any], where: Sequence[str]) -> float | None:
+  node: Any = result
+  for key in where:
+    if not isinstance(node, Mapping) or key not in node:
+      return None
+    node = node[key]
+  return None if node is None or not math.isfinite(float(node)) else float(node)
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+  """{metric: {mean, std, n}} over a setting's seeds (std: sample standard deviation, ddof=1)."""
+  out = {}
+  for key, _, _, where in METRICS:
+    values = [v for v in (_get(r, where) for r in runs) if v is not None]
+    out[key] = dict(mean=float(np.mean(values)) if values else None,
+                    std=float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                    n=len(values))
+  return out
+
+
+def _cell(stat: Mapping[str, Any], spec: str) -> str:
+  if stat['mean'] is None:
+    return '-'
+  if stat['std'] is None:
+    return f'{stat["mean"]:{spec}}'
+  return f'{stat["mean"]:{spec}} ± {stat["std"]:{spec}}'
+
+
+def markdown_tables(settings: Sequence[Setting], summary: Mapping[str, Any],
+                    steps_of: Mapping[str, int]) -> str:
+  """One markdown table per group: a row per setting, mean ± std over seeds per metric
+  (metrics no row of the group has are left out)."""
+  blocks = []
+  for group in GROUPS:
+    rows = [s for s in settings if group in s.groups]
+    if not rows:
+      continue
+    columns = [m for m in METRICS if any(summary[s.name][m[0]]['mean'] is not None for s in rows)]
+    header = ['setting', 'steps', 'seeds'] + [label for _, label, _, _ in columns]
+    lines = [f'**{group}**', '', '| ' + ' | '.join(header) + ' |',
+             '|' + '---|' + '---:|' * (len(header) - 1)]
+    for s in rows:
+      stats = summary[s.name]
+      seeds = max(stats[m[0]]['n'] for m in columns) if columns else 0
+      cells = [f'{s.name} ({s.describe()})', str(steps_of[s.name]), str(seeds)]
+      cells += [_cell(stats[key], spec) for key, _, spec, _ in columns]
+      lines.append('| ' + ' | '.join(cells) + ' |')
+    blocks.append('\n'.join(lines))
+  return '\n\n'.join(blocks) + '\n'
+
+
+def distance_plot(settings: Sequence[Setting], summary_runs: Mapping[str, Sequence[Mapping]]
+                  ) -> str | None:
+  """SVG: held-out NLL by distance ahead (mean over seeds), one line per discrete setting."""
+  from heptapod_jax import report
+  buckets = (('nll_ahead_1', 1.0, '1'), ('nll_ahead_2_4', 2.0, '2-4'),
+             ('nll_ahead_5_16', 3.0, '5-16'), ('nll_ahead_17_plus', 4.0, '17+'))
+  series = {}
+  for s in settings:
+    points = []
+    for key, x, _ in buckets:
+      values = [v for v in (_get(r, ('heldout_by_distance', key)) for r in summary_runs[s.name])
+                if v is not None]
+      if values:
+        points.append((x, float(np.mean(values))))
+    if len(points) > 1:
+      series[s.name] = points
+  if not series:
+    return None
+  return report.svg_line_plot(series, title='Held-out NLL by distance ahead (mean over seeds)',
+                              xlabel='distance ahead (1 = the next position, the one sampling uses)',
+                              ylabel='NLL (nats/token)', markers=True,
+                              x_labels={x: label for _, x, label in buckets})
+
+
+def plan(settings: Sequence[Setting], steps: int, *, seed: int, num_samples: int, workdir: str,
+         configure: Configure | None = None) -> dict[str, int]:
+  """Training steps of each setting: steps x its multiple, or global's FLOPs at `steps`."""
+  out = {}
+  reference = None
+  for s in settings:
+    if s.steps == 'flops':
+      if reference is None:
+        reference = ablation.train_flops(run_config(
+            Setting('global', 'global'), steps=1, seed=seed, num_samples=num_samples,
+            workdir=workdir, configure=configure))
+      own = ablation.train_flops(run_config(s, steps=1, seed=seed, num_samples=num_samples,
+                                            workdir=workdir, configure=configure))
+      out[s.name] = max(1, round(steps * reference / own))
+    else:
+      out[s.name] = max(1, round(steps * float(s.steps)))
+  return out
+
+
+def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), steps: int,
+              num_samples: int, workdir: str, probe_steps: int = 2000,
+              configure: Configure | None = None, configure_tokenizer: Configure | None = None,
+              log=print) -> dict[str, Any]:
+  """Runs every seed of every setting (skipping finished runs); writes and returns the results."""
+  if not settings or not seeds:
+    raise ValueError('objective_study: nothing to run (no settings or no seeds).')
+  workdir = os.path.abspath(workdir)
+  for kind in sorted({s.tokenizer for s in settings}):
+    ensure_tokenizer(workdir, kind, configure_tokenizer, log=log)
+  steps_of = plan(settings, steps, seed=seeds[0], num_samples=num_samples, workdir=workdir,
+                  configure=configure)
+  t0 = time.time()
+  runs: dict[str, list[dict[str, Any]]] = {}
+  total, done = len(settings) * len(seeds), 0
+  for s in settings:
+    for seed in seeds:
+      result = run_one(s, seed, steps=steps_of[s.name], num_samples=num_samples, workdir=workdir,
+                       probe_steps=probe_steps, configure=configure, log=log)
+      runs.setdefault(s.name, []).append(result)
+      done += 1
+      log(f'[{done}/{total}] {s.name} seed {seed}: NLL '
+          f'{_get(result, ("eval", "nll")) or float("nan"):.3f}, FID '
+          f'{_get(result, ("generative", "fid")) or float("nan"):.2f} '
+          f'({(time.time() - t0) / 60:.1f} min so far)')
+  summary = {s.name: aggregate(runs[s.name]) for s in settings}
+  table = markdown_tables(settings, summary, steps_of)
+  out = dict(settings=[dict(dataclasses.asdict(s), steps=steps_of[s.name], describe=s.describe())
+                       for s in settings],
+             seeds=list(seeds), steps=steps, num_samples=num_samples, probe_steps=probe_steps,
+             summary=summary, runs=runs, table=table)
+  ablation._write_json(os.path.join(workdir, 'results.json'), out)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(table)
+  svg = distance_plot(settings, runs)
+  if svg:
+    with open(os.path.join(workdir, 'nll_by_distance.svg'), 'w') as f:
+      f.write(svg)
+  return out
+
+
+# --------------------------------------------------------------------------- command line
+
+_FLAGS: dict[str, Any] = {}
+
+
+def _define_flags() -> dict[str, Any]:
+  from absl import flags
+  return dict(
+      groups=flags.DEFINE_list('groups', list(GROUPS), f'Groups of the grid, of {list(GROUPS)}.'),
+      seeds=flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (training, sampling, probe).'),
+      steps=flags.DEFINE_integer('steps', None, f'Training steps of a 1x setting (default '
+                                 f'{DEFAULT_STEPS}, {QUICK_STEPS} with --quick).'),
+      num_samples=flags.DEFINE_integer('num_samples', None, 'Class-balanced samples scored per '
+                                       f'run (default {DEFAULT_SAMPLES}, {QUICK_SAMPLES} with '
+                                       '--quick).'),
+      probe_steps=flags.DEFINE_integer('probe_steps', 2000, 'Linear-probe updates.'),
+      workdir=flags.DEFINE_string('workdir', None, 'Root of the runs; default '
+                                  'workdirs/objective_study (_quick with --quick).'),
+      quick=flags.DEFINE_bool('quick', False, 'One contrast per group, fewer steps and samples.'),
+      list=flags.DEFINE_bool('list', False, 'Print the grid and exit.'),
+  )
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import app, logging
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = _FLAGS
+  quick = f['quick'].value
+  try:
+    settings = grid(f['groups'].value, quick=quick)
+    seeds = [int(s) for s in f['seeds'].value]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  steps = f['steps'].value or (QUICK_STEPS if quick else DEFAULT_STEPS)
+  num_samples = f['num_samples'].value or (QUICK_SAMPLES if quick else DEFAULT_SAMPLES)
+  if f['list'].value:
+    for s in settings:
+      print(f'{s.name:22s} {",".join(s.groups):28s} {s.describe()}')
+    print(f'{len(settings)} settings x {len(seeds)} seeds, {steps} steps per 1x setting')
+    return
+  workdir = f['workdir'].value or ('workdirs/objective_study_quick' if quick
+                                   else 'workdirs/objective_study')
+  from heptapod_jax import console
+  console.setup(workdir)
+  logging.get_absl_handler().addFilter(ablation._quiet_orbax_read_only)
+  tf = console.import_tensorflow()
+  tf.config.set_visible_devices([], 'GPU')
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  t0 = time.time()
+  out = run_study(settings, seeds=seeds, steps=steps, num_samples=num_samples, workdir=workdir,
+                  probe_steps=f['probe_steps'].value, log=lambda m: print(m, flush=True))
+  print(f'\nObjective study: {len(settings)} settings x {len(seeds)} seeds, {steps} steps per 1x '
+        f'setting, batch 32, {num_samples} samples per run; {(time.time() - t0) / 60:.1f} min.\n'
+        'mean ± standard deviation over seeds. NLL / acc: held-out nats per token / next-token '
+        'accuracy (raster order, what sampling uses); NLL d=k: held-out NLL of the targets k '
+        'ahead; FID..cls acc: samples in the feature-net space vs the train split; probe: linear '
+        'probe top-1 on the final backbone layer.\n', flush=True)
+  print(out['table'], flush=True)
+  print(f'Results: {os.path.join(os.path.abspath(workdir), "results.json")} (and results.md, '
+        'nll_by_distance.svg)', flush=True)
+
+
+if __name__ == '__main__':
+  from heptapod_jax import console as _console
+  _console.quiet_dependencies()  # Before TensorFlow or JAX load: their start-up notices.
+  from absl import app as _app
+  _FLAGS.update(_define_flags())
+  _app.run(main)

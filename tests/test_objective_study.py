@@ -1,0 +1,136 @@
+"""benchmarks/objective_study.py end to end on a tiny grid (2 settings x 2 seeds, a few steps):
+a study interrupted after its first run and rerun gives the same results as an uninterrupted
+one, every number of the markdown table is the JSON's, and the grid is what the docstring says.
+
+The loss-weighting options the study compares are checked against a brute-force computation in
+tests/test_loss_weighting.py."""
+import importlib.util
+import json
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location(
+      'objective_study', os.path.join(ROOT, 'benchmarks', 'objective_study.py'))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules['objective_study'] = module  # Its dataclasses look their module up.
+  spec.loader.exec_module(module)
+  return module
+
+
+def _tiny(data_dir: str):
+  def configure(c):
+    c.data.data_dir = data_dir
+    m = c.model
+    m.backbone.width, m.backbone.depth, m.backbone.num_heads = 32, 2, 2
+    m.head.width, m.head.depth, m.head.num_heads = 32, 1, 2
+    c.optim.warmup_steps = 1
+    c.train.global_batch_size = 16
+    c.train.log_every = 1
+    c.train.eval_batches = 2
+    c.train.peak_tflops = 1.0
+    c.evaluator.feature_net_steps = 5
+  return configure
+
+
+class Interrupt(Exception):
+  pass
+
+
+def test_grid_merges_shared_settings_and_checks_groups():
+  study = _load_script()
+  settings = study.grid()
+  names = [s.name for s in settings]
+  assert len(names) == len(set(names))
+  by_name = {s.name: s for s in settings}
+  assert set(by_name['global'].groups) == {'heads', 'density', 'visible', 'weighting', 'tokens',
+                                           'conditioning'}
+  assert by_name['next_token@flops'].steps == 'flops'
+  assert dict(by_name['global/steps+next1'].fields) == {'loss_weighting': 'steps',
+                                                        'next_weight': 1.0}
+  # Every group of the issue has its contrast, with 3 seeds by default.
+  assert {w for s in settings for k, w in s.fields if k == 'window'} == {4, 16, 32}
+  assert {k for s in settings for k, _ in s.fields} >= {
+      'targets_per_step', 'window', 'visible_context', 'loss_weighting', 'next_weight',
+      'condition', 'direct_next'}
+  assert len(study.grid(quick=True)) < len(settings)
+  with pytest.raises(ValueError, match='not among'):
+    study.grid(['heads', 'colour'])
+
+
+def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path):
+  study = _load_script()
+  configure = _tiny(str(tmp_path / 'tfds'))
+  settings = [study.Setting('global', 'global', tokenizer='pixel', groups=('weighting',)),
+              study.Setting('global/next1', 'global', (('next_weight', 1.0),), tokenizer='pixel',
+                            groups=('weighting',))]
+  kwargs = dict(seeds=(0, 1), steps=3, num_samples=10, probe_steps=10, configure=configure)
+
+  uninterrupted = study.run_study(settings, workdir=str(tmp_path / 'a'), log=lambda m: None, **kwargs)
+
+  def die_after_first(message):
+    if message.startswith('[1/4]'):
+      raise Interrupt(message)
+
+  workdir = str(tmp_path / 'b')
+  with pytest.raises(Interrupt):
+    study.run_study(settings, workdir=workdir, log=die_after_first, **kwargs)
+  first = os.path.join(workdir, 'runs', 'global', 'seed0', study.RESULT_FILE)
+  assert os.path.exists(first)
+  assert not os.path.exists(os.path.join(workdir, 'runs', 'global', 'seed1', study.RESULT_FILE))
+  stamp = os.stat(first).st_mtime_ns
+  lines = []
+  resumed = study.run_study(settings, workdir=workdir, log=lines.append, **kwargs)
+  assert os.stat(first).st_mtime_ns == stamp  # Read back, not run again.
+  assert sum('training' in line for line in lines) == 3
+
+  assert resumed['table'] == uninterrupted['table']
+  assert json.loads(json.dumps(resumed['summary'])) == json.loads(
+      json.dumps(uninterrupted['summary']))
+  for name in ('global', 'global/next1'):
+    for a, b in zip(resumed['runs'][name], uninterrupted['runs'][name]):
+      assert a['eval'] == b['eval'] and a['generative'] == b['generative']
+      assert a['heldout_by_distance'] == b['heldout_by_distance']
+
+  # The numbers: each run has them, and the next_weight run differs from the plain one.
+  for name, runs in resumed['runs'].items():
+    assert [r['seed'] for r in runs] == [0, 1]
+    for r in runs:
+      d = r['heldout_by_distance']
+      assert d['nll_ahead_1'] > 0 and d['nll_ahead_17_plus'] > 0
+      assert r['steps'] == 3 and 0 <= r['probe_final_top1'] <= 1
+  assert resumed['runs']['global'][0]['eval'] != resumed['runs']['global/next1'][0]['eval']
+
+  # The markdown table's numbers are the JSON's: mean ± std over the two seeds.
+  table = open(os.path.join(workdir, 'results.md')).read()
+  assert table == resumed['table']
+  header = next(line for line in table.splitlines() if line.startswith('| setting'))
+  labels = [c.strip() for c in header.strip('|').split('|')]
+  rows = [line for line in table.splitlines() if line.startswith('| global')]
+  assert len(rows) == 2
+  label_to_key = {label: (key, spec) for key, label, spec, _ in study.METRICS}
+  for row in rows:
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    name = cells[0].split(' (')[0]
+    assert cells[2] == '2'
+    for label, cell in zip(labels[3:], cells[3:]):
+      key, spec = label_to_key[label]
+      stat = resumed['summary'][name][key]
+      mean, std = re.fullmatch(r'(\S+) ± (\S+)', cell).groups()
+      assert mean == f'{stat["mean"]:{spec}}' and std == f'{stat["std"]:{spec}}'
+      values = [study._get(r, dict((m[0], m[3]) for m in study.METRICS)[key])
+                for r in resumed['runs'][name]]
+      assert stat['mean'] == pytest.approx(sum(values) / 2)
+  assert os.path.exists(os.path.join(workdir, 'nll_by_distance.svg'))
+
+  # A setting whose fields changed is refused, naming the difference.
+  changed = [study.Setting('global', 'global', (('next_weight', 2.0),), tokenizer='pixel',
+                           groups=('weighting',))]
+  with pytest.raises(ValueError, match='other settings'):
+    study.run_study(changed, workdir=workdir, log=lambda m: None, **kwargs)
