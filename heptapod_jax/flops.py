@@ -305,7 +305,8 @@ def sampling_bytes_per_step(config: ModelConfig, batch: int, param_bytes: int = 
   kv_cache    the backbone's keys and values written so far (the P prefix slots and t tokens
               at step t: P + (N - 2) / 2 on average over the N - 1 fed tokens);
   head_state  what the head's decoding state holds so far: the global head's grid inputs and
-              first-layer q, k, v (N positions, 4 x head width), the local head's memory keys
+              first-layer q, k, v (N positions, 4 x head width; the inputs only under
+              head.condition='add', whose q, k, v are recomputed), the local head's memory keys
               and values for every layer (t + 1 slots at step t: (N + 1) / 2 on average).
   Cached or recomputed, a step cannot read less and still be exact; `total` is their sum.
   """
@@ -319,7 +320,8 @@ def sampling_bytes_per_step(config: ModelConfig, batch: int, param_bytes: int = 
   kv_cache = 2 * b.depth * batch * kv_width * (b.class_prefix_len + (n - 2) / 2)
   head_state = 0.0
   if h.kind == 'global':
-    head_state = 4 * batch * n * h.width
+    # condition='add' keeps the grid inputs only (their q, k, v change with h_t every step).
+    head_state = (1 if h.condition == 'add' else 4) * batch * n * h.width
   elif h.kind == 'local':
     head_state = 2 * h.depth * batch * h.width * (n + 1) / 2
   out = {'weights': weights * param_bytes, 'kv_cache': kv_cache * activation_bytes,

@@ -9,6 +9,8 @@ type at these shapes (jax 0.10.2, float32, every layer unrolled so that XLA sees
 remaining ~3% is elementwise work. The band below is tight enough that leaving out any term
 of the count fails it, which `test_train_flops_match_xla` checks term by term.
 """
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -175,3 +177,17 @@ def test_sampling_bytes_per_step_count_the_weights_and_caches():
   assert bf16['total'] == got['total'] / 2
   glob = flops.sampling_bytes_per_step(_config('global'), batch=3)
   assert glob['head_state'] == 4 * 4 * 3 * n * 64  # Grid inputs and q, k, v of width 64.
+  # The same as the decoding state's arrays (less the newest state h_t, a row per image), and
+  # a quarter of it under condition='add', whose state keeps the grid inputs only.
+  for condition, share in (('context', 4), ('add', 1)):
+    config = _config('global', head=dict(condition=condition))
+    model = Heptapod(config)
+    params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
+    state, _ = jax.eval_shape(
+        lambda v, labels: model.apply(v, labels, init_cache(config, 3), split_layers(v['params']),
+                                      method=Heptapod.prefill),
+        {'params': params}, jax.ShapeDtypeStruct((3,), jnp.int32))
+    arrays = [x for k, x in state.items() if k != 'h']
+    held = sum(4 * math.prod(x.shape) for x in jax.tree.leaves(arrays))
+    got = flops.sampling_bytes_per_step(config, batch=3)['head_state']
+    assert got == held == share * 4 * 3 * n * 64, (condition, got, held)
