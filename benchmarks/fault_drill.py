@@ -1,8 +1,8 @@
 """Fault drill: inject every kind of fault several times, at seeded random moments, into tiny
 runs of each long job, and check that a rerun of the same command recovers exactly.
 
-  python benchmarks/fault_drill.py                 # every kind, 5 trials each (about 40 min)
-  python benchmarks/fault_drill.py --quick         # every kind, 1 trial each (about 8 min)
+  python benchmarks/fault_drill.py                 # every kind, 5 trials each (about 60 min)
+  python benchmarks/fault_drill.py --quick         # every kind, 1 trial each (about 12 min)
   python benchmarks/fault_drill.py --kinds=lost_process,full_disk --trials=3 --seed=1
 
 Kinds (each trial starts from an empty directory, injects the fault into real child
