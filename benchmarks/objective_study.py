@@ -34,6 +34,10 @@ their held-out diffusion MSE by distance is reported instead.
 
 Per setting: mean and standard deviation over seeds, printed and written to <workdir>/results.json
 (every run's numbers too), <workdir>/results.md (the tables) and <workdir>/nll_by_distance.svg.
+The paper's claims (CLAIMS) are judged from the settings run in the same command: each contrast
+(held-out NLL, FID) says 'yes' only when the difference of means exceeds two pooled standard
+deviations over seeds, else 'inconclusive'; rerun without --groups once the groups are done to
+judge every claim (finished runs are read back, not trained again).
 Each run lives in <workdir>/runs/<setting>/seed<k>/ and is skipped when its study_result.json
 exists; an interrupted run resumes from its checkpoint and sample chunks. A setting whose
 fields changed since its runs were made is refused (delete its directory or use another
@@ -343,6 +347,84 @@ def markdown_tables(settings: Sequence[Setting], summary: Mapping[str, Any],
   return '\n\n'.join(blocks) + '\n'
 
 
+# The paper's four claims, as contrasts of the grid: (claim, [(better, worse, metric)], how the
+# contrasts combine). A contrast says `better` beats `worse` on `metric` (lower is better for
+# NLL and FID).
+CLAIMS = (
+    ('the global head beats the local one',
+     [('global', 'local', 'nll'), ('global', 'local', 'fid'),
+      ('global', 'local@flops', 'nll'), ('global', 'local@flops', 'fid')], 'all'),
+    ('a larger local window is better',
+     [('local/w32', 'local/w4', 'nll'), ('local/w32', 'local/w4', 'fid')], 'all'),
+    ('denser supervision helps the global head',
+     [('global', 'global/tps1', 'nll'), ('global', 'global/tps1', 'fid')], 'all'),
+    ('... but little the local one (no clear gain from all 8 targets over 1)',
+     [('local', 'local/tps1', 'nll'), ('local', 'local/tps1', 'fid')], 'none'),
+    ('VQ tokens learn faster early',
+     [('global', 'global/kl', 'fid')], 'all'),
+    ('KL tokens win late',
+     [(f'global/kl@{LONG}x', f'global@{LONG}x', 'fid')], 'all'),
+)
+
+
+def compare(summary: Mapping[str, Any], better: str, worse: str, metric: str
+            ) -> dict[str, Any]:
+  """Whether `better` beats `worse` on `metric` by more than two standard deviations over seeds.
+
+  The spread is the pooled sample standard deviation of the two settings' seeds,
+  sqrt((s_a^2 + s_b^2) / 2); a difference of means smaller than twice it is 'inconclusive'.
+  Returns dict(better, worse, metric, diff = how much `better` is ahead (positive: ahead),
+  spread, verdict: 'yes' | 'no' (ahead the other way) | 'inconclusive' | 'not run').
+  """
+  out = dict(better=better, worse=worse, metric=metric, diff=None, spread=None)
+  a, b = summary.get(better, {}).get(metric), summary.get(worse, {}).get(metric)
+  if not a or not b or a['mean'] is None or b['mean'] is None:
+    return dict(out, verdict='not run')
+  if a['std'] is None or b['std'] is None:
+    return dict(out, verdict='inconclusive')  # One seed: no spread to judge by.
+  lower_is_better = metric in ('nll', 'fid') or metric.startswith(('nll_', 'mse_'))
+  diff = (b['mean'] - a['mean']) if lower_is_better else (a['mean'] - b['mean'])
+  spread = math.sqrt((a['std'] ** 2 + b['std'] ** 2) / 2)
+  verdict = ('yes' if diff > 2 * spread else 'no' if -diff > 2 * spread else 'inconclusive')
+  return dict(out, diff=diff, spread=spread, verdict=verdict)
+
+
+def verdicts(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """Each claim of CLAIMS: its contrasts and 'reproduced' / 'not reproduced' / 'inconclusive'
+  / 'not run'. 'all': reproduced when every contrast says yes, not reproduced when one says no.
+  'none' (a claim of no effect): reproduced when no contrast says yes or no, not reproduced
+  when one does."""
+  rows = []
+  for claim, contrasts, rule in CLAIMS:
+    found = [compare(summary, *c) for c in contrasts]
+    said = [f['verdict'] for f in found]
+    if 'not run' in said:
+      verdict = 'not run'
+    elif rule == 'all':
+      verdict = ('reproduced' if all(v == 'yes' for v in said) else
+                 'not reproduced' if 'no' in said else 'inconclusive')
+    else:
+      verdict = 'not reproduced' if any(v in ('yes', 'no') for v in said) else 'reproduced'
+    rows.append(dict(claim=claim, verdict=verdict, contrasts=found))
+  return rows
+
+
+def markdown_verdicts(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The claims' table: each contrast as 'A vs B on metric: ahead by d (2 sd = s)'."""
+  lines = ['**the paper\'s claims** (a difference under two pooled standard deviations over '
+           'seeds is inconclusive)', '', '| claim | evidence | verdict |', '|---|---|---|']
+  for row in rows:
+    evidence = []
+    for c in row['contrasts']:
+      if c['diff'] is None:
+        evidence.append(f'{c["better"]} vs {c["worse"]}, {c["metric"]}: {c["verdict"]}')
+      else:
+        evidence.append(f'{c["better"]} vs {c["worse"]}, {c["metric"]}: ahead by '
+                        f'{c["diff"]:.3f} (2 sd = {2 * c["spread"]:.3f})')
+    lines.append(f'| {row["claim"]} | {"; ".join(evidence)} | {row["verdict"]} |')
+  return '\n'.join(lines) + '\n'
+
+
 def distance_plot(settings: Sequence[Setting], summary_runs: Mapping[str, Sequence[Mapping]]
                   ) -> str | None:
   """SVG: held-out NLL by distance ahead (mean over seeds), one line per discrete setting."""
@@ -412,11 +494,12 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
           f'{_get(result, ("generative", "fid")) or float("nan"):.2f} '
           f'({(time.time() - t0) / 60:.1f} min so far)')
   summary = {s.name: aggregate(runs[s.name]) for s in settings}
-  table = markdown_tables(settings, summary, steps_of)
+  claims = verdicts(summary)
+  table = markdown_tables(settings, summary, steps_of) + '\n' + markdown_verdicts(claims)
   out = dict(settings=[dict(dataclasses.asdict(s), steps=steps_of[s.name], describe=s.describe())
                        for s in settings],
              seeds=list(seeds), steps=steps, num_samples=num_samples, probe_steps=probe_steps,
-             summary=summary, runs=runs, table=table)
+             summary=summary, runs=runs, verdicts=claims, table=table)
   ablation._write_json(os.path.join(workdir, 'results.json'), out)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(table)

@@ -134,3 +134,52 @@ def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path
                            groups=('weighting',))]
   with pytest.raises(ValueError, match='other settings'):
     study.run_study(changed, workdir=workdir, log=lambda m: None, **kwargs)
+
+
+def _stat(values):
+  import numpy as np
+  return dict(mean=float(np.mean(values)), std=float(np.std(values, ddof=1)), n=len(values))
+
+
+def test_a_difference_under_two_pooled_standard_deviations_is_inconclusive():
+  study = _load_script()
+  summary = {'a': {'nll': _stat([1.0, 1.1, 1.2])},       # mean 1.1, sd 0.1
+             'b': {'nll': _stat([1.25, 1.35, 1.45])},    # mean 1.35, sd 0.1: 0.25 > 2 x 0.1
+             'c': {'nll': _stat([1.15, 1.25, 1.35])},    # mean 1.25: 0.15 < 0.2
+             'one': {'nll': dict(mean=1.0, std=None, n=1)}}
+  ahead = study.compare(summary, 'a', 'b', 'nll')
+  assert ahead['verdict'] == 'yes' and ahead['diff'] == pytest.approx(0.25)
+  assert ahead['spread'] == pytest.approx(0.1)
+  assert study.compare(summary, 'b', 'a', 'nll')['verdict'] == 'no'
+  assert study.compare(summary, 'a', 'c', 'nll')['verdict'] == 'inconclusive'
+  assert study.compare(summary, 'a', 'one', 'nll')['verdict'] == 'inconclusive'
+  assert study.compare(summary, 'a', 'missing', 'nll')['verdict'] == 'not run'
+  # Higher is better for accuracies.
+  acc = {'a': {'probe': _stat([0.9, 0.91, 0.92])}, 'b': {'probe': _stat([0.8, 0.81, 0.82])}}
+  assert study.compare(acc, 'a', 'b', 'probe')['verdict'] == 'yes'
+
+
+def test_claims_combine_their_contrasts():
+  study = _load_script()
+  good, bad, same = _stat([1.0, 1.01, 1.02]), _stat([2.0, 2.01, 2.02]), _stat([1.0, 1.02, 1.01])
+  summary = {name: {'nll': good, 'fid': good} for name in ('global', 'local/w32')}
+  summary.update({name: {'nll': bad, 'fid': bad} for name in ('local', 'local@flops',
+                                                              'local/w4', 'global/tps1')})
+  summary['local/tps1'] = {'nll': same, 'fid': same}
+  rows = {r['claim']: r['verdict'] for r in study.verdicts(summary)}
+  assert rows['the global head beats the local one'] == 'reproduced'
+  assert rows['a larger local window is better'] == 'reproduced'
+  assert rows['denser supervision helps the global head'] == 'reproduced'
+  # 'local' (bad) vs 'local/tps1' (same as good): a clear difference, so "little" is refuted.
+  assert rows['... but little the local one (no clear gain from all 8 targets over 1)'] == (
+      'not reproduced')
+  assert rows['VQ tokens learn faster early'] == 'not run'
+  summary['local/tps1'] = {'nll': bad, 'fid': bad}
+  rows = {r['claim']: r['verdict'] for r in study.verdicts(summary)}
+  assert rows['... but little the local one (no clear gain from all 8 targets over 1)'] == (
+      'reproduced')
+  summary['local/w32'] = {'nll': bad, 'fid': good}
+  rows = {r['claim']: r['verdict'] for r in study.verdicts(summary)}
+  assert rows['a larger local window is better'] == 'inconclusive'
+  table = study.markdown_verdicts(study.verdicts(summary))
+  assert '| a larger local window is better |' in table and 'ahead by 0.000' in table
