@@ -64,6 +64,7 @@ def test_grid_merges_shared_settings_and_checks_groups():
     study.grid(['heads', 'colour'])
 
 
+@pytest.mark.slow
 def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path):
   study = _load_script()
   configure = _tiny(str(tmp_path / 'tfds'))
