@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+# The tiny model and data of the small ablation (the study runs through its run_head).
+from test_ablation_small import _tiny
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,21 +25,6 @@ def _load_script():
   sys.modules['objective_study'] = module  # Its dataclasses look their module up.
   spec.loader.exec_module(module)
   return module
-
-
-def _tiny(data_dir: str):
-  def configure(c):
-    c.data.data_dir = data_dir
-    m = c.model
-    m.backbone.width, m.backbone.depth, m.backbone.num_heads = 32, 2, 2
-    m.head.width, m.head.depth, m.head.num_heads = 32, 1, 2
-    c.optim.warmup_steps = 1
-    c.train.global_batch_size = 16
-    c.train.log_every = 1
-    c.train.eval_batches = 2
-    c.train.peak_tflops = 1.0
-    c.evaluator.feature_net_steps = 5
-  return configure
 
 
 class Interrupt(Exception):
