@@ -50,7 +50,7 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt
 
 # Two workers (pytest-xdist), each test file on one worker so that its fixtures are built once.
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS) tests

@@ -61,7 +61,7 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'tests', 'faults'))
+sys.path[:0] = [os.path.join(ROOT, 'tests', 'faults'), os.path.join(ROOT, 'tests')]
 import _harness as h  # noqa: E402
 
 KINDS = ('sigterm', 'sigkill_training', 'sigkill_async_save', 'lost_process',

@@ -16,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 from heptapod_jax import checkpoint as ckpt_lib
 from heptapod_jax import checkpoint_read
 
+from _multiprocess import multiprocess_env
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -319,7 +321,8 @@ def test_two_processes(tmp_path):
   repo = str(pathlib.Path(__file__).resolve().parents[1])
   procs = [
       subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(directory), repo],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       env=multiprocess_env())
       for i in range(2)
   ]
   outputs = []

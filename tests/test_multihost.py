@@ -19,6 +19,7 @@ import tensorflow as tf
 from heptapod_jax import train
 from heptapod_jax.data import builtin, input_pipeline
 
+from _multiprocess import multiprocess_env
 from test_train import ROOT, tiny_config
 
 STEPS = 4
@@ -88,7 +89,7 @@ def test_two_process_run_matches_single_process(tmp_path, monkeypatch):
   port = _free_port()
   workdir = tmp_path / 'two'
   flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(multiprocess_env(), XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT)
   procs = []
   for pid in range(2):

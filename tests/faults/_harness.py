@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from _multiprocess import multiprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNER = os.path.join(ROOT, 'tests', 'faults', 'runner.py')
 
@@ -58,8 +60,8 @@ class Child:
   """`tests/faults/runner.py` in a child process with 8 CPU devices; stdout read by line."""
 
   def __init__(self, argv: list[str], runner_args: tuple[str, ...] = (), log_path=None,
-               devices: int = 8):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               devices: int = 8, multiprocess: bool = False):
+    env = dict(multiprocess_env() if multiprocess else os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
                JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT,
                PYTHONUNBUFFERED='1')
     self.stderr_path = log_path
@@ -114,7 +116,7 @@ def job(argv: list[str], processes: int = 2, runner_args: tuple[str, ...] = (),
   return [Child([*argv, '--distributed=on', f'--coordinator_address=127.0.0.1:{port}',
                  f'--num_processes={processes}', f'--process_id={pid}'], runner_args,
                 log_path=os.path.join(log_dir, f'process{pid}.stderr') if log_dir else None,
-                devices=8 // processes)
+                devices=8 // processes, multiprocess=True)
           for pid in range(processes)]
 
 

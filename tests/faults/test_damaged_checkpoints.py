@@ -16,6 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from heptapod_jax import checkpoint as ckpt_lib
 
+from _multiprocess import multiprocess_env
+
 
 def _mesh():
   return jax.make_mesh((8,), ('fsdp',), axis_types=(jax.sharding.AxisType.Auto,))
@@ -321,7 +323,7 @@ def test_two_processes_agree_and_only_process_0_moves(tmp_path):
   worker = tmp_path / 'worker.py'
   worker.write_text(_TWO_PROCESS_WORKER)
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = {k: v for k, v in multiprocess_env().items() if k != 'XLA_FLAGS'}
   procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port),
                              str(tmp_path / 'ckpt'), repo],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
