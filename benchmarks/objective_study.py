@@ -425,8 +425,8 @@ def markdown_verdicts(rows: Sequence[Mapping[str, Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def distance_plot(settings: Sequence[Setting], summary_runs: Mapping[str, Sequence[Mapping]]
-                  ) -> str | None:
+def distance_plot(settings: Sequence[Setting], summary_runs: Mapping[str, Sequence[Mapping]],
+                  title: str = 'Held-out NLL by distance ahead (mean over seeds)') -> str | None:
   """SVG: held-out NLL by distance ahead (mean over seeds), one line per discrete setting."""
   from heptapod_jax import report
   buckets = (('nll_ahead_1', 1.0, '1'), ('nll_ahead_2_4', 2.0, '2-4'),
@@ -443,7 +443,7 @@ def distance_plot(settings: Sequence[Setting], summary_runs: Mapping[str, Sequen
       series[s.name] = points
   if not series:
     return None
-  return report.svg_line_plot(series, title='Held-out NLL by distance ahead (mean over seeds)',
+  return report.svg_line_plot(series, title=title,
                               xlabel='distance ahead (1 = the next position, the one sampling uses)',
                               ylabel='NLL (nats/token)', markers=True,
                               x_labels={x: label for _, x, label in buckets})
@@ -503,10 +503,29 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
   ablation._write_json(os.path.join(workdir, 'results.json'), out)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(table)
+  for name, svg in distance_plots(settings, runs).items():
+    with open(os.path.join(workdir, name), 'w') as f:
+      f.write(svg)
+  return out
+
+
+def distance_plots(settings: Sequence[Setting], runs: Mapping[str, Sequence[Mapping]]
+                   ) -> dict[str, str]:
+  """{file name: SVG}: every setting in nll_by_distance.svg, and one plot per group with two or
+  more settings that have likelihoods in nll_by_distance_<group>.svg (readable where the
+  whole grid is not)."""
+  out = {}
   svg = distance_plot(settings, runs)
   if svg:
-    with open(os.path.join(workdir, 'nll_by_distance.svg'), 'w') as f:
-      f.write(svg)
+    out['nll_by_distance.svg'] = svg
+  for group in GROUPS:
+    members = [s for s in settings if group in s.groups and s.tokenizer != 'kl']
+    if len(members) < 2:  # KL-token runs have no likelihood to plot.
+      continue
+    svg = distance_plot(members, runs, title=f'Held-out NLL by distance ahead: {group} '
+                        f'(mean over {max(len(runs[s.name]) for s in members)} seeds)')
+    if svg:
+      out[f'nll_by_distance_{group}.svg'] = svg
   return out
 
 

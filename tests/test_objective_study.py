@@ -117,6 +117,8 @@ def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path
                 for r in resumed['runs'][name]]
       assert stat['mean'] == pytest.approx(sum(values) / 2)
   assert os.path.exists(os.path.join(workdir, 'nll_by_distance.svg'))
+  weighting = open(os.path.join(workdir, 'nll_by_distance_weighting.svg')).read()
+  assert weighting.count('<polyline') == 2 and 'global/next1' in weighting
 
   # A setting whose fields changed is refused, naming the difference.
   changed = [study.Setting('global', 'global', (('next_weight', 2.0),), tokenizer='pixel',

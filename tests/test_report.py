@@ -119,3 +119,15 @@ def test_readme_figures_from_runs(tmp_path):
       [{'head': 'global', 'steps': 20}],
       lambda run: report.read_scalars(os.path.join(ablation, run['head'])))
   assert series == {'global (20 steps)': [(0, 1.5), (1, 2.0), (2, 2.5), (3, 3.0)]}
+
+  # The objective study's per-group plots are copied as they are; its other files are not.
+  study = tmp_path / 'study'
+  study.mkdir()
+  (study / 'nll_by_distance_heads.svg').write_text('<svg>heads</svg>\n')
+  (study / 'nll_by_distance.svg').write_text('<svg>all</svg>\n')
+  (study / 'results.md').write_text('| table |\n')
+  written = readme_figures.write_figures(demo, None, ablation, out, str(study))
+  assert sorted(os.path.basename(p) for p in written) == [
+      'ablation_nll_by_distance.svg', 'demo_loss.svg', 'demo_samples.png',
+      'study_nll_by_distance_heads.svg']
+  assert open(os.path.join(out, 'study_nll_by_distance_heads.svg')).read() == '<svg>heads</svg>\n'

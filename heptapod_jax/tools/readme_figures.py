@@ -1,7 +1,7 @@
 """The README's pictures, regenerated from a demo run and a small-ablation run.
 
   python -m heptapod_jax.tools.readme_figures --demo=workdirs/demo \\
-      --ablation=workdirs/ablation_small --out=docs/figures
+      --ablation=workdirs/ablation_small --study=workdirs/objective_study --out=docs/figures
 
 Writes into --out (each only when its source exists; the list is printed):
   demo_samples.png          the demo's last sample grid (one column per digit)
@@ -11,6 +11,8 @@ Writes into --out (each only when its source exists; the list is printed):
   demo_loss.svg             the demo's loss curves (report.svg_line_plot)
   ablation_nll_by_distance.svg   benchmarks/ablation_small.py's results.json: training NLL
                                  by distance ahead for each head (the last logged step)
+  study_nll_by_distance_<group>.svg   benchmarks/objective_study.py's per-group plots of
+                                 held-out NLL by distance ahead (--study, copied as they are)
 
 PNGs are copied through PIL with optimisation (a few tens of kB each); nothing is
 resampled, so the committed pictures are the run's own pixels.
@@ -36,6 +38,8 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', None,
                                  "The tokenizer's workdir (default: <demo>/tokenizer).")
 _ABLATION = flags.DEFINE_string('ablation', 'workdirs/ablation_small',
                                 'Workdir of benchmarks/ablation_small.py (its results.json).')
+_STUDY = flags.DEFINE_string('study', 'workdirs/objective_study',
+                             'Workdir of benchmarks/objective_study.py (its per-group plots).')
 _OUT = flags.DEFINE_string('out', 'docs/figures', 'Folder to write the figures into.')
 
 # (key of the metric, x position, tick label): objective.DISTANCE_BUCKETS in order.
@@ -94,7 +98,17 @@ def ablation_plot(ablation_dir: str) -> str | None:
       ylabel='NLL (nats/token)', x_labels={x: label for _, x, label in DISTANCES}, markers=True)
 
 
-def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str) -> list[str]:
+def study_plots(study_dir: str) -> list[tuple[str, str]]:
+  """(name in --out, source) of the objective study's per-group plots, sorted by group."""
+  if not os.path.isdir(study_dir):
+    return []
+  prefix = 'nll_by_distance_'
+  return [(f'study_{name}', os.path.join(study_dir, name)) for name in sorted(os.listdir(study_dir))
+          if name.startswith(prefix) and name.endswith('.svg')]
+
+
+def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str,
+                  study: str | None = None) -> list[str]:
   """Writes every figure whose source exists; returns the paths written."""
   written = []
   tokenizer = tokenizer or os.path.join(demo, 'tokenizer')
@@ -113,6 +127,9 @@ def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str) -> 
   plot = ablation_plot(ablation)
   if plot:
     svgs.append(('ablation_nll_by_distance.svg', plot))
+  for name, src in study_plots(study) if study else ():
+    with open(src, encoding='utf-8') as f:
+      svgs.append((name, f.read().rstrip('\n')))
   for name, svg in svgs:
     path = os.path.join(out, name)
     os.makedirs(out, exist_ok=True)
@@ -125,7 +142,8 @@ def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str) -> 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  written = write_figures(_DEMO.value, _TOKENIZER.value, _ABLATION.value, _OUT.value)
+  written = write_figures(_DEMO.value, _TOKENIZER.value, _ABLATION.value, _OUT.value,
+                          _STUDY.value)
   if not written:
     raise SystemExit(f'Nothing to draw: no demo run in {_DEMO.value} and no results.json in '
                      f'{_ABLATION.value} (run `make demo` and benchmarks/ablation_small.py first).')
