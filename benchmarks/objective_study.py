@@ -3,6 +3,7 @@
   python benchmarks/objective_study.py                  # the default grid, 3 seeds
   python benchmarks/objective_study.py --quick          # 4 settings x 2 seeds, 150 steps: ~10 min
   python benchmarks/objective_study.py --groups=heads,weighting --seeds=0,1,2,3,4
+  python benchmarks/objective_study.py --groups=density --settings=global/tps1,local/tps1
   python benchmarks/objective_study.py --list           # the grid, without running it
 
 Every run is configs/demo.py on the built-in digits (8x8 grid of the demo's VQ codes, 64 codes,
@@ -449,6 +450,17 @@ def distance_plot(settings: Sequence[Setting], summary_runs: Mapping[str, Sequen
                               x_labels={x: label for _, x, label in buckets})
 
 
+def select(settings: Sequence[Setting], names: Sequence[str] | None) -> list[Setting]:
+  """The settings named in `names` (all when None), in the grid's order; unknown names refused."""
+  if names is None:
+    return list(settings)
+  unknown = sorted(set(names) - {s.name for s in settings})
+  if unknown:
+    raise ValueError(f'--settings {unknown} are not in the grid of these groups '
+                     f'({[s.name for s in settings]}).')
+  return [s for s in settings if s.name in set(names)]
+
+
 def plan(settings: Sequence[Setting], steps: int, *, seed: int, num_samples: int, workdir: str,
          configure: Configure | None = None) -> dict[str, int]:
   """Training steps of each setting: steps x its multiple, or global's FLOPs at `steps`."""
@@ -538,6 +550,8 @@ def _define_flags() -> dict[str, Any]:
   from absl import flags
   return dict(
       groups=flags.DEFINE_list('groups', list(GROUPS), f'Groups of the grid, of {list(GROUPS)}.'),
+      settings=flags.DEFINE_list('settings', None, 'Only these settings of --groups (names as '
+                                 '--list prints them), in the grid\'s order; default all.'),
       seeds=flags.DEFINE_list('seeds', None, 'Seeds (training, sampling, probe); default 0,1,2 '
                               '(0,1 with --quick).'),
       steps=flags.DEFINE_integer('steps', None, f'Training steps of a 1x setting (default '
@@ -560,7 +574,7 @@ def main(argv: Sequence[str]) -> None:
   f = _FLAGS
   quick = f['quick'].value
   try:
-    settings = grid(f['groups'].value, quick=quick)
+    settings = select(grid(f['groups'].value, quick=quick), f['settings'].value)
     seeds = [int(s) for s in (f['seeds'].value or (['0', '1'] if quick else ['0', '1', '2']))]
   except ValueError as e:
     raise app.UsageError(str(e)) from None

@@ -52,6 +52,16 @@ def test_grid_merges_shared_settings_and_checks_groups():
     study.grid(['heads', 'colour'])
 
 
+def test_settings_are_selected_by_name_in_the_grids_order():
+  study = _load_script()
+  density = study.grid(['density'])
+  assert [s.name for s in study.select(density, ['local/tps1', 'global/tps1'])] == [
+      'global/tps1', 'local/tps1']
+  assert study.select(density, None) == density
+  with pytest.raises(ValueError, match=r"\['local/w4'\] are not in the grid"):
+    study.select(density, ['global/tps1', 'local/w4'])
+
+
 @pytest.mark.slow
 def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path):
   study = _load_script()
