@@ -5,6 +5,7 @@
   python benchmarks/objective_study.py --groups=heads,weighting --seeds=0,1,2,3,4
   python benchmarks/objective_study.py --groups=density --settings=global/tps1,local/tps1
   python benchmarks/objective_study.py --list           # the grid, without running it
+  python benchmarks/objective_study.py --report_only    # tables and verdicts of the finished runs
 
 Every run is configs/demo.py on the built-in digits (8x8 grid of the demo's VQ codes, 64 codes,
 batch 32) with the setting's fields changed, trained by `train.train_and_evaluate`, sampled and
@@ -250,10 +251,16 @@ def heldout_by_distance(config: ml_collections.ConfigDict, workdir: str,
 
 
 def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdir: str,
-            probe_steps: int, configure: Configure | None = None, log=print) -> dict[str, Any]:
-  """Trains, samples, scores and measures one seed of `setting`; its result (also saved)."""
+            probe_steps: int, configure: Configure | None = None, log=print,
+            train: bool = True) -> dict[str, Any] | None:
+  """Trains, samples, scores and measures one seed of `setting`; its result (also saved).
+
+  train=False: the saved result of a finished run, or None when the run is not finished.
+  """
   run_dir = os.path.join(workdir, 'runs', setting.name.replace('/', '_'), f'seed{seed}')
   result_path = os.path.join(run_dir, RESULT_FILE)
+  if not train and not os.path.exists(result_path):
+    return None
   config = run_config(setting, steps=steps, seed=seed, num_samples=num_samples, workdir=workdir,
                       configure=configure)
   depth = config.model.backbone.depth
@@ -483,12 +490,16 @@ def plan(settings: Sequence[Setting], steps: int, *, seed: int, num_samples: int
 def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), steps: int,
               num_samples: int, workdir: str, probe_steps: int = 2000,
               configure: Configure | None = None, configure_tokenizer: Configure | None = None,
-              log=print) -> dict[str, Any]:
-  """Runs every seed of every setting (skipping finished runs); writes and returns the results."""
+              log=print, train: bool = True) -> dict[str, Any]:
+  """Runs every seed of every setting (skipping finished runs); writes and returns the results.
+
+  train=False (--report_only) trains nothing: the tables, plots and verdicts of the runs that
+  are finished, a setting with no finished seed left out (its contrasts 'not run').
+  """
   if not settings or not seeds:
     raise ValueError('objective_study: nothing to run (no settings or no seeds).')
   workdir = os.path.abspath(workdir)
-  for kind in sorted({s.tokenizer for s in settings}):
+  for kind in sorted({s.tokenizer for s in settings}) if train else ():
     ensure_tokenizer(workdir, kind, configure_tokenizer, log=log)
   steps_of = plan(settings, steps, seed=seeds[0], num_samples=num_samples, workdir=workdir,
                   configure=configure)
@@ -498,13 +509,19 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
   for s in settings:
     for seed in seeds:
       result = run_one(s, seed, steps=steps_of[s.name], num_samples=num_samples, workdir=workdir,
-                       probe_steps=probe_steps, configure=configure, log=log)
-      runs.setdefault(s.name, []).append(result)
+                       probe_steps=probe_steps, configure=configure, log=log, train=train)
       done += 1
+      if result is None:
+        log(f'[{done}/{total}] {s.name} seed {seed}: not run')
+        continue
+      runs.setdefault(s.name, []).append(result)
       log(f'[{done}/{total}] {s.name} seed {seed}: NLL '
           f'{_get(result, ("eval", "nll")) or float("nan"):.3f}, FID '
           f'{_get(result, ("generative", "fid")) or float("nan"):.2f} '
           f'({(time.time() - t0) / 60:.1f} min so far)')
+  settings = [s for s in settings if s.name in runs]
+  if not settings:
+    raise ValueError(f'objective_study: no finished run in {workdir}/runs to report on.')
   summary = {s.name: aggregate(runs[s.name]) for s in settings}
   claims = verdicts(summary)
   table = markdown_tables(settings, summary, steps_of) + '\n' + markdown_verdicts(claims)
@@ -562,6 +579,8 @@ def _define_flags() -> dict[str, Any]:
       probe_steps=flags.DEFINE_integer('probe_steps', 2000, 'Linear-probe updates.'),
       workdir=flags.DEFINE_string('workdir', None, 'Root of the runs; default '
                                   'workdirs/objective_study (_quick with --quick).'),
+      report_only=flags.DEFINE_bool('report_only', False, 'Train nothing: tables, plots and '
+                                    'verdicts of the finished runs only.'),
       quick=flags.DEFINE_bool('quick', False, 'One contrast per group, fewer steps and samples.'),
       list=flags.DEFINE_bool('list', False, 'Print the grid and exit.'),
   )
@@ -596,8 +615,9 @@ def main(argv: Sequence[str]) -> None:
   tfds.disable_progress_bar()
   t0 = time.time()
   out = run_study(settings, seeds=seeds, steps=steps, num_samples=num_samples, workdir=workdir,
-                  probe_steps=f['probe_steps'].value, log=lambda m: print(m, flush=True))
-  print(f'\nObjective study: {len(settings)} settings x {len(seeds)} seeds, {steps} steps per 1x '
+                  probe_steps=f['probe_steps'].value, log=lambda m: print(m, flush=True),
+                  train=not f['report_only'].value)
+  print(f'\nObjective study: {len(out["settings"])} settings x {len(seeds)} seeds, {steps} steps per 1x '
         f'setting, batch 32, {num_samples} samples per run; {(time.time() - t0) / 60:.1f} min.\n'
         'mean ± standard deviation over seeds. NLL / acc: held-out nats per token / next-token '
         'accuracy (raster order, what sampling uses); NLL d=k: held-out NLL of the targets k '

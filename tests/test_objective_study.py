@@ -130,6 +130,17 @@ def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path
   weighting = open(os.path.join(workdir, 'nll_by_distance_weighting.svg')).read()
   assert weighting.count('<polyline') == 2 and 'global/next1' in weighting
 
+  # --report_only trains nothing: the finished runs' tables; a setting never run is left out.
+  never = study.Setting('global/steps', 'global', (('loss_weighting', 'steps'),),
+                        tokenizer='pixel', groups=('weighting',))
+  lines = []
+  reported = study.run_study(settings + [never], workdir=workdir, log=lines.append, train=False,
+                             **kwargs)
+  assert not any('training' in line for line in lines)
+  assert '[5/6] global/steps seed 0: not run' in lines
+  assert reported['table'] == resumed['table']
+  assert [s['name'] for s in reported['settings']] == ['global', 'global/next1']
+
   # A setting whose fields changed is refused, naming the difference.
   changed = [study.Setting('global', 'global', (('next_weight', 2.0),), tokenizer='pixel',
                            groups=('weighting',))]
