@@ -91,16 +91,17 @@ def _resolve_tokenizer(config: ml_collections.ConfigDict) -> None:
 
 
 def head_config(head: str, *, steps: int, seed: int, num_samples: int, feature_net_dir: str,
-                options: str = '', configure: Configure | None = None
-                ) -> ml_collections.ConfigDict:
+                options: str = '', configure: Configure | None = None,
+                resolve_tokenizer: bool = True) -> ml_collections.ConfigDict:
   """The experiment config of one run: demo.py for `head`, trained for `steps` steps.
 
   Periodic evaluations and sample grids are off (only the end-of-run held-out evaluation
   remains); generation and scoring happen in `sample.sample_and_evaluate` afterwards.
-  `configure` (tests) edits the config last.
+  `configure` (tests, the objective study) edits the config last; the tokenizer checkpoint it
+  leaves is then looked up (resolve_tokenizer=False: not looked up, for a config that only
+  describes a run).
   """
   c = demo_config(head, options)
-  _resolve_tokenizer(c)
   c.seed = seed
   c.train.num_steps = steps
   c.train.sample_every = c.train.eval_every = 0
@@ -120,6 +121,8 @@ def head_config(head: str, *, steps: int, seed: int, num_samples: int, feature_n
   c.sample.evaluate = True
   if configure is not None:
     configure(c)
+  if resolve_tokenizer:
+    _resolve_tokenizer(c)
   return c
 
 

@@ -44,11 +44,19 @@ Each run lives in <workdir>/runs/<setting>/seed<k>/ and is skipped when its stud
 exists; an interrupted run resumes from its checkpoint and sample chunks. A setting whose
 fields changed since its runs were made is refused (delete its directory or use another
 --workdir).
+
+Records: a finished run's numbers (not its checkpoints or samples) are also written to
+benchmarks/results/objective_study/<setting>/seed<k>.json (--record_dir), with where they were
+made (commit, processor, JAX version, time). They are committed with the code: a run recorded
+there is read back instead of run again, on any machine, so the grid can be finished over
+several sessions and `--report_only` rebuilds the tables from the records alone. The records
+hold the default budget's runs; other budgets keep none unless --record_dir names a directory.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import time
@@ -68,6 +76,7 @@ GROUPS = ('heads', 'density', 'window', 'visible', 'weighting', 'tokens', 'condi
 DEFAULT_STEPS, QUICK_STEPS = 600, 150
 DEFAULT_SAMPLES, QUICK_SAMPLES = 200, 100
 LONG = 3  # The tokens group's long runs: LONG x --steps.
+DEFAULT_RECORDS = os.path.join('benchmarks', 'results', 'objective_study')
 
 Configure = Callable[[ml_collections.ConfigDict], None]
 
@@ -174,8 +183,10 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
 
 
 def run_config(setting: Setting, *, steps: int, seed: int, num_samples: int, workdir: str,
-               configure: Configure | None = None) -> ml_collections.ConfigDict:
-  """The experiment config of one run of `setting` (demo.py + its fields), `steps` steps."""
+               configure: Configure | None = None, resolve_tokenizer: bool = True
+               ) -> ml_collections.ConfigDict:
+  """The experiment config of one run of `setting` (demo.py + its fields), `steps` steps
+  (resolve_tokenizer=False: the tokenizer need not exist, for a config that describes a run)."""
   def edit(c: ml_collections.ConfigDict) -> None:
     c.tokenizer.checkpoint = tokenizer_checkpoint(workdir, setting.tokenizer)
     for key, value in setting.fields:
@@ -185,7 +196,8 @@ def run_config(setting: Setting, *, steps: int, seed: int, num_samples: int, wor
     c.train.checkpoint_every = max(c.train.num_steps // 3, 1)
   return ablation.head_config(setting.head, steps=steps, seed=seed, num_samples=num_samples,
                               feature_net_dir=os.path.join(workdir, 'feature_net'),
-                              options=f'tokenizer={setting.tokenizer}', configure=edit)
+                              options=f'tokenizer={setting.tokenizer}', configure=edit,
+                              resolve_tokenizer=resolve_tokenizer)
 
 
 def tokenizer_checkpoint(workdir: str, kind: str) -> str:
@@ -252,36 +264,112 @@ def heldout_by_distance(config: ml_collections.ConfigDict, workdir: str,
 
 def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdir: str,
             probe_steps: int, configure: Configure | None = None, log=print,
-            train: bool = True) -> dict[str, Any] | None:
+            train: bool = True, record_dir: str | None = None) -> dict[str, Any] | None:
   """Trains, samples, scores and measures one seed of `setting`; its result (also saved).
 
-  train=False: the saved result of a finished run, or None when the run is not finished.
+  A run finished in `workdir`, or recorded in `record_dir`, is read back, not run again; a
+  finished run without a record gets one. train=False: None when the run is not finished.
   """
   run_dir = os.path.join(workdir, 'runs', setting.name.replace('/', '_'), f'seed{seed}')
   result_path = os.path.join(run_dir, RESULT_FILE)
-  if not train and not os.path.exists(result_path):
-    return None
   config = run_config(setting, steps=steps, seed=seed, num_samples=num_samples, workdir=workdir,
-                      configure=configure)
+                      configure=configure, resolve_tokenizer=train)
   depth = config.model.backbone.depth
   settings = dict(setting=setting.name, head=setting.head, fields=[list(f) for f in setting.fields],
                   tokenizer=setting.tokenizer, steps=steps, seed=seed, num_samples=num_samples,
                   batch=config.train.global_batch_size,
                   train_flops_per_image=ablation.train_flops(config),
                   probe_layers=[str(depth)], probe_steps=probe_steps)
+  record = read_record(record_dir, setting.name, seed, settings) if record_dir else None
   if os.path.exists(result_path):
     ablation._check_settings(run_dir, settings)  # Refuses a changed setting.
-    return ablation._read_json(result_path)
-  label = f'{setting.name} seed {seed}'
-  result = ablation.run_head(label, config, run_dir, settings, probe_layers=[str(depth)],
-                             probe_steps=probe_steps, log=log)
-  t0 = time.time()
-  result['heldout_by_distance'] = heldout_by_distance(config, run_dir)
-  result['heldout_seconds'] = time.time() - t0
-  result['setting'] = setting.name
-  result['seed'] = seed
-  ablation._write_json(result_path, result)
+    result = ablation._read_json(result_path)
+  elif record is not None:
+    return record  # Finished before, perhaps on another machine: its committed record.
+  elif not train:
+    return None
+  else:
+    label = f'{setting.name} seed {seed}'
+    result = ablation.run_head(label, config, run_dir, settings, probe_layers=[str(depth)],
+                               probe_steps=probe_steps, log=log)
+    t0 = time.time()
+    result['heldout_by_distance'] = heldout_by_distance(config, run_dir)
+    result['heldout_seconds'] = time.time() - t0
+    result['setting'] = setting.name
+    result['seed'] = seed
+    result['provenance'] = provenance()
+    ablation._write_json(result_path, result)
+  if record_dir and record is None:
+    write_record(record_dir, result)
   return result
+
+
+# --------------------------------------------------------------------------- records
+# A finished run's numbers outlive its workdir (checkpoints and samples are large and stay on
+# the machine that made them): <record_dir>/<setting>/seed<k>.json holds its result, committed
+# with the code, so a study can be finished, reported and checked across sessions and machines.
+
+
+def record_path(record_dir: str, setting: str, seed: int) -> str:
+  return os.path.join(record_dir, setting.replace('/', '_'), f'seed{seed}.json')
+
+
+def read_record(record_dir: str, setting: str, seed: int,
+                settings: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The record of `setting`'s run `seed`, or None; refused (naming the file and the fields)
+  when it was made with other settings than `settings`."""
+  path = record_path(record_dir, setting, seed)
+  if not os.path.exists(path):
+    return None
+  record = ablation._read_json(path)
+  stored, asked = record.get('settings') or {}, json.loads(json.dumps(dict(settings)))
+  if stored != asked:
+    diff = {k: (stored.get(k), asked.get(k)) for k in sorted(set(stored) | set(asked))
+            if stored.get(k) != asked.get(k)}
+    raise ValueError(f'{path} records a run with other settings (recorded, asked): {diff}; '
+                     'delete it to run the setting again, or pass --record_dir= (empty) to '
+                     'study without records.')
+  return record
+
+
+def write_record(record_dir: str, result: Mapping[str, Any]) -> str:
+  """Writes a finished run's result as its record (machine-specific paths left out)."""
+  record = {k: v for k, v in result.items() if k not in ('samples_npz', 'samples_grid')}
+  record.setdefault('provenance', provenance(recorded_later=True))
+  path = record_path(record_dir, result['setting'], result['seed'])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  ablation._write_json(path, record)
+  return path
+
+
+def provenance(recorded_later: bool = False) -> dict[str, Any]:
+  """Where a run was made: the code's commit, the processor, the JAX version, the UTC time.
+
+  recorded_later: the run finished before records were written (its numbers are from its
+  workdir); the commit and time are then the recording's, not the run's."""
+  import platform
+  import subprocess
+  import jax
+  try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, text=True,
+                            capture_output=True, check=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT,
+                           text=True, capture_output=True, check=True).stdout.strip()
+    commit += '+changes' if dirty else ''
+  except (OSError, subprocess.CalledProcessError):
+    commit = 'unknown'
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                 cpu)
+  except OSError:
+    pass
+  out = dict(commit=commit, cpu=cpu, cores=os.cpu_count(), jax=jax.__version__,
+             utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+  if recorded_later:
+    out['recorded_later'] = True
+  return out
 
 
 # --------------------------------------------------------------------------- the study
@@ -478,9 +566,10 @@ def plan(settings: Sequence[Setting], steps: int, *, seed: int, num_samples: int
       if reference is None:
         reference = ablation.train_flops(run_config(
             Setting('global', 'global'), steps=1, seed=seed, num_samples=num_samples,
-            workdir=workdir, configure=configure))
+            workdir=workdir, configure=configure, resolve_tokenizer=False))
       own = ablation.train_flops(run_config(s, steps=1, seed=seed, num_samples=num_samples,
-                                            workdir=workdir, configure=configure))
+                                            workdir=workdir, configure=configure,
+                                            resolve_tokenizer=False))
       out[s.name] = max(1, round(steps * reference / own))
     else:
       out[s.name] = max(1, round(steps * float(s.steps)))
@@ -490,8 +579,11 @@ def plan(settings: Sequence[Setting], steps: int, *, seed: int, num_samples: int
 def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), steps: int,
               num_samples: int, workdir: str, probe_steps: int = 2000,
               configure: Configure | None = None, configure_tokenizer: Configure | None = None,
-              log=print, train: bool = True) -> dict[str, Any]:
+              log=print, train: bool = True, record_dir: str | None = None) -> dict[str, Any]:
   """Runs every seed of every setting (skipping finished runs); writes and returns the results.
+
+  record_dir: where finished runs are recorded (see read_record); a recorded run is not run
+  again, even when `workdir` is new.
 
   train=False (--report_only) trains nothing: the tables, plots and verdicts of the runs that
   are finished, a setting with no finished seed left out (its contrasts 'not run').
@@ -499,7 +591,11 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
   if not settings or not seeds:
     raise ValueError('objective_study: nothing to run (no settings or no seeds).')
   workdir = os.path.abspath(workdir)
-  for kind in sorted({s.tokenizer for s in settings}) if train else ():
+  def recorded(s: Setting) -> bool:
+    return bool(record_dir) and all(
+        os.path.exists(record_path(record_dir, s.name, seed)) for seed in seeds)
+
+  for kind in sorted({s.tokenizer for s in settings if not recorded(s)}) if train else ():
     ensure_tokenizer(workdir, kind, configure_tokenizer, log=log)
   steps_of = plan(settings, steps, seed=seeds[0], num_samples=num_samples, workdir=workdir,
                   configure=configure)
@@ -509,7 +605,8 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
   for s in settings:
     for seed in seeds:
       result = run_one(s, seed, steps=steps_of[s.name], num_samples=num_samples, workdir=workdir,
-                       probe_steps=probe_steps, configure=configure, log=log, train=train)
+                       probe_steps=probe_steps, configure=configure, log=log,
+                       train=train and not recorded(s), record_dir=record_dir)
       done += 1
       if result is None:
         log(f'[{done}/{total}] {s.name} seed {seed}: not run')
@@ -521,10 +618,12 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
           f'({(time.time() - t0) / 60:.1f} min so far)')
   settings = [s for s in settings if s.name in runs]
   if not settings:
-    raise ValueError(f'objective_study: no finished run in {workdir}/runs to report on.')
+    raise ValueError(f'objective_study: no finished run in {workdir}/runs'
+                     + (f' or {record_dir}' if record_dir else '') + ' to report on.')
   summary = {s.name: aggregate(runs[s.name]) for s in settings}
   claims = verdicts(summary)
-  table = markdown_tables(settings, summary, steps_of) + '\n' + markdown_verdicts(claims)
+  table = (markdown_tables(settings, summary, steps_of) + '\n' + markdown_verdicts(claims)
+           + '\n' + provenance_note(runs))
   out = dict(settings=[dict(dataclasses.asdict(s), steps=steps_of[s.name], describe=s.describe())
                        for s in settings],
              seeds=list(seeds), steps=steps, num_samples=num_samples, probe_steps=probe_steps,
@@ -536,6 +635,22 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
     with open(os.path.join(workdir, name), 'w') as f:
       f.write(svg)
   return out
+
+
+def provenance_note(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+  """One line: how many runs each processor made, and the commits of their code."""
+  machines: dict[str, int] = {}
+  commits: set[str] = set()
+  for results in runs.values():
+    for r in results:
+      p = r.get('provenance') or {}
+      cpu = p.get('cpu', 'an unrecorded machine')
+      if p.get('cores'):
+        cpu += f' ({p["cores"]} cores)'
+      machines[cpu] = machines.get(cpu, 0) + 1
+      commits.add(p.get('commit', 'unrecorded'))
+  made = '; '.join(f'{n} on {cpu}' for cpu, n in sorted(machines.items(), key=lambda kv: -kv[1]))
+  return f'Runs: {made}; code at {", ".join(sorted(commits))}.\n'
 
 
 def distance_plots(settings: Sequence[Setting], runs: Mapping[str, Sequence[Mapping]]
@@ -579,6 +694,11 @@ def _define_flags() -> dict[str, Any]:
       probe_steps=flags.DEFINE_integer('probe_steps', 2000, 'Linear-probe updates.'),
       workdir=flags.DEFINE_string('workdir', None, 'Root of the runs; default '
                                   'workdirs/objective_study (_quick with --quick).'),
+      record_dir=flags.DEFINE_string('record_dir', None, 'Where finished runs are recorded '
+                                     '(<dir>/<setting>/seed<k>.json, committed with the code) '
+                                     'and read back instead of run again; default '
+                                     f'{DEFAULT_RECORDS} at the default budget, none otherwise; '
+                                     'empty: none.'),
       report_only=flags.DEFINE_bool('report_only', False, 'Train nothing: tables, plots and '
                                     'verdicts of the finished runs only.'),
       quick=flags.DEFINE_bool('quick', False, 'One contrast per group, fewer steps and samples.'),
@@ -606,6 +726,11 @@ def main(argv: Sequence[str]) -> None:
     return
   workdir = f['workdir'].value or ('workdirs/objective_study_quick' if quick
                                    else 'workdirs/objective_study')
+  record_dir = f['record_dir'].value
+  if record_dir is None:  # The committed records hold the default budget's runs only.
+    default_budget = (not quick and steps == DEFAULT_STEPS and num_samples == DEFAULT_SAMPLES
+                      and f['probe_steps'].value == 2000)
+    record_dir = os.path.join(ROOT, DEFAULT_RECORDS) if default_budget else ''
   from heptapod_jax import console
   console.setup(workdir)
   logging.get_absl_handler().addFilter(ablation._quiet_orbax_read_only)
@@ -616,7 +741,7 @@ def main(argv: Sequence[str]) -> None:
   t0 = time.time()
   out = run_study(settings, seeds=seeds, steps=steps, num_samples=num_samples, workdir=workdir,
                   probe_steps=f['probe_steps'].value, log=lambda m: print(m, flush=True),
-                  train=not f['report_only'].value)
+                  train=not f['report_only'].value, record_dir=record_dir or None)
   print(f'\nObjective study: {len(out["settings"])} settings x {len(seeds)} seeds, {steps} steps per 1x '
         f'setting, batch 32, {num_samples} samples per run; {(time.time() - t0) / 60:.1f} min.\n'
         'mean ± standard deviation over seeds. NLL / acc: held-out nats per token / next-token '

@@ -77,15 +77,16 @@ def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path
     if message.startswith('[1/4]'):
       raise Interrupt(message)
 
-  workdir = str(tmp_path / 'b')
+  workdir, records = str(tmp_path / 'b'), str(tmp_path / 'records')
   with pytest.raises(Interrupt):
-    study.run_study(settings, workdir=workdir, log=die_after_first, **kwargs)
+    study.run_study(settings, workdir=workdir, log=die_after_first, record_dir=records, **kwargs)
   first = os.path.join(workdir, 'runs', 'global', 'seed0', study.RESULT_FILE)
   assert os.path.exists(first)
   assert not os.path.exists(os.path.join(workdir, 'runs', 'global', 'seed1', study.RESULT_FILE))
   stamp = os.stat(first).st_mtime_ns
   lines = []
-  resumed = study.run_study(settings, workdir=workdir, log=lines.append, **kwargs)
+  resumed = study.run_study(settings, workdir=workdir, log=lines.append, record_dir=records,
+                            **kwargs)
   assert os.stat(first).st_mtime_ns == stamp  # Read back, not run again.
   assert sum('training' in line for line in lines) == 3
 
@@ -140,6 +141,26 @@ def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path
   assert '[5/6] global/steps seed 0: not run' in lines
   assert reported['table'] == resumed['table']
   assert [s['name'] for s in reported['settings']] == ['global', 'global/next1']
+
+  # The records: every finished run, with where it was made; a new workdir (another machine)
+  # trains nothing and reports the same tables from them alone, and with --report_only too.
+  record = json.load(open(os.path.join(records, 'global_next1', 'seed1.json')))
+  assert record['eval'] == resumed['runs']['global/next1'][1]['eval']
+  assert record['settings']['seed'] == 1 and 'samples_npz' not in record
+  assert set(record['provenance']) >= {'commit', 'cpu', 'jax', 'utc'}
+  assert resumed['table'].endswith(f'Runs: 4 on {record["provenance"]["cpu"]} '
+                                   f'({record["provenance"]["cores"]} cores); code at '
+                                   f'{record["provenance"]["commit"]}.\n')
+  for train in (True, False):
+    lines = []
+    elsewhere = study.run_study(settings, workdir=str(tmp_path / f'c{train}'), log=lines.append,
+                                record_dir=records, train=train, **kwargs)
+    assert not any('training' in line for line in lines)
+    assert elsewhere['table'] == resumed['table']
+  # A record made with other settings is refused, naming its file.
+  with pytest.raises(ValueError, match=r'global.seed0\.json records a run with other'):
+    study.run_study(settings, workdir=str(tmp_path / 'd'), log=lambda m: None, record_dir=records,
+                    **dict(kwargs, steps=4))
 
   # A setting whose fields changed is refused, naming the difference.
   changed = [study.Setting('global', 'global', (('next_weight', 2.0),), tokenizer='pixel',
