@@ -290,6 +290,7 @@ def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdi
     return None
   else:
     label = f'{setting.name} seed {seed}'
+    made = provenance()  # The code as the run starts (the tree may change while it runs).
     result = ablation.run_head(label, config, run_dir, settings, probe_layers=[str(depth)],
                                probe_steps=probe_steps, log=log)
     t0 = time.time()
@@ -297,7 +298,7 @@ def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdi
     result['heldout_seconds'] = time.time() - t0
     result['setting'] = setting.name
     result['seed'] = seed
-    result['provenance'] = provenance()
+    result['provenance'] = made
     ablation._write_json(result_path, result)
   if record_dir and record is None:
     write_record(record_dir, result)

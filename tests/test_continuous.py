@@ -147,3 +147,20 @@ def test_trainer_runs_with_a_kl_tokenizer(tmp_path):
   bad.tokenizer.kind = 'pixel'
   with pytest.raises(ValueError, match='needs config.tokenizer.kind="kl"'):
     config_lib.validate(bad)
+
+
+def test_probe_features_of_latents_are_the_mean_of_the_states():
+  """The linear probe reads continuous tokens as latents (it used to cast them to ids), and a
+  batch that does not divide the set is padded with latents of the right shape."""
+  from heptapod_jax.evaluators import probe
+  from heptapod_jax.models.heptapod import Heptapod
+  model, params = continuous_model('global')
+  tokens, _ = random_latents(batch=5)
+  states = model.apply({'params': params}, tokens, jnp.zeros((5,), jnp.int32),
+                       method=Heptapod.states)
+  expected = np.asarray(jnp.mean(states[:, 1:], axis=1))
+  got = probe.extract_features(model, params, np.asarray(tokens), layer=-1, batch_size=2, label=0)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  truncated = probe.extract_features(model, params, np.asarray(tokens).round(), layer=-1,
+                                     batch_size=2, label=0)
+  assert not np.allclose(truncated, got, atol=1e-3)  # The latents' fractions matter.

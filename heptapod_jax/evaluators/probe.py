@@ -127,7 +127,8 @@ def extract_features(model: Heptapod, params: Any, tokens: Any, *, layer: int,
   Args:
     model: the trained Heptapod (its config defines the backbone).
     params: its parameters (boxed or not); only the backbone's are read.
-    tokens: int[N_img, N] or int[N_img, H, W] codebook indices.
+    tokens: int[N_img, N] or int[N_img, H, W] codebook indices (continuous tokens:
+      float[N_img, N, C] or [N_img, H, W, C] latents).
     layer: see `resolve_layer` (0 = embeddings, L or -1 = final output; every
       layer goes through the backbone's final RMSNorm, so layer L equals the
       mean of `Heptapod.states` over the image-token slots).
@@ -139,7 +140,8 @@ def extract_features(model: Heptapod, params: Any, tokens: Any, *, layer: int,
   """
   cfg = model.config
   layer = resolve_layer(layer, cfg.backbone.depth)
-  tokens = flatten_tokens(cfg, np.asarray(tokens)).astype(np.int32)
+  tokens = flatten_tokens(cfg, np.asarray(tokens)).astype(
+      np.float32 if cfg.continuous else np.int32)
   check_inputs(cfg, tokens, None)
   label = probe_label(cfg) if label is None else int(label)
   if not 0 <= label <= cfg.num_classes:
@@ -156,7 +158,7 @@ def extract_features(model: Heptapod, params: Any, tokens: Any, *, layer: int,
     chunk = tokens[start:start + batch_size]
     k = chunk.shape[0]
     if k < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - k, chunk.shape[1]), np.int32)])
+      chunk = np.concatenate([chunk, np.zeros((batch_size - k,) + chunk.shape[1:], chunk.dtype)])
     out[start:start + k] = np.asarray(fn(sub_params, jnp.asarray(chunk), labels))[:k]
   return out
 
@@ -238,7 +240,8 @@ def _model_diff(config: ml_collections.ConfigDict, workdir: str) -> str:
 def tokenize_split(config: ml_collections.ConfigDict, split: str, *, batch_size: int = 64,
                    max_examples: int = 0, tokenizer: Any = None,
                    tokenizer_params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-  """(int32[n, N] token grids, int32[n] labels) of a data split, tokenized as in training.
+  """(int32[n, N] token grids, int32[n] labels) of a data split, tokenized as in training;
+  for continuous tokens (a KL tokenizer) float32[n, N, C] latents instead of the grids.
 
   Images are read like evaluation reads them (center crop, no augmentation, in
   source order, all of them in this process) and encoded by the model's
@@ -268,7 +271,10 @@ def tokenize_split(config: ml_collections.ConfigDict, split: str, *, batch_size:
       break
   if not tokens:
     raise ValueError(f'split {split!r} of config.data.source={config.data.source!r} is empty.')
-  tokens_np = np.concatenate(tokens).astype(np.int32)
+  tokens_np = np.concatenate(tokens)
+  # Codes are ids; latents stay real numbers (casting them to ids would truncate them).
+  tokens_np = tokens_np.astype(np.float32 if np.issubdtype(tokens_np.dtype, np.floating)
+                              else np.int32)
   labels_np = np.concatenate(labels).astype(np.int32)
   if max_examples:
     tokens_np, labels_np = tokens_np[:max_examples], labels_np[:max_examples]
