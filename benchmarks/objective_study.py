@@ -54,6 +54,7 @@ hold the default budget's runs; other budgets keep none unless --record_dir name
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -206,9 +207,43 @@ def tokenizer_checkpoint(workdir: str, kind: str) -> str:
 
 def ensure_tokenizer(workdir: str, kind: str, configure_tokenizer: Configure | None = None,
                      log=print) -> None:
-  """Trains configs/vq_demo.py (kind=vq or kl) into <workdir>/tokenizers/<kind> once."""
-  if kind == 'pixel' or os.path.exists(os.path.join(workdir, 'tokenizers', kind, 'tokenizer')):
+  """Trains configs/vq_demo.py (kind=vq or kl) into <workdir>/tokenizers/<kind> once.
+
+  Two study commands on one workdir (one per core) may both need it: the first trains it
+  holding <workdir>/tokenizers/<kind>.lock, the second waits for it and uses its tokenizer.
+  """
+  if kind == 'pixel':
     return
+  with _exclusive(os.path.join(workdir, 'tokenizers', f'{kind}.lock')):
+    if not os.path.exists(os.path.join(workdir, 'tokenizers', kind, 'tokenizer')):
+      _train_tokenizer(workdir, kind, configure_tokenizer, log)
+
+
+def ensure_feature_net(config: ml_collections.ConfigDict) -> None:
+  """Trains the feature network the runs score samples with, once, under the same kind of
+  lock as the tokenizers (the first run would otherwise train it in every command at once)."""
+  from heptapod_jax.evaluators import feature_net
+  directory = config.evaluator.feature_net_dir
+  with _exclusive(directory.rstrip('/') + '.lock'):  # As the evaluator would train it.
+    feature_net.load_or_train(config.data, directory, steps=config.evaluator.feature_net_steps,
+                              seed=config.seed)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+  """An exclusive lock on `path` (fcntl.flock: released when the holder exits or dies)."""
+  import fcntl
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_tokenizer(workdir: str, kind: str, configure_tokenizer: Configure | None,
+                     log) -> None:
   from heptapod_jax import train_tokenizer
   spec = importlib.util.spec_from_file_location('vq_demo',
                                                 os.path.join(ROOT, 'configs', 'vq_demo.py'))
@@ -598,6 +633,9 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
 
   for kind in sorted({s.tokenizer for s in settings if not recorded(s)}) if train else ():
     ensure_tokenizer(workdir, kind, configure_tokenizer, log=log)
+  if train and not all(recorded(s) for s in settings):
+    ensure_feature_net(run_config(settings[0], steps=steps, seed=seeds[0],
+                                  num_samples=num_samples, workdir=workdir, configure=configure))
   steps_of = plan(settings, steps, seed=seeds[0], num_samples=num_samples, workdir=workdir,
                   configure=configure)
   t0 = time.time()

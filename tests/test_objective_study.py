@@ -216,3 +216,32 @@ def test_claims_combine_their_contrasts():
   assert rows['a larger local window is better'] == 'inconclusive'
   table = study.markdown_verdicts(study.verdicts(summary))
   assert '| a larger local window is better |' in table and 'ahead by 0.000' in table
+
+
+def test_two_commands_train_a_shared_tokenizer_once(tmp_path, monkeypatch):
+  """Two study commands on one workdir (one per core) both need the tokenizer: the first
+  trains it under the lock, the second waits and uses it instead of training it beside."""
+  import threading
+  import time
+  from heptapod_jax import train_tokenizer
+  study = _load_script()
+  calls, inside = [], []
+
+  def fake_train(config, workdir):
+    inside.append(1)
+    assert len(inside) == 1, 'two trainings at once'
+    calls.append(workdir)
+    time.sleep(0.5)
+    os.makedirs(os.path.join(workdir, 'tokenizer'))
+    inside.pop()
+
+  monkeypatch.setattr(train_tokenizer, 'train_and_evaluate', fake_train)
+  threads = [threading.Thread(target=study.ensure_tokenizer, args=(str(tmp_path), 'vq'),
+                              kwargs=dict(log=lambda m: None)) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert calls == [os.path.join(str(tmp_path), 'tokenizers', 'vq')]
+  study.ensure_tokenizer(str(tmp_path), 'vq', log=lambda m: None)
+  assert len(calls) == 1
