@@ -165,14 +165,20 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def settings_diff(stored: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+  """{field: (stored, asked)} where a run's stored settings differ from `settings` (compared
+  as JSON, so tuples equal lists); empty when they agree."""
+  asked = json.loads(json.dumps(settings))
+  return {k: (stored.get(k), asked.get(k)) for k in sorted(set(stored) | set(asked))
+          if stored.get(k) != asked.get(k)}
+
+
 def _check_settings(workdir: str, settings: dict[str, Any]) -> None:
   """Refuses to continue a head's workdir that was started with other settings."""
   path = os.path.join(workdir, SETTINGS_FILE)
   if os.path.exists(path):
-    stored = _read_json(path)
-    if stored != json.loads(json.dumps(settings)):
-      diff = {k: (stored.get(k), settings.get(k)) for k in set(stored) | set(settings)
-              if stored.get(k) != settings.get(k)}
+    diff = settings_diff(_read_json(path), settings)
+    if diff:
       raise ValueError(f'{workdir} holds a run with other settings (stored, asked): {diff}; '
                        'pass another --workdir or delete that directory.')
   else:

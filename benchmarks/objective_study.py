@@ -57,7 +57,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import time
@@ -307,8 +306,9 @@ def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdi
   """
   run_dir = os.path.join(workdir, 'runs', setting.name.replace('/', '_'), f'seed{seed}')
   result_path = os.path.join(run_dir, RESULT_FILE)
+  # The tokenizer is looked up only if the run trains (records need none on disk).
   config = run_config(setting, steps=steps, seed=seed, num_samples=num_samples, workdir=workdir,
-                      configure=configure, resolve_tokenizer=train)
+                      configure=configure, resolve_tokenizer=False)
   depth = config.model.backbone.depth
   settings = dict(setting=setting.name, head=setting.head, fields=[list(f) for f in setting.fields],
                   tokenizer=setting.tokenizer, steps=steps, seed=seed, num_samples=num_samples,
@@ -325,6 +325,7 @@ def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdi
     return None
   else:
     label = f'{setting.name} seed {seed}'
+    ablation._resolve_tokenizer(config)
     made = provenance()  # The code as the run starts (the tree may change while it runs).
     result = ablation.run_head(label, config, run_dir, settings, probe_layers=[str(depth)],
                                probe_steps=probe_steps, log=log)
@@ -358,10 +359,8 @@ def read_record(record_dir: str, setting: str, seed: int,
   if not os.path.exists(path):
     return None
   record = ablation._read_json(path)
-  stored, asked = record.get('settings') or {}, json.loads(json.dumps(dict(settings)))
-  if stored != asked:
-    diff = {k: (stored.get(k), asked.get(k)) for k in sorted(set(stored) | set(asked))
-            if stored.get(k) != asked.get(k)}
+  diff = ablation.settings_diff(record.get('settings') or {}, settings)
+  if diff:
     raise ValueError(f'{path} records a run with other settings (recorded, asked): {diff}; '
                      'delete it to run the setting again, or pass --record_dir= (empty) to '
                      'study without records.')
@@ -627,7 +626,8 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
   if not settings or not seeds:
     raise ValueError('objective_study: nothing to run (no settings or no seeds).')
   workdir = os.path.abspath(workdir)
-  def recorded(s: Setting) -> bool:
+
+  def recorded(s: Setting) -> bool:  # Needs no tokenizer or feature net trained here.
     return bool(record_dir) and all(
         os.path.exists(record_path(record_dir, s.name, seed)) for seed in seeds)
 
@@ -635,7 +635,8 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
     ensure_tokenizer(workdir, kind, configure_tokenizer, log=log)
   if train and not all(recorded(s) for s in settings):
     ensure_feature_net(run_config(settings[0], steps=steps, seed=seeds[0],
-                                  num_samples=num_samples, workdir=workdir, configure=configure))
+                                  num_samples=num_samples, workdir=workdir, configure=configure,
+                                  resolve_tokenizer=False))
   steps_of = plan(settings, steps, seed=seeds[0], num_samples=num_samples, workdir=workdir,
                   configure=configure)
   t0 = time.time()
@@ -644,8 +645,8 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
   for s in settings:
     for seed in seeds:
       result = run_one(s, seed, steps=steps_of[s.name], num_samples=num_samples, workdir=workdir,
-                       probe_steps=probe_steps, configure=configure, log=log,
-                       train=train and not recorded(s), record_dir=record_dir)
+                       probe_steps=probe_steps, configure=configure, log=log, train=train,
+                       record_dir=record_dir)
       done += 1
       if result is None:
         log(f'[{done}/{total}] {s.name} seed {seed}: not run')
