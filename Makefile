@@ -23,12 +23,14 @@ endif
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: venv venv-dev test test-fast demo sample params bench clean-venv help
+.PHONY: venv venv-dev test test-fast test-durations demo sample params bench clean-venv help
 
 help:
 	@echo "make demo       train + sample + evaluate the built-in digits demo on CPU (workdir: $(WORKDIR))"
 	@echo "                TOKENS=kl: continuous tokens (KL tokenizer, diffusion loss)"
 	@echo "make test       run the test suite (8 fake CPU devices)"
+	@echo "make test-fast  the suite without the tests marked slow"
+	@echo "make test-durations  the suite, rewriting tests/file_durations.json (the queue order)"
 	@echo "make sample     sample a grid from the trained demo: ARGS='--classes=3,7 --n=16 --out=grid.png'"
 	@echo "make params     print parameter counts of every size preset"
 	@echo "make bench      run the CPU step-time benchmark of the tiny preset"
@@ -48,12 +50,19 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(DEV_STAMP)
 
-# Two workers (pytest-xdist), each test file on one worker so that its fixtures are built once.
+# Two workers (pytest-xdist), each test file on one worker so that its fixtures are built once,
+# the files queued slowest first (tests/conftest.py, from tests/file_durations.json).
+XDIST = -n 2 --dist loadfile --no-loadscope-reorder
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(XDIST) --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS) tests
+
+# The whole suite, writing each file's seconds to tests/file_durations.json (commit it when the
+# suite's shape changed: it only orders the queue).
+test-durations: $(DEV_STAMP)
+	HEPTAPOD_TEST_DURATIONS_OUT=tests/file_durations.json $(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests
 
 # The tokenizer (reused if already trained in the workdir); for VQ tokens the training split
 # encoded once (tools/tokenize_dataset.py, the same codes the trainer would compute each step,
