@@ -8,14 +8,21 @@ import statistics
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
+from heptapod_jax import console as _console
 
-from heptapod_jax import config_lib, optim, presets, steps
-from heptapod_jax.models.config import BackboneConfig, HeadConfig, ModelConfig
-from heptapod_jax.models.heptapod import Heptapod, init_params
+# Every benchmark that shares these pieces: libtpu (installed for the AOT TPU compiles) would
+# probe for a TPU at JAX's first use and print its initialisation errors on a machine without
+# one, and TensorFlow its start-up notices. Before any backend starts, so it still applies.
+_console.quiet_dependencies()
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from heptapod_jax import config_lib, optim, presets, steps  # noqa: E402
+from heptapod_jax.models.config import BackboneConfig, HeadConfig, ModelConfig  # noqa: E402
+from heptapod_jax.models.heptapod import Heptapod, init_params  # noqa: E402
 
 
 def median_time(fn: Callable[..., Any], *args, repeats: int) -> float:
