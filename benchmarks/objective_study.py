@@ -4,7 +4,7 @@
   python benchmarks/objective_study.py --quick          # 4 settings x 2 seeds, 150 steps: ~10 min
   python benchmarks/objective_study.py --groups=heads,weighting --seeds=0,1,2,3,4
   python benchmarks/objective_study.py --groups=density --settings=global/tps1,local/tps1
-  python benchmarks/objective_study.py --list           # the grid, without running it
+  python benchmarks/objective_study.py --list           # the grid, and which runs are done
   python benchmarks/objective_study.py --report_only    # tables and verdicts of the finished runs
 
 Every run is configs/demo.py on the built-in digits (8x8 grid of the demo's VQ codes, 64 codes,
@@ -407,6 +407,74 @@ def provenance(recorded_later: bool = False) -> dict[str, Any]:
   return out
 
 
+def grid_status(settings: Sequence[Setting], seeds: Sequence[int], steps_of: Mapping[str, int],
+                *, workdir: str, record_dir: str | None) -> list[dict[str, Any]]:
+  """Where each run of the grid stands, for planning the rest across sessions (--list).
+
+  Per setting: the seeds with a record in `record_dir`, the seeds finished in `workdir` without
+  one, the seeds still to run, and `minutes`, an estimate of those runs' time on one core at
+  the pace of the recorded runs: training seconds per step (the median over the records of the
+  same head and tokens, else of the same tokens) times the setting's steps, plus the median
+  time of sampling, probe and held-out pass. None when no record can give a pace.
+  """
+  records = []
+  if record_dir and os.path.isdir(record_dir):
+    for name in sorted(os.listdir(record_dir)):
+      folder = os.path.join(record_dir, name)
+      for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        if file.startswith('seed') and file.endswith('.json'):
+          records.append(ablation._read_json(os.path.join(folder, file)))
+
+  def pace(head: str, tokenizer: str) -> tuple[float, float] | None:
+    def of(r):
+      return r['settings'].get('tokenizer', 'vq'), r['settings'].get('head')
+    for same in ((lambda r: of(r) == (tokenizer, head)), (lambda r: of(r)[0] == tokenizer)):
+      chosen = [r for r in records if same(r) and r.get('train_seconds') and r.get('steps')]
+      if chosen:
+        per_step = float(np.median([r['train_seconds'] / r['steps'] for r in chosen]))
+        rest = float(np.median([sum(r.get(k) or 0.0 for k in ('sample_seconds', 'probe_seconds',
+                                                                'heldout_seconds'))
+                                for r in chosen]))
+        return per_step, rest
+    return None
+
+  out = []
+  for s in settings:
+    recorded = [k for k in seeds if record_dir
+                and os.path.exists(record_path(record_dir, s.name, k))]
+    finished = [k for k in seeds if k not in recorded and os.path.exists(os.path.join(
+        workdir, 'runs', s.name.replace('/', '_'), f'seed{k}', RESULT_FILE))]
+    missing = [k for k in seeds if k not in recorded and k not in finished]
+    p = pace(s.head, s.tokenizer) if missing else (0.0, 0.0)
+    minutes = None if p is None else len(missing) * (p[0] * steps_of[s.name] + p[1]) / 60
+    out.append(dict(setting=s.name, steps=steps_of[s.name], recorded=recorded,
+                    finished=finished, missing=missing, minutes=minutes))
+  return out
+
+
+def format_status(rows: Sequence[Mapping[str, Any]], describe: Mapping[str, str]) -> str:
+  """--list's table: each setting, its steps, its runs' state and what is left to run."""
+  def seeds(ks):
+    return ','.join(map(str, ks)) or '-'
+  lines = [f'{"setting":22s} {"steps":>5s} {"recorded":>9s} {"finished":>9s} {"to run":>7s} '
+           f'{"~min":>5s}  what']
+  for r in rows:
+    est = '' if not r['missing'] else ('?' if r['minutes'] is None else f'{r["minutes"]:.0f}')
+    lines.append(f'{r["setting"]:22s} {r["steps"]:5d} {seeds(r["recorded"]):>9s} '
+                 f'{seeds(r["finished"]):>9s} {seeds(r["missing"]):>7s} {est:>5s}  '
+                 f'{describe[r["setting"]]}')
+  total = sum(len(r['recorded']) + len(r['finished']) + len(r['missing']) for r in rows)
+  done = sum(len(r['recorded']) + len(r['finished']) for r in rows)
+  left = [r['minutes'] for r in rows if r['missing']]
+  known = sum(m for m in left if m is not None)
+  unknown = sum(1 for m in left if m is None)
+  lines.append(f'{done} of {total} runs done ({sum(len(r["recorded"]) for r in rows)} recorded); '
+               f'{total - done} to run' + (f', about {known / 60:.1f} hours on one core at the '
+                                           'recorded pace' if left else '')
+               + (f' (+ {unknown} settings with no pace on record)' if unknown else '') + '.')
+  return '\n'.join(lines)
+
+
 # --------------------------------------------------------------------------- the study
 
 
@@ -759,11 +827,6 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(str(e)) from None
   steps = f['steps'].value or (QUICK_STEPS if quick else DEFAULT_STEPS)
   num_samples = f['num_samples'].value or (QUICK_SAMPLES if quick else DEFAULT_SAMPLES)
-  if f['list'].value:
-    for s in settings:
-      print(f'{s.name:22s} {",".join(s.groups):28s} {s.describe()}')
-    print(f'{len(settings)} settings x {len(seeds)} seeds, {steps} steps per 1x setting')
-    return
   workdir = f['workdir'].value or ('workdirs/objective_study_quick' if quick
                                    else 'workdirs/objective_study')
   record_dir = f['record_dir'].value
@@ -771,6 +834,14 @@ def main(argv: Sequence[str]) -> None:
     default_budget = (not quick and steps == DEFAULT_STEPS and num_samples == DEFAULT_SAMPLES
                       and f['probe_steps'].value == 2000)
     record_dir = os.path.join(ROOT, DEFAULT_RECORDS) if default_budget else ''
+  if f['list'].value:
+    steps_of = plan(settings, steps, seed=seeds[0], num_samples=num_samples, workdir=workdir)
+    rows = grid_status(settings, seeds, steps_of, workdir=workdir, record_dir=record_dir or None)
+    print(format_status(rows, {s.name: f'{",".join(s.groups)}: {s.describe()}'
+                               for s in settings}))
+    print(f'{len(settings)} settings x {len(seeds)} seeds, {steps} steps per 1x setting; '
+          f'records: {record_dir or "none"}; workdir: {workdir}')
+    return
   from heptapod_jax import console
   console.setup(workdir)
   logging.get_absl_handler().addFilter(ablation._quiet_orbax_read_only)

@@ -62,6 +62,51 @@ def test_settings_are_selected_by_name_in_the_grids_order():
     study.select(density, ['global/tps1', 'local/w4'])
 
 
+def test_list_says_which_runs_are_recorded_finished_or_left_with_their_time(tmp_path):
+  """--list's status: a record counts as done, a finished run in the workdir too, the rest is
+  left, and its time comes from the records' pace (same head and tokens, else same tokens)."""
+  study = _load_script()
+  settings = study.select(study.grid(['heads', 'tokens']),
+                          ['global', 'local', 'global@3x', 'global/kl'])
+  records, workdir = str(tmp_path / 'records'), str(tmp_path / 'work')
+
+  def record(name, seed, head, tokenizer, steps, train_seconds):
+    path = study.record_path(records, name, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(dict(settings=dict(setting=name, head=head, tokenizer=tokenizer), steps=steps,
+                     train_seconds=train_seconds, sample_seconds=10.0, probe_seconds=20.0,
+                     heldout_seconds=30.0), f)
+
+  record('global', 0, 'global', 'vq', 600, 300.0)   # 0.5 s per step
+  record('global', 1, 'global', 'vq', 600, 420.0)   # 0.7
+  record('global', 2, 'global', 'vq', 600, 360.0)   # 0.6: the median
+  record('local', 0, 'local', 'vq', 600, 120.0)     # 0.2
+  finished = os.path.join(workdir, 'runs', 'local', 'seed1', study.RESULT_FILE)
+  os.makedirs(os.path.dirname(finished))
+  open(finished, 'w').close()
+  steps_of = {'global': 600, 'local': 600, 'global@3x': 1800, 'global/kl': 600}
+  rows = {r['setting']: r for r in study.grid_status(settings, (0, 1, 2), steps_of,
+                                                     workdir=workdir, record_dir=records)}
+  assert (rows['global']['recorded'], rows['global']['missing']) == ([0, 1, 2], [])
+  assert rows['global']['minutes'] == 0
+  assert (rows['local']['recorded'], rows['local']['finished'], rows['local']['missing']) == (
+      [0], [1], [2])
+  assert rows['local']['minutes'] == pytest.approx((0.2 * 600 + 60) / 60)
+  # No record of global@3x: the global head's pace, its own steps.
+  assert rows['global@3x']['missing'] == [0, 1, 2]
+  assert rows['global@3x']['minutes'] == pytest.approx(3 * (0.6 * 1800 + 60) / 60)
+  assert rows['global/kl']['minutes'] is None  # No KL-token record gives a pace.
+  text = study.format_status(list(rows.values()), {s.name: s.describe() for s in settings})
+  assert text.splitlines()[-1] == ('5 of 12 runs done (4 recorded); 7 to run, about 1.0 hours '
+                                   'on one core at the recorded pace (+ 1 settings with no pace '
+                                   'on record).')
+  assert re.search(r'^local\s+600\s+0\s+1\s+2\s+3\s', text, re.M)
+  # Without records, everything not finished in the workdir is left.
+  rows = study.grid_status(settings, (0,), steps_of, workdir=workdir, record_dir=None)
+  assert [r['missing'] for r in rows] == [[0], [0], [0], [0]]
+
+
 @pytest.mark.slow
 def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path):
   study = _load_script()
