@@ -468,10 +468,13 @@ def format_status(rows: Sequence[Mapping[str, Any]], describe: Mapping[str, str]
   left = [r['minutes'] for r in rows if r['missing']]
   known = sum(m for m in left if m is not None)
   unknown = sum(1 for m in left if m is None)
+  pace = []
+  if len(left) > unknown:
+    pace.append(f'about {known / 60:.1f} hours on one core at the recorded pace')
+  if unknown:
+    pace.append(f'{unknown} settings with no pace on record')
   lines.append(f'{done} of {total} runs done ({sum(len(r["recorded"]) for r in rows)} recorded); '
-               f'{total - done} to run' + (f', about {known / 60:.1f} hours on one core at the '
-                                           'recorded pace' if left else '')
-               + (f' (+ {unknown} settings with no pace on record)' if unknown else '') + '.')
+               f'{total - done} to run' + (f': {"; ".join(pace)}' if pace else '') + '.')
   return '\n'.join(lines)
 
 

@@ -98,9 +98,9 @@ def test_list_says_which_runs_are_recorded_finished_or_left_with_their_time(tmp_
   assert rows['global@3x']['minutes'] == pytest.approx(3 * (0.6 * 1800 + 60) / 60)
   assert rows['global/kl']['minutes'] is None  # No KL-token record gives a pace.
   text = study.format_status(list(rows.values()), {s.name: s.describe() for s in settings})
-  assert text.splitlines()[-1] == ('5 of 12 runs done (4 recorded); 7 to run, about 1.0 hours '
-                                   'on one core at the recorded pace (+ 1 settings with no pace '
-                                   'on record).')
+  assert text.splitlines()[-1] == ('5 of 12 runs done (4 recorded); 7 to run: about 1.0 hours '
+                                   'on one core at the recorded pace; 1 settings with no pace '
+                                   'on record.')
   assert re.search(r'^local\s+600\s+0\s+1\s+2\s+3\s', text, re.M)
   # Without records, everything not finished in the workdir is left.
   rows = study.grid_status(settings, (0,), steps_of, workdir=workdir, record_dir=None)
