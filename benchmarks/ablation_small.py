@@ -211,8 +211,13 @@ def run_head(head: str, config: ml_collections.ConfigDict, workdir: str,
     raise RuntimeError(f'[{head}] stopped by {summary["preempted"]} at step {summary["step"]}; '
                        'run the same command again to resume.')
   ev = summary.get('eval') or {}
-  log(f'[{head}] trained in {train_s:.0f} s: held-out NLL {ev.get("nll", float("nan")):.4f}, '
-      f'accuracy {ev.get("accuracy", float("nan")):.3f}')
+  if 'nll' in ev:
+    heldout = f'held-out NLL {ev["nll"]:.4f}, accuracy {ev.get("accuracy", float("nan")):.3f}'
+  elif 'mse' in ev:  # Continuous tokens: the held-out diffusion loss.
+    heldout = f'held-out diffusion loss (MSE) {ev["mse"]:.4f}'
+  else:
+    heldout = 'no held-out pass'
+  log(f'[{head}] trained in {train_s:.0f} s: {heldout}')
 
   t0 = time.time()
   sampled = sample.sample_and_evaluate(config, workdir)

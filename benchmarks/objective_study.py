@@ -723,10 +723,12 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
         log(f'[{done}/{total}] {s.name} seed {seed}: not run')
         continue
       runs.setdefault(s.name, []).append(result)
-      log(f'[{done}/{total}] {s.name} seed {seed}: NLL '
-          f'{_get(result, ("eval", "nll")) or float("nan"):.3f}, FID '
-          f'{_get(result, ("generative", "fid")) or float("nan"):.2f} '
-          f'({(time.time() - t0) / 60:.1f} min so far)')
+      nll, mse = _get(result, ('eval', 'nll')), _get(result, ('eval', 'mse'))
+      likelihood = (f'NLL {nll:.3f}' if nll is not None else f'MSE {mse:.4f}' if mse is not None
+                    else 'NLL -')
+      fid = _get(result, ('generative', 'fid'))
+      log(f'[{done}/{total}] {s.name} seed {seed}: {likelihood}, FID '
+          f'{"-" if fid is None else f"{fid:.2f}"} ({(time.time() - t0) / 60:.1f} min so far)')
   settings = [s for s in settings if s.name in runs]
   if not settings:
     raise ValueError(f'objective_study: no finished run in {workdir}/runs'
