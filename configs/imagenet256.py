@@ -17,8 +17,9 @@ Options (`--config=configs/imagenet256.py:size=L,head=local,window=16`), one swi
                     3 seeds each; README, "Does the 2D objective help?". There: direct_next
                     cuts the held-out NLL by 0.27 nats/token (1.56 -> 1.29, 17%) with FID
                     unchanged within the seeds' spread; condition=add moves neither much;
-                    next_weight=1 buys NLL with a worse FID; loss_weighting=steps is worse on
-                    FID. The defaults stay the paper's design. ImageNet may differ.)
+                    next_weight=1 with loss_weighting=steps buys NLL with a worse FID, alone
+                    it is worse on both; loss_weighting=steps alone is worse on FID. The
+                    defaults stay the paper's design. ImageNet may differ.)
   tokens            vq | kl   VQ-16 codes (cross-entropy) or KL-16 latents (MAR's diffusion loss)
   tokenizer         imported | trained   sets tokenizer.checkpoint to <tokenizer_root>/...:
                     imported = LlamaGen VQ-16 / MAR KL-16 converted once
