@@ -296,6 +296,11 @@ def heldout_by_distance(config: ml_collections.ConfigDict, workdir: str,
   return {k: (s / c if c else float('nan')) for k, (s, c) in sums.items()}
 
 
+def run_directory(workdir: str, setting: str, seed: int) -> str:
+  """Where run `seed` of `setting` trains: <workdir>/runs/<setting>/seed<k> ('/' -> '_')."""
+  return os.path.join(workdir, 'runs', setting.replace('/', '_'), f'seed{seed}')
+
+
 def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdir: str,
             probe_steps: int, configure: Configure | None = None, log=print,
             train: bool = True, record_dir: str | None = None) -> dict[str, Any] | None:
@@ -304,7 +309,7 @@ def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdi
   A run finished in `workdir`, or recorded in `record_dir`, is read back, not run again; a
   finished run without a record gets one. train=False: None when the run is not finished.
   """
-  run_dir = os.path.join(workdir, 'runs', setting.name.replace('/', '_'), f'seed{seed}')
+  run_dir = run_directory(workdir, setting.name, seed)
   result_path = os.path.join(run_dir, RESULT_FILE)
   # The tokenizer is looked up only if the run trains (records need none on disk).
   config = run_config(setting, steps=steps, seed=seed, num_samples=num_samples, workdir=workdir,
@@ -442,8 +447,8 @@ def grid_status(settings: Sequence[Setting], seeds: Sequence[int], steps_of: Map
   for s in settings:
     recorded = [k for k in seeds if record_dir
                 and os.path.exists(record_path(record_dir, s.name, k))]
-    finished = [k for k in seeds if k not in recorded and os.path.exists(os.path.join(
-        workdir, 'runs', s.name.replace('/', '_'), f'seed{k}', RESULT_FILE))]
+    finished = [k for k in seeds if k not in recorded and os.path.exists(
+        os.path.join(run_directory(workdir, s.name, k), RESULT_FILE))]
     missing = [k for k in seeds if k not in recorded and k not in finished]
     p = pace(s.head, s.tokenizer) if missing else (0.0, 0.0)
     minutes = None if p is None else len(missing) * (p[0] * steps_of[s.name] + p[1]) / 60
