@@ -437,9 +437,7 @@ def grid_status(settings: Sequence[Setting], seeds: Sequence[int], steps_of: Map
       chosen = [r for r in records if same(r) and r.get('train_seconds') and r.get('steps')]
       if chosen:
         per_step = float(np.median([r['train_seconds'] / r['steps'] for r in chosen]))
-        rest = float(np.median([sum(r.get(k) or 0.0 for k in ('sample_seconds', 'probe_seconds',
-                                                                'heldout_seconds'))
-                                for r in chosen]))
+        rest = float(np.median([after_training_seconds(r) for r in chosen]))
         return per_step, rest
     return None
 
@@ -745,7 +743,8 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
   out = dict(settings=[dict(dataclasses.asdict(s), steps=steps_of[s.name], describe=s.describe())
                        for s in settings],
              seeds=list(seeds), steps=steps, num_samples=num_samples, probe_steps=probe_steps,
-             summary=summary, runs=runs, verdicts=claims, table=table)
+             summary=summary, runs=runs, verdicts=claims, table=table,
+             run_seconds=run_seconds(runs))
   ablation._write_json(os.path.join(workdir, 'results.json'), out)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(table)
@@ -753,6 +752,30 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
     with open(os.path.join(workdir, name), 'w') as f:
       f.write(svg)
   return out
+
+
+def after_training_seconds(result: Mapping[str, Any]) -> float:
+  """A run's seconds after training: sampling and scoring, the probe, the held-out pass."""
+  return sum(result.get(k) or 0.0 for k in ('sample_seconds', 'probe_seconds',
+                                            'heldout_seconds'))
+
+
+def _duration(seconds: float) -> str:
+  return f'{seconds / 3600:.1f} h' if seconds >= 3600 else f'{seconds / 60:.1f} min'
+
+
+def run_seconds(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, float]:
+  """What the reported runs took one after another (the wall time of the grid on one machine
+  running one at a time; the tokenizers and the feature network, trained once, are not in
+  it): {'train': s, 'after': s (sampling, probe, held-out pass), 'total': s}."""
+  train = sum(r.get('train_seconds') or 0.0 for results in runs.values() for r in results)
+  after = sum(after_training_seconds(r) for results in runs.values() for r in results)
+  return dict(train=train, after=after, total=train + after)
+
+
+def format_run_seconds(seconds: Mapping[str, float]) -> str:
+  return (f'Run time: {_duration(seconds["total"])} run after run ({_duration(seconds["train"])} '
+          f'training, {_duration(seconds["after"])} sampling, probe and held-out pass).')
 
 
 def provenance_note(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
@@ -870,6 +893,7 @@ def main(argv: Sequence[str]) -> None:
         'ahead; FID..cls acc: samples in the feature-net space vs the train split; probe: linear '
         'probe top-1 on the final backbone layer.\n', flush=True)
   print(out['table'], flush=True)
+  print(format_run_seconds(out['run_seconds']) + '\n', flush=True)
   print(f'Results: {os.path.join(os.path.abspath(workdir), "results.json")} (and results.md, '
         'nll_by_distance.svg)', flush=True)
 

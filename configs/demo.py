@@ -44,8 +44,8 @@ The 2D head keeps the paper's design (model.head.loss_weighting=pairs, next_weig
 condition=context, direct_next=False): benchmarks/objective_study.py (3 seeds, 600 steps each)
 found no option that beats it on both held-out NLL and FID by more than two standard deviations.
 The closest: --config.model.head.direct_next=True (h_t projected straight onto the next
-position's output) cuts the held-out NLL from 1.561 to 1.289 with FID 35.9 +/- 3.7 against
-38.4 +/- 4.3 (README, "Does the 2D objective help?").
+position's output) cuts the held-out NLL from 1.561 to 1.288 with FID 36.9 +/- 3.3 against
+37.3 +/- 3.7, lower precision and higher recall (README, "Does the 2D objective help?").
 """
 from __future__ import annotations
 

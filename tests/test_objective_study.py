@@ -196,6 +196,15 @@ def test_tiny_study_resumes_after_an_interruption_with_the_same_results(tmp_path
   assert resumed['table'].endswith(f'Runs: 4 on {record["provenance"]["cpu"]} '
                                    f'({record["provenance"]["cores"]} cores); code at '
                                    f'{record["provenance"]["commit"]}.\n')
+  # What the runs took, summed from their own timings.
+  finished = [r for results in resumed['runs'].values() for r in results]
+  train = sum(r['train_seconds'] for r in finished)
+  after = sum(r['sample_seconds'] + r['probe_seconds'] + r['heldout_seconds'] for r in finished)
+  assert resumed['run_seconds'] == pytest.approx(dict(train=train, after=after,
+                                                      total=train + after))
+  assert study.format_run_seconds(resumed['run_seconds']) == (
+      f'Run time: {(train + after) / 60:.1f} min run after run ({train / 60:.1f} min training, '
+      f'{after / 60:.1f} min sampling, probe and held-out pass).')
   for train in (True, False):
     lines = []
     elsewhere = study.run_study(settings, workdir=str(tmp_path / f'c{train}'), log=lines.append,
