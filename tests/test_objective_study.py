@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -299,3 +300,45 @@ def test_two_commands_train_a_shared_tokenizer_once(tmp_path, monkeypatch):
   assert calls == [os.path.join(str(tmp_path), 'tokenizers', 'vq')]
   study.ensure_tokenizer(str(tmp_path), 'vq', log=lambda m: None)
   assert len(calls) == 1
+
+
+def test_compilation_cache_holds_the_programs_and_is_off_when_asked(tmp_path):
+  # In fresh processes (JAX sets its cache up once per process): by default the programs go to
+  # <workdir>/jax_cache, and the next process reads them back (cache hits) with the same
+  # numbers; '' turns it off.
+  code = f"""
+import importlib.util, sys, jax, jax.numpy as jnp, numpy as np
+spec = importlib.util.spec_from_file_location(
+    'objective_study', {os.path.join(ROOT, 'benchmarks', 'objective_study.py')!r})
+study = importlib.util.module_from_spec(spec)
+sys.modules['objective_study'] = study
+spec.loader.exec_module(study)
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name == '/jax/compilation_cache/cache_hits' else None)
+tally = study.CacheTally()
+flag = None if sys.argv[1] == 'default' else sys.argv[1]
+print('DIR', study.use_compilation_cache(flag, sys.argv[2]))
+x = jnp.arange(12.0).reshape(3, 4)
+print('OUT', np.asarray(jax.jit(lambda a: jnp.tanh(a @ a.T / 100).sum())(x)).tolist())
+assert tally.hits == len(hits), (tally.hits, hits)
+print('HITS', len(hits))
+"""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env['JAX_PLATFORMS'] = 'cpu'
+
+  def run(flag, workdir):
+    out = subprocess.run([sys.executable, '-c', code, flag, str(workdir)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(' ', 1) for line in out.stdout.splitlines() if ' ' in line)
+    return lines['DIR'], lines['OUT'], int(lines['HITS'])
+
+  where, first, hits = run('default', tmp_path / 'w')
+  assert where == str(tmp_path / 'w' / 'jax_cache') and hits == 0
+  assert os.listdir(where)  # The programs were written.
+  again, second, hits = run('default', tmp_path / 'w')
+  assert (again, second) == (where, first) and hits >= 1  # Read back, same numbers.
+  off, third, hits = run('', tmp_path / 'off')
+  assert (off, third, hits) == ('', first, 0)
+  assert not os.path.exists(tmp_path / 'off')
