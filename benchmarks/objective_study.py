@@ -1,7 +1,7 @@
 """Does next 2D distribution prediction help, and when? The paper's ablations x seeds, resumable.
 
   python benchmarks/objective_study.py                  # the default grid, 3 seeds
-  python benchmarks/objective_study.py --quick          # 3 settings x 2 seeds, 150 steps: ~10 min
+  python benchmarks/objective_study.py --quick          # 3 settings x 2 seeds, 150 steps: ~11 min
   python benchmarks/objective_study.py --groups=heads,weighting --seeds=0,1,2,3,4
   python benchmarks/objective_study.py --groups=density --settings=global/tps1,local/tps1
   python benchmarks/objective_study.py --list           # the grid, and which runs are done
@@ -841,26 +841,32 @@ def _define_flags() -> dict[str, Any]:
                                      'empty: none.'),
       report_only=flags.DEFINE_bool('report_only', False, 'Train nothing: tables, plots and '
                                     'verdicts of the finished runs only.'),
-      quick=flags.DEFINE_bool('quick', False, 'One contrast per group, fewer steps and samples.'),
+      quick=flags.DEFINE_bool('quick', False, 'A smoke run: global, next_token and global/direct, '
+                             '2 seeds, fewer steps and samples.'),
       list=flags.DEFINE_bool('list', False, 'Print the grid and exit.'),
       compilation_cache=flags.DEFINE_string(
           'compilation_cache', None, "JAX's persistent compilation cache: the seeds of a "
           'setting (and a rerun) reuse its compiled programs instead of compiling them again '
           '(the command says at the end how much compiling it saved). Default '
-          '<workdir>/jax_cache, or '
-          '$JAX_COMPILATION_CACHE_DIR when set; empty: off.'),
+          '<workdir>/jax_cache/<a hash of the host CPU> (an entry compiled on another '
+          'processor can crash the reader), or $JAX_COMPILATION_CACHE_DIR when set; empty: '
+          'off.'),
   )
 
 
 def use_compilation_cache(flag: str | None, workdir: str) -> str:
   """Points JAX's persistent compilation cache at `flag` (None: $JAX_COMPILATION_CACHE_DIR,
-  else <workdir>/jax_cache; '': off) and returns the directory ('' when off). A cached program
-  is the one the compiler would build (JAX keys entries by the program, the JAX version, the
-  backend and its flags), so the numbers do not change; an unreadable entry is compiled again."""
+  else <workdir>/jax_cache/<console.host_cpu_fingerprint()>; '': off) and returns the
+  directory ('' when off). A cached program is the one the compiler would build (JAX keys
+  entries by the program, the JAX version, the backend and its flags), so the numbers do not
+  change. JAX's key leaves out the processor, and a CPU executable compiled for another one
+  can crash the process that loads it: a workdir that moves between machines keeps one folder
+  per CPU."""
   import jax
+  from heptapod_jax import console
   path = os.environ.get('JAX_COMPILATION_CACHE_DIR') if flag is None else flag
   if path is None:
-    path = os.path.join(workdir, 'jax_cache')
+    path = os.path.join(workdir, 'jax_cache', console.host_cpu_fingerprint())
   if path:
     jax.config.update('jax_compilation_cache_dir', path)
     # Every program of a run, not only the slow ones (the default skips those under 1 s).

@@ -19,11 +19,13 @@ prints. Without `setup` (a notebook, a test, a library caller) nothing here prin
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.metadata
 import importlib.util
 import logging as pylogging
 import logging.handlers  # noqa: F401  (pylogging.handlers.MemoryHandler)
 import os
+import platform
 import sys
 import time
 from typing import Any
@@ -34,6 +36,29 @@ _STATE: dict[str, Any] = {'quiet': False, 'chief': True, 'bar': None, 'log_path'
                           'held': None}
 # Google's PCI vendor id: a TPU chip of this machine shows up under /sys/bus/pci/devices.
 _GOOGLE_PCI_VENDOR = '0x1ae0'
+
+
+def host_cpu_fingerprint() -> str:
+  """A short hash of this host's CPU model and instruction-set flags.
+
+  XLA compiles CPU executables for the host's own instruction set, and JAX's cache key holds
+  the program, the flags and the jax version but not the CPU: an entry written on one machine
+  (an Intel with AVX-512/AMX) and read on another (an AMD EPYC) can crash the reading process
+  when it is deserialized. Machines whose /tmp outlives a change of processor therefore keep
+  one cache per CPU (tests/conftest.py; benchmarks/objective_study.py's cache folder).
+  """
+  lines = []
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key = line.split(':', 1)[0].strip()
+        if key in ('vendor_id', 'model name', 'flags', 'Features', 'CPU part'):
+          lines.append(line.strip())
+          if key in ('flags', 'Features'):
+            break  # the first core's description is the host's
+  except OSError:
+    lines.append(platform.processor() or platform.machine())
+  return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:12]
 
 
 def _tpu_present() -> bool:

@@ -3,11 +3,11 @@
 XLA reads XLA_FLAGS once, when the backend starts, so this must happen before
 anything imports jax. TensorFlow is kept off any accelerator and quiet.
 """
-import hashlib
 import os
-import platform
 import sys
 import tempfile
+
+from heptapod_jax.console import host_cpu_fingerprint  # No jax import: safe here.
 
 # TensorFlow and Triton (pulled in by torchvision -> torch._dynamo) each bundle their own
 # LLVM; loading Triton into a process that already holds TensorFlow segfaults. The tests use
@@ -22,29 +22,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _host_cpu_fingerprint() -> str:
-  """A short hash of this host's CPU model and instruction-set flags.
-
-  XLA compiles CPU executables for the host's own instruction set, and JAX's cache key holds
-  the program, the flags and the jax version but not the CPU: an entry written on one machine
-  (an Intel with AVX-512/AMX) and read on another (an AMD EPYC) can crash the reading process
-  when it is deserialized. Machines whose /tmp outlives a change of processor therefore keep
-  one cache per CPU.
-  """
-  lines = []
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        key = line.split(':', 1)[0].strip()
-        if key in ('vendor_id', 'model name', 'flags', 'Features', 'CPU part'):
-          lines.append(line.strip())
-          if key in ('flags', 'Features'):
-            break  # the first core's description is the host's
-  except OSError:
-    lines.append(platform.processor() or platform.machine())
-  return hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:12]
-
-
 # JAX's persistent compilation cache: the suite compiles the same tiny programs many times,
 # above all in the child processes of the fault and multi-host tests (every restart compiles
 # the train step again). Set here, in the environment, so that those children share it.
@@ -53,7 +30,7 @@ def _host_cpu_fingerprint() -> str:
 # a fresh folder, so that a run never reads what an earlier run left behind.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(),
-    f"heptapod-jax-tests-xla-cache-{os.getuid()}-{_host_cpu_fingerprint()}"))
+    f"heptapod-jax-tests-xla-cache-{os.getuid()}-{host_cpu_fingerprint()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # The suite's programs are tiny and most run a few times: compiling them dominates its time, and
 # XLA's optimisations cost more than they save. Measured on one core of a 2-core Intel Xeon, a
