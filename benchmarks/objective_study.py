@@ -869,8 +869,9 @@ def use_compilation_cache(flag: str | None, workdir: str) -> str:
     path = os.path.join(workdir, 'jax_cache', console.host_cpu_fingerprint())
   if path:
     jax.config.update('jax_compilation_cache_dir', path)
-    # Every program of a run, not only the slow ones (the default skips those under 1 s).
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:  # The user's, if set.
+      # Every program of a run, not only the slow ones (the default skips those under 1 s).
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   return path
 
 
@@ -929,7 +930,9 @@ def main(argv: Sequence[str]) -> None:
   from heptapod_jax import console
   console.setup(workdir)
   logging.get_absl_handler().addFilter(ablation._quiet_orbax_read_only)
-  cache = use_compilation_cache(f['compilation_cache'].value, workdir)
+  # --report_only compiles nothing worth keeping.
+  cache = ('' if f['report_only'].value
+           else use_compilation_cache(f['compilation_cache'].value, workdir))
   tally = CacheTally()
   tf = console.import_tensorflow()
   tf.config.set_visible_devices([], 'GPU')
