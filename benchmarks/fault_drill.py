@@ -4,6 +4,8 @@ runs of each long job, and check that a rerun of the same command recovers exact
   python benchmarks/fault_drill.py                 # every kind, 5 trials each (about 60 min)
   python benchmarks/fault_drill.py --quick         # every kind, 1 trial each (about 12 min)
   python benchmarks/fault_drill.py --kinds=lost_process,full_disk --trials=3 --seed=1
+  python benchmarks/fault_drill.py --kinds=sigkill_save_gs,sigkill_sample_gs,bucket_outage
+      # the bucket kinds, 5 trials each: 40 min on a 2-core Intel Xeon (beside the test suite)
 
 Kinds (each trial starts from an empty directory, injects the fault into real child
 processes, reruns the same command until it completes, and compares with an uninterrupted run
@@ -27,6 +29,21 @@ of the same command):
   sigkill_reference     SIGKILL to tools/reference_stats (the FID reference statistics of the
                         train split, in saved parts) at a random moment; the statistics and
                         pool features must equal the uninterrupted run's.
+
+Bucket kinds: the job's files on gs:// of a real GCS server on loopback (tests/gcs_world.py:
+the unmodified clients reach it as storage.googleapis.com inside a network namespace; needs
+`unshare`/`nsenter`). The result is downloaded over plain HTTP and compared with the same
+uninterrupted LOCAL run, so a bucket run must equal a disk run bit for bit:
+
+  sigkill_save_gs       SIGKILL while Orbax's commit of a checkpoint to gs:// is pending (its
+                        step directory is there under its final name, without the commit
+                        marker); the rerun must set it aside and resume from the newest
+                        committed step;
+  sigkill_sample_gs     SIGKILL to sample mode while its chunks go to gs://;
+  bucket_outage         the server stopped for --outage_s seconds (default 30) at a random step
+                        of a training run on gs://, then started again: the run rides it out
+                        (the clients retry) or stops naming the path; then the same command
+                        until it completes.
 
 Columns: recovered = the final result equals the uninterrupted run's (train state bit-identical:
 parameters, optimizer state, EMA, RNG and data position; samples and shards array-equal);
@@ -66,9 +83,11 @@ import _harness as h  # noqa: E402
 
 KINDS = ('sigterm', 'sigkill_training', 'sigkill_async_save', 'lost_process',
          'lost_process_in_save', 'full_disk', 'sigkill_tokenizer', 'sigkill_sample',
-         'sigkill_tokenize', 'sigkill_reference')
+         'sigkill_tokenize', 'sigkill_reference', 'sigkill_save_gs', 'sigkill_sample_gs',
+         'bucket_outage')
 # Kinds that are not the trainer: no steps to lose.
-_JOB_KINDS = ('sigkill_sample', 'sigkill_tokenize', 'sigkill_reference')
+_JOB_KINDS = ('sigkill_sample', 'sigkill_tokenize', 'sigkill_reference', 'sigkill_sample_gs')
+_BUCKET_KINDS = ('sigkill_save_gs', 'sigkill_sample_gs', 'bucket_outage')
 _REFERENCE = os.path.join('feature_net', 'reference_builtin_digits_train_32.npz')
 _REFERENCE_PARTS = 94  # 1,500 images in parts of 16.
 _TRIALS = flags.DEFINE_integer('trials', 5, 'Trials per fault kind.')
@@ -76,6 +95,7 @@ _QUICK = flags.DEFINE_bool('quick', False, 'One trial per kind (overrides --tria
 _STEPS = flags.DEFINE_integer('steps', 12, 'Training steps of the drilled trainer runs.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the fault moments (a failure reproduces).')
 _KINDS = flags.DEFINE_list('kinds', list(KINDS), f'Fault kinds to drill, of {list(KINDS)}.')
+_OUTAGE_S = flags.DEFINE_float('outage_s', 30.0, 'bucket_outage: seconds the server is down.')
 _PEER_TIMEOUT = 4  # config.distributed.peer_timeout_s of the 2-process runs.
 _DISTRIBUTED = {'distributed.peer_timeout_s': _PEER_TIMEOUT,
                 'distributed.heartbeat_timeout_s': 30}
@@ -111,6 +131,18 @@ class Drill:
     self.root, self.data_dir, self.steps = root, data_dir, steps
     self._refs: dict[str, str] = {}
     self._durations: dict[str, float] = {}
+    self._world = None
+
+  def world(self):
+    """The GCS server and namespace of the bucket kinds (started on first use)."""
+    if self._world is None:
+      from gcs_world import GcsWorld  # pylint: disable=g-import-not-at-top
+      self._world = GcsWorld(os.path.join(self.root, 'gcs_world')).start()
+    return self._world
+
+  def close(self) -> None:
+    if self._world is not None:
+      self._world.close()
 
   # -- commands ------------------------------------------------------------------------------
 
@@ -292,6 +324,66 @@ class Drill:
     return Trial(note=f'{shards} shards on disk at the kill'), rc == 0 and _same_shards(
         reference, workdir)
 
+  # -- the bucket kinds ----------------------------------------------------------------------
+
+  def _sigkill_save_gs(self, workdir, rng):
+    world, name = self.world(), os.path.basename(workdir)
+    url = world.url(name)
+    child = h.Child(self.train_argv(url), runner_args=('--slow_commit=30',), world=world)
+    for _ in range(rng.randint(1, self.steps // 2 - 1)):
+      child.wait_for('COMMIT_PENDING')
+    child.proc.kill()
+    child.finish()
+    committed = _committed_steps(world, name)
+    pending = sorted(set(_step_dirs(world, name)) - set(committed))
+    trial = Trial(_last_step(child), committed[-1] if committed else 0,
+                  note=f'uncommitted step directories at the kill: {pending}')
+    rc = h.Child(self.train_argv(url), world=world).finish()
+    _download(world, name, workdir)
+    return trial, rc == 0 and _same_state(self.reference('train'), workdir, self.steps)
+
+  def _sigkill_sample_gs(self, workdir, rng):
+    reference = self.reference('sample')
+    world, name = self.world(), os.path.basename(workdir)
+    argv = self.sample_argv(world.url(name))
+    child = h.Child(argv, world=world)
+    count = rng.randint(1, 9)
+    deadline = time.time() + 300
+    while (len(_objects(world, f'{name}/chunks/', '.npz')) < count and child.proc.poll() is None
+           and time.time() < deadline):
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 0.3))
+    child.proc.kill()
+    child.finish()
+    chunks = len(_objects(world, f'{name}/chunks/', '.npz'))
+    rc = h.Child(argv, world=world).finish()
+    _download(world, name, workdir)
+    return Trial(note=f'{chunks} chunks in the bucket at the kill'), rc == 0 and _same_samples(
+        reference, workdir)
+
+  def _bucket_outage(self, workdir, rng):
+    world, name = self.world(), os.path.basename(workdir)
+    url = world.url(name)
+    child = h.Child(self.train_argv(url), world=world,
+                    log_path=os.path.join(self.root, f'{name}.stderr'))
+    at = rng.randint(1, self.steps - 3)
+    child.wait_for(f'STEP {at}')
+    time.sleep(rng.uniform(0.0, 0.5))
+    world.stop_server()
+    time.sleep(_OUTAGE_S.value)
+    world.start_server()
+    rc = child.finish(timeout=900)
+    said = [l.strip() for l in (child.stdout() + child.stderr_tail()).splitlines()
+            if 'gs://' in l and ('Error' in l or 'fail' in l or 'could not' in l)]
+    note = 'rode it out' if rc == 0 else f'stopped, exit {rc}: {said[-1][:200] if said else "?"}'
+    # Steps lost: none when the run rode the outage out, else those after the newest commit.
+    trial = Trial(at, at if rc == 0 else (_committed_steps(world, name) or [0])[-1], note=note)
+    reruns = 0
+    while rc != 0 and reruns < 3:
+      rc, reruns = h.Child(self.train_argv(url), world=world).finish(timeout=900), reruns + 1
+    _download(world, name, workdir)
+    return trial, rc == 0 and _same_state(self.reference('train'), workdir, self.steps)
+
   def _sigkill_reference(self, workdir, rng):
     reference = self.reference('reference_stats')
     # The uninterrupted run's trained feature net: what is killed is the statistics' job.
@@ -321,6 +413,31 @@ def _wait_for_files(pattern: str, count: int, proc: subprocess.Popen, timeout: f
   deadline = time.time() + timeout
   while (len(glob.glob(pattern)) < count and proc.poll() is None and time.time() < deadline):
     time.sleep(poll)
+
+
+def _objects(world, prefix: str, suffix: str = '') -> list[str]:
+  return [n for n in world.list(prefix) if n.endswith(suffix) and not n.endswith('/')]
+
+
+def _step_dirs(world, name: str) -> list[int]:
+  prefix = f'{name}/checkpoints/'
+  return sorted({int(n[len(prefix):].split('/')[0]) for n in world.list(prefix)
+                 if n[len(prefix):].split('/')[0].isdigit()})
+
+
+def _committed_steps(world, name: str) -> list[int]:
+  """Steps whose Orbax commit marker is in the bucket (the finished saves)."""
+  return [s for s in _step_dirs(world, name)
+          if f'{name}/checkpoints/{s}/commit_success.txt' in world.list(f'{name}/checkpoints/{s}/')]
+
+
+def _download(world, name: str, local_dir: str) -> None:
+  """Every object under `name/` into `local_dir`, over plain HTTP (not the tested clients)."""
+  for obj in _objects(world, name + '/'):
+    path = os.path.join(local_dir, obj[len(name) + 1:])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(world.read(obj))
 
 
 def _child_env() -> dict[str, str]:
@@ -419,6 +536,14 @@ def main(argv):
   builtin.prepare(data_dir)
   drill = Drill(root, data_dir, _STEPS.value)
   rng = random.Random(_SEED.value)
+  with contextlib.closing(drill):
+    rows, t_start = _drill_all(drill, root, rng, trials)
+  _print_table(rows, t_start)
+  shutil.rmtree(root, ignore_errors=True)
+
+
+def _drill_all(drill: Drill, root: str, rng: random.Random, trials: int):
+  """Every kind's trials; (rows of (kind, [(Trial, recovered)]), start time)."""
   rows = []
   t_start = time.time()
   bar = console.progress(len(_KINDS.value) * trials, desc='fault drill', unit='trial', every=1)
@@ -439,6 +564,10 @@ def main(argv):
       rows.append((kind, results))
   finally:
     bar.close()
+  return rows, t_start
+
+
+def _print_table(rows, t_start: float) -> None:
   print(f'\n{"fault injected":22s} {"trials":>6s} {"recovered":>9s} {"steps lost":>10s} '
         f'{"data lost":>9s} {"detected (s)":>14s}')
   for kind, results in rows:
@@ -457,7 +586,6 @@ def main(argv):
   print(f'(tiny configs: trainer {_STEPS.value} steps, checkpoint every 2, async saves; '
         f'2-process runs with peer_timeout_s={_PEER_TIMEOUT}; seed {_SEED.value}; '
         f'{(time.time() - t_start) / 60:.1f} min)')
-  shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -26,10 +26,10 @@ from ml_collections import config_flags
 
 from _util import median_time
 from heptapod_jax import generation
-from heptapod_jax import checkpoint as ckpt_lib
 from heptapod_jax import runs
 from heptapod_jax.image_sampler import ImageSampler
 from heptapod_jax.evaluators import generative
+from heptapod_jax.storage import paths
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'The run\'s recipe.',
                                           lock_config=False)
@@ -44,7 +44,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per k (median reporte
 def main(argv):
   del argv
   config = _CONFIG.value
-  workdir = ckpt_lib.local_abspath(_WORKDIR.value)
+  workdir = paths.resolve(_WORKDIR.value, '--workdir')
   sampler = ImageSampler(config)
   n = sampler.model_config.num_positions
   evaluator = generative.GenerativeEvaluator(config, workdir)

@@ -11,10 +11,11 @@ wrong (truncated, a checksum mismatch in member X, ...). The CRC costs one pass 
 that are read anyway; nothing is held twice in memory.
 
 Writes that fail (a full disk) raise `write_error(path, error)`: an OSError naming the file, the
-free space and what to do; the files written before it are complete (each is written under a
-temporary name and renamed), so the rerun resumes.
+free space and what to do; the files written before it are complete (each is written whole
+through `storage.paths.atomic_write`: a local temporary file renamed, or one upload of an
+object), so the rerun resumes.
 
-`save_npz` writes an npz under a temporary name and renames it.
+`save_npz` writes an npz that way, locally or to a bucket.
 `move_aside` renames a damaged file to `<name>.bad-<UTC time>` rather than letting a rewrite
 overwrite it (kept for inspection, never deleted); `first_difference` and `lookup` name the
 field where two settings (a manifest, a header) differ.
@@ -25,13 +26,14 @@ import contextlib
 import errno
 import math
 import os
-import shutil
 import time
 import zipfile
 import zlib
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Iterator, Union
 
 import numpy as np
+
+from heptapod_jax.storage import paths
 
 # Bytes per read when a member is read through (its CRC is updated as it goes).
 _CHUNK = 1 << 20
@@ -48,7 +50,7 @@ class DamagedFileError(ValueError):
 def _open_zip(source: NpzSource, where: str) -> zipfile.ZipFile:
   """The zip archive of an npz file; DamagedFileError naming it when its directory is lost."""
   if isinstance(source, str):
-    size = os.path.getsize(source)
+    size = paths.getsize(source)
   else:
     source.seek(0, os.SEEK_END)  # tf.io.gfile.GFile.seek returns None: tell() says where.
     size = source.tell()
@@ -143,6 +145,9 @@ def read_npz(source: NpzSource, keys: tuple[str, ...], where: str) -> dict[str, 
     DamagedFileError naming `where` and the problem: truncated (no zip directory), a missing
     member, a checksum mismatch, a member that is not one whole .npy array.
   """
+  if isinstance(source, str) and paths.is_remote(source):
+    with paths.open(source, 'rb') as f:
+      return read_npz(f, keys, where)
   with _open_zip(source, where) as archive:
     sizes = {info.filename: info.file_size for info in archive.infolist()}
     out = {}
@@ -168,6 +173,9 @@ def check_npz(source: NpzSource, where: str) -> list[str]:
   Raises:
     DamagedFileError as `read_npz`.
   """
+  if isinstance(source, str) and paths.is_remote(source):
+    with paths.open(source, 'rb') as f:
+      return check_npz(f, where)
   with _open_zip(source, where) as archive:
     names = archive.namelist()
     for member in names:
@@ -180,12 +188,13 @@ def check_npz(source: NpzSource, where: str) -> list[str]:
   return names
 
 
-def move_aside(path: str, *, exists: Callable[[str], bool] = os.path.exists,
-               rename: Callable[[str, str], None] = os.rename) -> str:
+def move_aside(path: str, *, exists: Callable[[str], bool] = paths.exists,
+               rename: Callable[[str, str], None] = paths.rename) -> str:
   """Renames a damaged file to `<path>.bad-<UTC time>` (`-1`, `-2`, ... when taken); the new path.
 
-  `exists` and `rename` default to the local file system (tf.io.gfile's for remote paths).
-  The file is kept for inspection: a rewrite of `path` no longer overwrites it.
+  Works on a local path and on a URL (where the rename is a copy and a delete: the damaged object
+  is kept under the new name before the old one goes). The file is kept for inspection: a
+  rewrite of `path` no longer overwrites it.
   """
   stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
   dest, n = f'{path}.bad-{stamp}', 1
@@ -221,24 +230,15 @@ def describe_free_space(path: Any) -> str:
   """' [0.4 MB free of 32.0 MB]' on the filesystem holding `path` (or its nearest existing
   parent), to follow a path in a message; '' for a remote path (gs://...) or when it cannot
   be read."""
-  path = os.fspath(path)
-  if '://' in path:
+  usage = paths.free_space(path)
+  if usage is None:
     return ''
-  while path and not os.path.exists(path):
-    parent = os.path.dirname(path)
-    if parent == path:
-      break
-    path = parent
-  try:
-    usage = shutil.disk_usage(path or '.')
-  except OSError:
-    return ''
-  return f' [{usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB]'
+  return f' [{usage[0] / 1e6:.1f} MB free of {usage[1] / 1e6:.1f} MB]'
 
 
 def write_error(path: str, error: BaseException) -> OSError:
   """The OSError for a failed write of `path`: the file, the free space, what to do."""
-  free = describe_free_space(os.path.dirname(os.fspath(path)) or '.')
+  free = describe_free_space(paths.dirname(os.fspath(path)) or '.')
   text = str(error).strip().splitlines()[0] if str(error).strip() else ''
   code = getattr(error, 'errno', None) or (  # TensorFlow's file errors carry no errno.
       errno.ENOSPC if 'No space left on device' in str(error) else errno.EIO)
@@ -248,23 +248,21 @@ def write_error(path: str, error: BaseException) -> OSError:
                  'make room and run the same command again, it resumes')
 
 
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-  """np.savez to `path` through a temporary file and a rename: never a torn file.
-
-  The temporary name is fixed (`<path>.tmp.npz`), so a write killed halfway leaves one stray
-  file that the next write of the same path replaces. A failed write (a full disk) removes it
-  and raises `write_error`."""
-  directory = os.path.dirname(path)
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  tmp = path + '.tmp.npz'
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[BinaryIO]:
+  """`paths.atomic_write(path)` whose failure raises `write_error` (the free space, what to do)."""
   try:
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with paths.atomic_write(path, 'wb') as f:
+      yield f
   except OSError as e:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
     raise write_error(path, e) from e
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+  """np.savez to `path` (local or a URL), whole or not at all (`paths.atomic_write`); a failed
+  write (a full disk) raises `write_error`."""
+  with writing(path) as f:
+    np.savez(f, **arrays)
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:

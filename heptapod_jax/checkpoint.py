@@ -32,7 +32,6 @@ import dataclasses
 import enum
 import json
 import logging
-import os
 import re
 import time
 from typing import Any, Mapping, NamedTuple
@@ -43,6 +42,8 @@ import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+from heptapod_jax.storage import paths
 
 PyTree = Any
 
@@ -117,11 +118,6 @@ class RestoredCheckpoint(NamedTuple):
   config: dict[str, Any]
   step: int
   skipped: list[tuple[int, str]]
-
-
-def local_abspath(path: str) -> str:
-  """Absolute local path (Orbax needs one); remote URLs (gs://...) stay as given."""
-  return path if '://' in path else os.path.abspath(path)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -551,11 +547,12 @@ class Checkpointer:
       for name, _, _ in entries:
         dest = aside / f'{name}.{stamp}'
         n = 1
-        while dest.exists():
+        while paths.exists(str(dest)):
           dest, n = aside / f'{name}.{stamp}-{n}', n + 1
         try:
-          aside.mkdir(parents=True, exist_ok=True)
-          (self._directory / name).rename(dest)
+          paths.makedirs(str(aside))
+          # On a bucket a directory moves object by object (copies first, then deletes).
+          paths.rename(str(self._directory / name), str(dest))
           results.append([str(dest), ''])
         except OSError as e:
           results.append(['', describe_error(e)])

@@ -32,8 +32,13 @@ from typing import Any
 
 from absl import logging
 
+from heptapod_jax.storage import paths
+
 _STATE: dict[str, Any] = {'quiet': False, 'chief': True, 'bar': None, 'log_path': None,
-                          'held': None}
+                          'held': None, 'mirror': None}
+# A log on a bucket (which cannot append) is written locally and uploaded whole this often, at
+# exit and on failure (`sync_log`).
+LOG_UPLOAD_INTERVAL_S = 30.0
 # Google's PCI vendor id: a TPU chip of this machine shows up under /sys/bus/pci/devices.
 _GOOGLE_PCI_VENDOR = '0x1ae0'
 
@@ -213,8 +218,9 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
   `quiet=False` (or an explicit --verbosity/-v) the terminal keeps every record as absl prints
   it. An entry point may call it first with `workdir=None, hold=True` (the terminal is set,
   records are held), then with the workdir once the process index is known: the held records
-  go to the file first. Returns the log file's path (None without a local workdir: a remote
-  one, gs://..., gets no log file and the held records are dropped)."""
+  go to the file first. A workdir on a bucket (gs://...) gets the same log, written locally and
+  uploaded (`_LogMirror`: object stores cannot append). Returns the log file's path (None
+  without a workdir: the held records are dropped)."""
   quiet = (not _verbosity_asked()) if quiet is None else quiet
   _STATE.update(quiet=quiet, chief=process_index == 0)
   absl_handler = logging.get_absl_handler()
@@ -224,7 +230,7 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
     if _not_unretrieved_task not in absl_handler.filters:
       absl_handler.addFilter(_not_unretrieved_task)
   root = pylogging.getLogger()
-  if hold or (workdir and '://' not in workdir):  # A file will take every INFO record.
+  if hold or workdir:  # A file will take every INFO record.
     if root.level == pylogging.NOTSET or root.level > pylogging.INFO:
       root.setLevel(pylogging.INFO)
     if logging.get_verbosity() < logging.INFO:  # absl: WARNING is -1, INFO 0.
@@ -232,6 +238,8 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
   elif quiet:  # No file: records below warnings go nowhere (outside absl's app.run, whatever
     logging.set_verbosity(logging.WARNING)  # handler a library installed would print them).
   held = _STATE['held']
+  if workdir:
+    paths.check(workdir, '--workdir')
   if not workdir and hold:
     if held is None and _STATE['log_path'] is None:
       # Until the file exists: records are kept (no target yet), then written to it first.
@@ -239,21 +247,29 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
                                                         flushLevel=pylogging.CRITICAL + 1)
       root.addHandler(_STATE['held'])
     return None
-  if not workdir or '://' in workdir:
+  if not workdir:
     if held is not None:  # No file will take them.
       root.removeHandler(held)
       held.buffer.clear()
       held.close()
       _STATE['held'] = None
     return None
-  os.makedirs(workdir, exist_ok=True)
   name = 'log.txt' if process_index == 0 else f'log.process{process_index}.txt'
-  path = os.path.join(workdir, name)
+  path = paths.join(workdir, name)
   if _STATE['log_path'] != path:
     for old in [h for h in root.handlers if getattr(h, '_heptapod_log', False)]:
       root.removeHandler(old)
       old.close()
-    handler = _LogFile(path)
+    if _STATE['mirror'] is not None:
+      _STATE['mirror'].stop()
+      _STATE['mirror'] = None
+    if paths.is_remote(path):
+      mirror = _LogMirror(path, LOG_UPLOAD_INTERVAL_S)
+      _STATE['mirror'] = mirror
+      handler = _LogFile(mirror.local)
+    else:
+      paths.makedirs(workdir)
+      handler = _LogFile(path)
     handler._heptapod_log = True  # pylint: disable=protected-access
     handler.setLevel(pylogging.INFO)
     handler.setFormatter(logging.PythonFormatter())
@@ -269,8 +285,82 @@ def setup(workdir: str | None, *, process_index: int = 0, quiet: bool | None = N
 
 
 def log_path() -> str | None:
-  """The log file `setup` opened, if any."""
+  """The log file `setup` opened, if any (for a workdir on a bucket, the object it is uploaded
+  to)."""
   return _STATE['log_path']
+
+
+def sync_log() -> None:
+  """Uploads a bucket workdir's log now (a no-op for a local one): called on failure, before a
+  process may be killed, and at exit."""
+  for handler in pylogging.getLogger().handlers:
+    if getattr(handler, '_heptapod_log', False):
+      handler.flush()
+  if _STATE['mirror'] is not None:
+    _STATE['mirror'].upload()
+
+
+class _LogMirror:
+  """The log of a workdir on a bucket. Object stores cannot append, so the records go to a local
+  file (`local`, under the system's temporary folder, one per log object) and the whole file is
+  uploaded as one object: every `interval_s` seconds when it grew, at `sync_log`, and at exit.
+  A rerun first downloads the object, so the log goes on across restarts as a local one does.
+  What a process killed outright (SIGKILL, a lost VM) last wrote reaches the bucket within
+  `interval_s`; the local file keeps it on that VM. A failed upload is said once on stderr and
+  retried at the next interval: the run never stops for its log."""
+
+  def __init__(self, remote: str, interval_s: float):
+    import atexit  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self.remote = remote
+    folder = os.path.join(tempfile.gettempdir(), f'heptapod-logs-{os.getuid()}',
+                          hashlib.sha256(remote.encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    self.local = os.path.join(folder, paths.basename(remote))
+    try:  # The bucket's copy is the log so far; a stale local file of an earlier run gives way.
+      if paths.exists(remote):
+        paths.copy(remote, self.local, overwrite=True)
+    except OSError as e:
+      sys.stderr.write(f'{remote} could not be read ({e}); this run\'s log starts anew in '
+                       f'{self.local} and replaces it at the next upload.\n')
+    self._uploaded: tuple[int, float] | None = None
+    self._lock = threading.Lock()
+    self._failing = False
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True,
+                                    name='heptapod-log-upload')
+    self._thread.start()
+    atexit.register(self.upload)
+
+  def _loop(self, interval_s: float) -> None:
+    while not self._stop.wait(interval_s):
+      self.upload()
+
+  def upload(self) -> None:
+    with self._lock:
+      try:
+        stat = os.stat(self.local)
+      except OSError:
+        return
+      if self._uploaded == (stat.st_size, stat.st_mtime):
+        return
+      try:
+        paths.copy(self.local, self.remote, overwrite=True)
+      except OSError as e:
+        if not self._failing:
+          sys.stderr.write(f'The log could not be uploaded to {self.remote} ({e}); it is kept in '
+                           f'{self.local} and uploaded again in {LOG_UPLOAD_INTERVAL_S:.0f} s.\n')
+        self._failing = True
+        return
+      if self._failing:
+        sys.stderr.write(f'The log is uploaded to {self.remote} again.\n')
+      self._failing = False
+      self._uploaded = (stat.st_size, stat.st_mtime)
+
+  def stop(self) -> None:
+    self._stop.set()
+    self.upload()
 
 
 def summary(text: str) -> None:

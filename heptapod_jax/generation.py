@@ -10,7 +10,8 @@ or for chosen classes (the sampling command line and the notebooks).
 `model_config`, `config.data.image_size` and `sample_images(params, labels, seed=,
 start_index=, pad_to=)`. Sample i has class i mod C and its own key from (seed, i), so chunks of
 `chunk_size` are independent: each is one call and, with `out_dir`, one file
-`<out_dir>/chunks/chunk_<start>_<end>.npz` written atomically by process 0. A rerun skips the
+`<out_dir>/chunks/chunk_<start>_<end>.npz` written whole by process 0 (a local file renamed into
+place, or one object uploaded to a bucket: `storage.paths`). A rerun skips the
 chunks on disk and `<out_dir>/manifest.json` refuses to mix chunks made with other settings. A
 chunk that does not read back whole (truncated, a zip checksum mismatch) or holds other than
 the uint8 images of its range's class-balanced labels is never used: it is moved aside to
@@ -19,7 +20,6 @@ the uint8 images of its range's class-balanced labels is never used: it is moved
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from heptapod_jax import artifacts, console
+from heptapod_jax.storage import paths
 
 MANIFEST = 'manifest.json'
 # Settings that change the pixels: a resumed run must agree on all of them.
@@ -47,7 +48,7 @@ def num_samples_of(config: ml_collections.ConfigDict, num_classes: int) -> int:
 
 
 def _chunk_path(out_dir: str, start: int, end: int) -> str:
-  return os.path.join(out_dir, 'chunks', f'chunk_{start:08d}_{end:08d}.npz')
+  return paths.join(out_dir, 'chunks', f'chunk_{start:08d}_{end:08d}.npz')
 
 
 def _load_chunk(path: str, start: int, labels: np.ndarray, image_size: int) -> np.ndarray | None:
@@ -59,7 +60,7 @@ def _load_chunk(path: str, start: int, labels: np.ndarray, image_size: int) -> n
   range is never used: the warning names it and what is wrong, and process 0 moves it aside
   to `<name>.bad-<UTC time>` (kept for inspection) so that the new chunk does not overwrite it.
   """
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return None
   try:
     found = artifacts.read_npz(path, ('images', 'labels'), path)
@@ -102,8 +103,7 @@ def _read_manifest(path: str) -> dict[str, Any]:
   """An existing manifest; DamagedFileError naming it when it is not a JSON object."""
   advice = ('the samples beside it cannot be checked against this run: use another '
             'config.sample.out_dir, or delete it when sure that they are of this run')
-  with open(path) as f:
-    text = f.read()
+  text = paths.read_text(path)
   try:
     old = json.loads(text)
   except ValueError as e:
@@ -121,8 +121,8 @@ def _check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
     ValueError naming the manifest, the first differing field (dotted, e.g. `model.num_layers`)
     and both values; artifacts.DamagedFileError when the manifest is not a JSON object.
   """
-  path = os.path.join(out_dir, MANIFEST)
-  if os.path.exists(path):
+  path = paths.join(out_dir, MANIFEST)
+  if paths.exists(path):
     old = _read_manifest(path)
     for key in _MANIFEST_FIELDS:
       field = artifacts.first_difference(old.get(key), manifest.get(key), key)
@@ -133,10 +133,7 @@ def _check_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
             f'{field}={artifacts.lookup(manifest, field)!r}; use another config.sample.out_dir '
             '(or delete that one) instead of mixing them.')
   elif jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
+    paths.write_json(path, manifest, indent=2, sort_keys=True)
 
 
 def generate(sampler: Any, params: Any, *, num_samples: int, seed: int, chunk_size: int,

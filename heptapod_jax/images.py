@@ -1,10 +1,12 @@
 """Image grids that a person can look at: PNG files and arrays for TensorBoard."""
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from heptapod_jax.storage import paths
 
 
 def to_uint8(images) -> np.ndarray:
@@ -32,8 +34,15 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2, min_tile: int = 64) 
   return grid
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+  """uint8[H, W, 3] encoded as PNG."""
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
 def save_png(image: np.ndarray, path: str) -> str:
-  """Writes uint8[H, W, 3] as PNG (creating the directory); returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  """Writes uint8[H, W, 3] as PNG to a local path or a URL (whole or not at all); returns the
+  path."""
+  paths.write_bytes(path, png_bytes(image))
   return path

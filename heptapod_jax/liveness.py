@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator
 from absl import logging
 
 from heptapod_jax import console
+from heptapod_jax.storage import paths
 
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL (sysexits.h): a transient failure; run the same command again.
 _KEY = 'heptapod/liveness/{}'
@@ -60,18 +61,29 @@ def note_step(step: int) -> None:
 def failure_file(workdir: str, process_index: int) -> str:
   """Where a process writes its last word: failure.txt (process 0), failure.process<i>.txt."""
   name = 'failure.txt' if process_index == 0 else f'failure.process{process_index}.txt'
-  return os.path.join(workdir, name)
+  return paths.join(workdir, name)
+
+
+# What Orbax writes last into a step directory on an object store (no atomic rename there);
+# orbax.checkpoint's atomicity.CommitFileTemporaryPath.
+COMMIT_MARKER = 'commit_success.txt'
 
 
 def finalized_checkpoint_steps(checkpoint_dir: str) -> list[int]:
-  """Steps whose directory has its final name (Orbax renames a save into place when it is
-  complete). Only lists the directory: no Orbax call, which could wait on the dead peer."""
+  """Steps whose save finished. Locally Orbax writes a step under a temporary name and renames
+  it into place: a directory named by its step is final. On a bucket (no atomic rename) it
+  writes the step directory under its final name from the start and the commit marker
+  (`COMMIT_MARKER`) last: only a step holding it is final. Only lists files: no Orbax call,
+  which could wait on the dead peer."""
   try:
-    names = os.listdir(checkpoint_dir)
+    names = paths.listdir(checkpoint_dir)
   except OSError:
     return []
+  if paths.is_remote(checkpoint_dir):
+    return sorted(int(n) for n in names if n.isdigit()
+                  and paths.exists(paths.join(checkpoint_dir, n, COMMIT_MARKER)))
   return sorted(int(n) for n in names if n.isdigit()
-                and os.path.isdir(os.path.join(checkpoint_dir, n)))
+                and paths.isdir(paths.join(checkpoint_dir, n)))
 
 
 class PeerLost(Exception):
@@ -200,13 +212,13 @@ class PeerWatchdog:
   # -- the last word -----------------------------------------------------------------------
 
   def _checkpoint_lines(self, resume_how: str) -> list[str]:
-    ckpt_dir = os.path.join(self.workdir, 'checkpoints')
+    ckpt_dir = paths.join(self.workdir, 'checkpoints')
     steps = finalized_checkpoint_steps(ckpt_dir)
     if not steps:
       return [f'No finalized checkpoint in {ckpt_dir}: a rerun of all {self.count} processes '
               'starts over.']
     return [f'Newest finalized checkpoint: step {steps[-1]} '
-            f'({os.path.join(ckpt_dir, str(steps[-1]))}).',
+            f'({paths.join(ckpt_dir, str(steps[-1]))}).',
             f'To resume: {resume_how}start all {self.count} processes again with the same '
             f'command; they resume from step {steps[-1]} (or from the newest older step that '
             'restores, if that one is damaged).']
@@ -233,12 +245,14 @@ class PeerWatchdog:
         f'At {time.strftime("%Y-%m-%d %H:%M:%S %Z")}.'])
 
   def _speak(self, text: str) -> None:
-    """The text to the workdir's failure file, the log and stderr."""
+    """The text to the workdir's failure file, the log (uploaded now, for a bucket workdir) and
+    stderr."""
     with contextlib.suppress(OSError):
-      with open(failure_file(self.workdir, self.index), 'w') as f:
-        f.write(text + '\n')
+      paths.write_text(failure_file(self.workdir, self.index), text + '\n')
     with contextlib.suppress(Exception):
       console.error(text)
+    with contextlib.suppress(Exception):
+      console.sync_log()
 
   def last_word(self, lost: PeerLost, own_error: str | None = None) -> None:
     """Says what happened, then ends this process without waiting on any collective. Process 0
@@ -263,8 +277,7 @@ class PeerWatchdog:
       self._thread.join(timeout=2 * self.interval_s + 1)
     own = self.describe_own_failure(summary)
     with contextlib.suppress(OSError):  # Provisional: JAX may end this process any moment.
-      with open(failure_file(self.workdir, self.index), 'w') as f:
-        f.write(own + '\n')
+      paths.write_text(failure_file(self.workdir, self.index), own + '\n')
     deadline = self.clock() + self.timeout_s + 2 * self.interval_s
     while True:
       try:
@@ -298,5 +311,5 @@ def watch(watchdog: PeerWatchdog | None) -> Iterator[None]:
   watchdog.stop('done')
 
 
-__all__ = ['EXIT_PEER_LOST', 'PeerLost', 'PeerWatchdog', 'failure_file',
+__all__ = ['COMMIT_MARKER', 'EXIT_PEER_LOST', 'PeerLost', 'PeerWatchdog', 'failure_file',
            'finalized_checkpoint_steps', 'note_step', 'watch']

@@ -18,6 +18,7 @@ summary; every record goes to <workdir>/log.txt (`console.py`). --verbosity=1 sh
 from __future__ import annotations
 
 import os
+import traceback
 
 if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up notices.
   from heptapod_jax import console as _console
@@ -27,6 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from heptapod_jax import config_lib, console, liveness  # noqa: E402
+from heptapod_jax.storage import paths  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:options]).',
                                           lock_config=True)
@@ -85,22 +87,32 @@ def main(argv):
   if log_path:
     logging.info('Full log of this run: %s', log_path)
   _report_previous_failure(_WORKDIR.value, jax.process_index())
-  with liveness.watch(liveness.PeerWatchdog.for_job(config.distributed, _WORKDIR.value)):
-    _run(config)
+  try:
+    with liveness.watch(liveness.PeerWatchdog.for_job(config.distributed, _WORKDIR.value)):
+      _run(config)
+  except BaseException as e:
+    # The error in the log file (the terminal gets Python's own traceback), then the log to
+    # the bucket at once for a workdir there: the process may not live to its next upload.
+    if not (isinstance(e, SystemExit) and not e.code):
+      console.error(f'The run stopped with:\n{"".join(traceback.format_exception(e))}',
+                    terminal=False)
+    console.sync_log()
+    raise
+  console.sync_log()
 
 
 def _report_previous_failure(workdir: str, process_index: int) -> None:
   """A last word left by the previous run (liveness.py): logged, then moved into the log."""
   path = liveness.failure_file(workdir, process_index)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return
-  with open(path) as f:
-    text = f.read().strip()
+  text = paths.read_text(path).strip()
   logging.warning('The previous run of this workdir ended with:\n%s', text)
   if process_index == 0:
     console.say(f'Resuming after a lost process (previous run: {text.splitlines()[0]})')
   if console.log_path():  # Its text is in log.txt now; without a log file it stays.
-    os.remove(path)
+    console.sync_log()  # On a bucket: in the uploaded log before the file goes.
+    paths.remove(path, missing_ok=True)
 
 
 def _run(config) -> None:

@@ -13,13 +13,13 @@ dict the trainer returned (evaluation and generative metrics). `svg_line_plot` i
 from __future__ import annotations
 
 import base64
-import glob
 import html
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from heptapod_jax.storage import paths
 
 Series = Sequence[tuple[float, float]]
 PALETTE = ('#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#17becf')
@@ -37,7 +37,7 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
 
   by_tag: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+  for path in paths.glob(paths.join(workdir, 'events.out.tfevents.*')):
     for event in event_file_loader.EventFileLoader(path).Load():
       for value in event.summary.value:
         kind = value.WhichOneof('value')
@@ -149,13 +149,12 @@ def svg_line_plot(series: Mapping[str, Series], *, title: str, xlabel: str, ylab
 
 
 def _png_data(path: str) -> str:
-  with open(path, 'rb') as f:
-    return 'data:image/png;base64,' + base64.b64encode(f.read()).decode('ascii')
+  return 'data:image/png;base64,' + base64.b64encode(paths.read_bytes(path)).decode('ascii')
 
 
 def latest_file(pattern: str) -> str | None:
   """The last match of a glob in name order (step_0001000.png after step_0000500.png), or None."""
-  found = sorted(glob.glob(pattern))
+  found = paths.glob(pattern)
   return found[-1] if found else None
 
 
@@ -230,8 +229,8 @@ def tokenizer_dir(config) -> str | None:
   """The tokenizer's training workdir, when `config.tokenizer.checkpoint` is `<dir>/tokenizer`
   as train_tokenizer exports it (the reconstructions live next to it)."""
   path = str(getattr(getattr(config, 'tokenizer', None), 'checkpoint', '') or '')
-  parent = os.path.dirname(os.path.abspath(path.rstrip('/'))) if path else ''
-  return parent if parent and os.path.isdir(os.path.join(parent, 'reconstructions')) else None
+  parent = paths.dirname(paths.resolve(path)) if path else ''
+  return parent if parent and paths.isdir(paths.join(parent, 'reconstructions')) else None
 
 
 def write_run_page(workdir: str, summary: Mapping[str, Any], *, title: str = '',
@@ -241,7 +240,7 @@ def write_run_page(workdir: str, summary: Mapping[str, Any], *, title: str = '',
   scalars = read_scalars(workdir)
   esc = html.escape
   parts = [f'<h1>{esc(title or "Heptapod run")}</h1>',
-           f'<p class="small">workdir <code>{esc(os.path.abspath(workdir))}</code>, '
+           f'<p class="small">workdir <code>{esc(paths.display(workdir))}</code>, '
            f'step {esc(str(summary.get("step", "?")))}</p>']
   train = summary.get('train') or {}
   if train:
@@ -261,24 +260,24 @@ def write_run_page(workdir: str, summary: Mapping[str, Any], *, title: str = '',
     parts += ['<h2>Training curves</h2>'] + [f'<div class="plot">{svg}</div>' for svg in curves]
   pictures = []
   samples = list(summary.get('samples') or [])
-  final = samples[-1] if samples else latest_file(os.path.join(workdir, 'samples', 'step_*.png'))
-  if final and os.path.exists(final):
+  final = samples[-1] if samples else latest_file(paths.join(workdir, 'samples', 'step_*.png'))
+  if final and paths.exists(final):
     pictures.append(('Samples (one column per class)', final))
-  reference = summary.get('reference') or os.path.join(workdir, 'samples',
-                                                       'reference_real_tokenized.png')
-  if reference and os.path.exists(reference):
+  reference = summary.get('reference') or paths.join(workdir, 'samples',
+                                                      'reference_real_tokenized.png')
+  if reference and paths.exists(reference):
     pictures.append(('Held-out real images through the tokenizer (what perfect samples look like)',
                      reference))
   if tokenizer_workdir:
-    recon = latest_file(os.path.join(tokenizer_workdir, 'reconstructions', 'step_*.png'))
+    recon = latest_file(paths.join(tokenizer_workdir, 'reconstructions', 'step_*.png'))
     if recon:
       pictures.append(('Tokenizer: held-out originals (odd rows) over reconstructions', recon))
   for caption, path in pictures:
     parts += [f'<h2>{esc(caption)}</h2>',
-              f'<p class="small"><code>{esc(os.path.abspath(path))}</code></p>',
+              f'<p class="small"><code>{esc(paths.display(path))}</code></p>',
               f'<img src="{_png_data(path)}" alt="{esc(caption)}">']
   parts.append(f'<p class="small">Every scalar: <code>tensorboard --logdir {esc(workdir)}</code>; '
-               f'every log record: <code>{esc(os.path.join(workdir, "log.txt"))}</code>.</p>')
+               f'every log record: <code>{esc(paths.join(workdir, "log.txt"))}</code>.</p>')
   page = ('<!doctype html><html><head><meta charset="utf-8">'
           f'<title>{esc(title or "Heptapod run")}</title><style>'
           'body{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}'
@@ -286,9 +285,6 @@ def write_run_page(workdir: str, summary: Mapping[str, Any], *, title: str = '',
           'padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}'
           '.small{color:#666;font-size:.85em}img{image-rendering:pixelated;max-width:100%}'
           '.plot{margin:.5em 0}</style></head><body>\n' + '\n'.join(parts) + '\n</body></html>\n')
-  path = os.path.join(workdir, PAGE_NAME)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(page)
-  os.replace(tmp, path)
+  path = paths.join(workdir, PAGE_NAME)
+  paths.write_text(path, page)
   return path

@@ -17,7 +17,6 @@ sample mode and the notebooks; it needs neither the trainer nor the command line
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, NamedTuple
 
@@ -31,6 +30,7 @@ from heptapod_jax import checkpoint_read
 from heptapod_jax import config_lib, sampling
 from heptapod_jax.image_sampler import ImageSampler
 from heptapod_jax.models.config import ModelConfig
+from heptapod_jax.storage import paths
 
 CONFIG_JSON = 'config.json'
 CHECKPOINTS = 'checkpoints'
@@ -79,42 +79,41 @@ class LoadedRun(NamedTuple):
 
 
 def _is_step_dir(path: str) -> bool:
-  return os.path.basename(os.path.normpath(path)).isdigit() and os.path.isdir(
-      os.path.join(path, ckpt_lib.STATE))
+  return paths.basename(path).isdigit() and paths.isdir(paths.join(path, ckpt_lib.STATE))
 
 
 def _has_steps(path: str) -> bool:
-  return any(name.isdigit() and os.path.isdir(os.path.join(path, name))
-             for name in os.listdir(path))
+  return any(name.isdigit() and paths.isdir(paths.join(path, name))
+             for name in paths.listdir(path))
 
 
 def locate_checkpoint(path: str) -> RunLocation:
   """Interprets `path`: a workdir, its checkpoints/ directory, or one step directory."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
+  path = paths.resolve(path, '--checkpoint')
+  if not paths.exists(path):
     raise FileNotFoundError(f'--checkpoint={path} does not exist.')
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise ValueError(f'--checkpoint={path} is a file; give a run\'s workdir, its checkpoints/ '
                      'directory or a step directory checkpoints/<step>/.')
 
   def workdir_of(checkpoint_dir):
-    parent = os.path.dirname(checkpoint_dir)
-    return parent if os.path.isfile(os.path.join(parent, CONFIG_JSON)) else None
+    parent = paths.dirname(checkpoint_dir)
+    return parent if paths.isfile(paths.join(parent, CONFIG_JSON)) else None
 
   if _is_step_dir(path):
-    checkpoint_dir = os.path.dirname(path)
-    return RunLocation(workdir_of(checkpoint_dir), checkpoint_dir, int(os.path.basename(path)))
-  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-    return RunLocation(path, os.path.join(path, CHECKPOINTS), None)
+    checkpoint_dir = paths.dirname(path)
+    return RunLocation(workdir_of(checkpoint_dir), checkpoint_dir, int(paths.basename(path)))
+  if paths.isdir(paths.join(path, CHECKPOINTS)):
+    return RunLocation(path, paths.join(path, CHECKPOINTS), None)
   if _has_steps(path):
     return RunLocation(workdir_of(path), path, None)
-  if os.path.isfile(os.path.join(path, CONFIG_JSON)):
+  if paths.isfile(paths.join(path, CONFIG_JSON)):
     raise FileNotFoundError(f'--checkpoint={path} holds {CONFIG_JSON} but no {CHECKPOINTS}/ '
                             'directory: the run has not saved a checkpoint yet.')
   raise FileNotFoundError(
       f'--checkpoint={path} is not a run: expected a workdir ({CONFIG_JSON} + {CHECKPOINTS}/), '
       f'a checkpoints directory (numbered step directories) or a step directory '
-      f'(<step>/{ckpt_lib.STATE}); it holds {sorted(os.listdir(path))[:10]}.')
+      f'(<step>/{ckpt_lib.STATE}); it holds {paths.listdir(path)[:10]}.')
 
 
 def config_from_saved(saved: dict[str, Any], where: str) -> ml_collections.ConfigDict:
@@ -154,17 +153,15 @@ def config_from_saved(saved: dict[str, Any], where: str) -> ml_collections.Confi
 def read_run_config(location: RunLocation, step: int | None) -> ml_collections.ConfigDict:
   """The run's config: workdir/config.json, else the config saved in the (newest) step."""
   if location.workdir is not None:
-    where = os.path.join(location.workdir, CONFIG_JSON)
-    with open(where) as f:
-      return config_from_saved(json.load(f), where)
+    where = paths.join(location.workdir, CONFIG_JSON)
+    return config_from_saved(paths.read_json(where), where)
   steps = checkpoint_read.checkpoint_steps(location.checkpoint_dir)
   candidates = [step] if step is not None else sorted(steps, reverse=True)
   for s in candidates:
     # The JSON file Orbax's JsonCheckpointHandler writes for the step's config item.
-    where = os.path.join(location.checkpoint_dir, str(s), ckpt_lib.CONFIG, 'metadata')
+    where = paths.join(location.checkpoint_dir, str(s), ckpt_lib.CONFIG, 'metadata')
     try:
-      with open(where) as f:
-        return config_from_saved(json.load(f), where)
+      return config_from_saved(paths.read_json(where), where)
     except (OSError, ValueError) as e:
       logging.warning('Cannot read the config saved in %s (%s).', where, e)
   raise FileNotFoundError(
@@ -184,7 +181,7 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, location: RunLocation,
   if not path:
     raise ValueError(f'the run\'s config.tokenizer.kind={tok.kind!r} has no tokenizer.checkpoint; '
                      'pass --tokenizer=DIR.')
-  if '://' in path:
+  if paths.is_remote(path):
     return
   path = os.path.expanduser(path)
   if os.path.isabs(path) or override:
@@ -193,14 +190,14 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, location: RunLocation,
     anchor = location.workdir or location.checkpoint_dir
     candidates = [path]
     while True:
-      candidates.append(os.path.join(anchor, path))
-      parent = os.path.dirname(anchor)
+      candidates.append(paths.join(anchor, path))
+      parent = paths.dirname(anchor)
       if parent == anchor:
         break
       anchor = parent
   for candidate in candidates:
-    if os.path.isdir(candidate):
-      tok.checkpoint = os.path.abspath(candidate)
+    if paths.isdir(candidate):
+      tok.checkpoint = paths.resolve(candidate)
       return
   raise FileNotFoundError(
       f'the run\'s tokenizer checkpoint {path!r} (config.tokenizer.checkpoint) is not a directory '
@@ -274,7 +271,7 @@ def restore_params(sampler: ImageSampler, workdir: str, step: int = -1) -> tuple
   Call inside the sampler's mesh context (`jax.set_mesh(sampler.mesh)`)."""
   key = 'ema_params' if sampler.config.train.sample_with_ema else 'params'
   params, step, _ = checkpoint_read.load_newest_intact_params(
-      os.path.join(workdir, CHECKPOINTS), sampler.abstract_params(),
+      paths.join(workdir, CHECKPOINTS), sampler.abstract_params(),
       step=None if step < 0 else step, key=key,
       what='sample mode', hint='train first, or point --workdir at a trained run',
       step_name='config.sample.checkpoint_step')

@@ -49,7 +49,6 @@ evaluators, which Colab calls directly:
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -63,19 +62,19 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from heptapod_jax import artifacts  # noqa: E402
-from heptapod_jax import checkpoint as ckpt_lib  # noqa: E402
 from heptapod_jax import checkpoint_read
 from heptapod_jax import console  # noqa: E402
 from heptapod_jax import generation  # noqa: E402
 from heptapod_jax import images as images_lib  # noqa: E402
 from heptapod_jax import runs  # noqa: E402
 from heptapod_jax.image_sampler import ImageSampler  # noqa: E402
+from heptapod_jax.storage import paths  # noqa: E402
 
 
 def write_pngs(images: np.ndarray, labels: np.ndarray, directory: str, count: int) -> int:
   n = len(images) if count < 0 else min(count, len(images))
   for i in range(n):
-    images_lib.save_png(images[i], os.path.join(directory, f'{i:06d}_class{int(labels[i])}.png'))
+    images_lib.save_png(images[i], paths.join(directory, f'{i:06d}_class{int(labels[i])}.png'))
   return n
 
 
@@ -84,7 +83,7 @@ def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   .npz (and PNGs), run config.evaluator on them. Returns a summary dict."""
   from heptapod_jax.evaluators import generative
 
-  workdir = ckpt_lib.local_abspath(workdir)
+  workdir = paths.resolve(workdir, 'workdir')
   sampler = ImageSampler(config)
   s = config.sample
   num_classes = sampler.model_config.num_classes
@@ -92,7 +91,8 @@ def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   chunk = s.chunk_size or config.train.global_batch_size
   with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sampler.rules):
     params, step, key = runs.restore_params(sampler, workdir, s.checkpoint_step)
-    out_dir = s.out_dir or os.path.join(workdir, f'samples_{step:07d}_seed{s.seed}')
+    out_dir = (paths.resolve(s.out_dir, 'config.sample.out_dir') if s.out_dir
+               else paths.join(workdir, f'samples_{step:07d}_seed{s.seed}'))
     manifest = {'checkpoint_step': step, 'params_key': key,
                 'sampling': config.sampling.to_dict(), 'model': config.model.to_dict(),
                 'tokenizer': config.tokenizer.to_dict(), 'image_size': config.data.image_size,
@@ -103,19 +103,19 @@ def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                        chunk_size=chunk, out_dir=out_dir, manifest=manifest)
     seconds = time.time() - t0
   size = config.data.image_size
-  npz = os.path.join(out_dir, f'samples_{num_samples}x{size}x{size}x3.npz')
+  npz = paths.join(out_dir, f'samples_{num_samples}x{size}x{size}x3.npz')
   summary: dict[str, Any] = {'workdir': workdir, 'step': step, 'out_dir': out_dir, 'npz': npz,
                              'num_samples': num_samples, 'seconds': seconds}
   if jax.process_index() == 0:
     artifacts.save_npz(npz, arr_0=imgs, arr_1=labels.astype(np.int64))
     if s.num_png:
-      summary['png'] = write_pngs(imgs, labels, os.path.join(out_dir, 'png'), s.num_png)
+      summary['png'] = write_pngs(imgs, labels, paths.join(out_dir, 'png'), s.num_png)
     cols = min(num_classes, 10)
     grid_idx = np.concatenate([np.arange(r * num_classes, r * num_classes + cols)
                                for r in range(min(4, num_samples // num_classes))] or [np.arange(0)])
     if len(grid_idx):
       summary['grid'] = images_lib.save_png(images_lib.make_grid(imgs[grid_idx], ncols=cols),
-                                            os.path.join(out_dir, 'grid.png'))
+                                            paths.join(out_dir, 'grid.png'))
   if s.evaluate and config.evaluator.features:
     evaluator = generative.GenerativeEvaluator(config, workdir)
     metrics = evaluator.evaluate(imgs, labels)
@@ -125,9 +125,9 @@ def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                                            sampler.tokenizer_params)
     summary['evaluator'] = dict(evaluator.info)
     if jax.process_index() == 0:
-      with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-        json.dump({'metrics': metrics, 'real_baseline': summary.get('generative_real'),
-                   'evaluator': evaluator.info, 'npz': npz, 'step': step}, f, indent=2)
+      paths.write_json(paths.join(out_dir, 'metrics.json'),
+                       {'metrics': metrics, 'real_baseline': summary.get('generative_real'),
+                        'evaluator': evaluator.info, 'npz': npz, 'step': step}, indent=2)
   return summary
 
 
@@ -199,6 +199,9 @@ def _check_args(args) -> None:
     raise ValueError(f'--n={args.n}: must be >= 1.')
   if args.batch < 1:
     raise ValueError(f'--batch={args.batch}: must be >= 1.')
+  for flag in ('checkpoint', 'out', 'out_dir', 'tokenizer'):
+    if getattr(args, flag) is not None:
+      paths.check(getattr(args, flag), f'--{flag}')
 
 
 def _parse_classes(text: str) -> list[int]:
@@ -234,10 +237,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   t0 = time.time()
   imgs, labels = generation.sample_classes(run, classes, num, seed=args.seed, batch=args.batch)
   seconds = time.time() - t0
-  run_dir = run.location.workdir or os.path.dirname(run.location.checkpoint_dir)
-  out = args.out or os.path.join(run_dir, 'samples', f'cli_step{run.step}_seed{args.seed}.png')
+  run_dir = run.location.workdir or paths.dirname(run.location.checkpoint_dir)
+  out = (paths.resolve(args.out, '--out') if args.out else
+         paths.join(run_dir, 'samples', f'cli_step{run.step}_seed{args.seed}.png'))
   ncols = grid_columns(len(classes), num)
-  out = os.path.abspath(images_lib.save_png(images_lib.make_grid(imgs, ncols=ncols), out))
+  images_lib.save_png(images_lib.make_grid(imgs, ncols=ncols), out)
   summary: dict[str, Any] = {
       'grid': out, 'step': run.step, 'params': run.key, 'classes': classes, 'seed': args.seed,
       'shape': imgs.shape, 'ncols': ncols, 'nrows': -(-num // ncols), 'seconds': seconds,
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else 'in order, class of image i = classes[i mod C]')
   lines.append(f'  grid ({summary["nrows"]} rows x {ncols} columns, {layout}): {out}')
   if args.out_dir:
-    out_dir = os.path.abspath(args.out_dir)
+    out_dir = paths.resolve(args.out_dir, '--out_dir')
     summary['out_dir'] = out_dir
     summary['num_png'] = write_pngs(imgs, labels, out_dir, -1)
     lines.append(f'  {summary["num_png"]} PNG files (<index>_class<id>.png): {out_dir}')

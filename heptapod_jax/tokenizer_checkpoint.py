@@ -38,6 +38,7 @@ from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.tokenizers import autoencoder as ae
 from heptapod_jax.models.tokenizers import kl as kl_lib
 from heptapod_jax.models.tokenizers import vq as vq_lib
+from heptapod_jax.storage import paths
 
 KINDS = {'vq': vq_lib.VQConfig, 'kl': kl_lib.KLConfig}
 _ABSTRACT = {'vq': vq_lib.abstract_params, 'kl': kl_lib.abstract_params}
@@ -256,7 +257,7 @@ def stored_config(tokenizer_config: Any, want: str):
     raise ValueError(f'config.tokenizer.checkpoint is empty: kind="{want}" needs a tokenizer '
                      'checkpoint (train one with `python -m heptapod_jax.main '
                      f'--config=configs/vq_*.py`, or import {importer}).')
-  kind, config = read_tokenizer_config(ckpt_lib.local_abspath(tokenizer_config.checkpoint),
+  kind, config = read_tokenizer_config(paths.resolve(tokenizer_config.checkpoint, 'config.tokenizer.checkpoint'),
                                        key=tokenizer_config.checkpoint_key)
   if kind != want:
     raise ValueError(f'config.tokenizer.checkpoint={tokenizer_config.checkpoint} holds a {kind!r} '
@@ -274,7 +275,7 @@ def make_tokenizer(tokenizer_config: Any, image_size: int) -> tuple[Any, Any]:
   if kind not in KINDS:
     raise ValueError(f'config.tokenizer.kind={kind!r} is not one of {list(tokenizers.KINDS)}.')
   config = dataclasses.replace(stored_config(tokenizer_config, kind), image_size=image_size)
-  params = load_tokenizer_params(ckpt_lib.local_abspath(tokenizer_config.checkpoint), config,
+  params = load_tokenizer_params(paths.resolve(tokenizer_config.checkpoint, 'config.tokenizer.checkpoint'), config,
                                  key=tokenizer_config.checkpoint_key)
   tokenizer = tokenizer_for(kind, config)
   if kind == 'kl':

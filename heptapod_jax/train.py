@@ -9,7 +9,6 @@ data position) > `config.init_from` (parameters only) > scratch.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from typing import Any
 
@@ -35,6 +34,7 @@ from heptapod_jax.data import builtin, input_pipeline
 from heptapod_jax.data import tokenized as tokenized_lib
 from heptapod_jax.evaluators import generative
 from heptapod_jax.models.tokenizers import decode_tokens, encode_images
+from heptapod_jax.storage import paths
 
 Array = jax.Array
 
@@ -140,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   the paths of the written sample grids and of the summary page ('page'), or 'preempted'
   when stopped early.
   """
-  workdir = ckpt_lib.local_abspath(workdir)
+  workdir = paths.resolve(workdir, 'workdir')
   trainer = Trainer(config, workdir)
   tcfg = config.train
   if trainer.is_chief:
@@ -152,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   throughput = trainlib.Throughput(trainer.model_config, tcfg.global_batch_size, tcfg.peak_tflops)
   with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
     shardings = trainer.state_shardings()
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+    checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, 'checkpoints'),
                                          save_interval_steps=tcfg.checkpoint_every,
                                          max_to_keep=tcfg.keep_checkpoints,
                                          async_save=tcfg.async_checkpoints)
@@ -183,10 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _write_page(config: ml_collections.ConfigDict, workdir: str, summary: dict[str, Any]
                 ) -> str | None:
-  """The run's summary page (report.py), for local workdirs; a failure to write it is logged,
-  never fatal: the run itself is done and saved."""
-  if '://' in workdir:
-    return None
+  """The run's summary page (report.py), local or in the bucket; a failure to write it is
+  logged, never fatal: the run itself is done and saved."""
   try:
     return report.write_run_page(workdir, summary, title=config_lib.describe(config),
                                  tokenizer_workdir=report.tokenizer_dir(config))
@@ -399,7 +397,7 @@ def _write_reference(trainer: Trainer, writer) -> str | None:
   recon = images.to_uint8(np.asarray(decode_tokens(trainer.tokenizer, trainer.tokenizer_params,
                                                    tokens)))
   grid = images.make_grid(recon, ncols=len(wanted))
-  path = os.path.join(trainer.workdir, 'samples', 'reference_real_tokenized.png')
+  path = paths.join(trainer.workdir, 'samples', 'reference_real_tokenized.png')
   if trainer.is_chief:
     images.save_png(grid, path)
     writer.write_images(0, {'reference_real_tokenized': grid[None]})
@@ -413,7 +411,7 @@ def _write_samples(trainer: Trainer, state: TrainState, writer, step: int) -> st
   imgs = trainer.sample_images(_eval_params(trainer, state), labels, seed=cfg.seed + step)
   cols = len(np.unique(labels))
   grid = images.make_grid(imgs, ncols=cols)
-  path = os.path.join(trainer.workdir, 'samples', f'step_{step:07d}.png')
+  path = paths.join(trainer.workdir, 'samples', f'step_{step:07d}.png')
   if trainer.is_chief:
     images.save_png(grid, path)
     writer.write_images(step, {'samples': grid[None]})

@@ -14,7 +14,6 @@ which `config.tokenizer.checkpoint` of an AR run points to.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +36,7 @@ from heptapod_jax.models.tokenizers import kl as kl_lib
 from heptapod_jax.models.tokenizers import losses
 from heptapod_jax.models.tokenizers import lpips as lpips_lib
 from heptapod_jax.models.tokenizers import vq as vq_lib
+from heptapod_jax.storage import paths
 
 Array = jax.Array
 EXPORT_DIR = 'tokenizer'
@@ -271,7 +271,7 @@ def _write_reconstructions(trainer: TokenizerTrainer, state: TokenizerState, wri
   for start in range(0, n, cols):
     rows += [orig[start:start + cols], recon[start:start + cols]]
   grid = images.make_grid(images.to_uint8(np.concatenate(rows)), ncols=cols)
-  path = os.path.join(trainer.workdir, 'reconstructions', f'step_{step:07d}.png')
+  path = paths.join(trainer.workdir, 'reconstructions', f'step_{step:07d}.png')
   if trainer.is_chief:
     images.save_png(grid, path)
     writer.write_images(step, {'reconstructions': grid[None]})
@@ -292,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns a summary: final step, last train metrics, eval metrics, the export
   directory and the reconstruction grid.
   """
-  workdir = ckpt_lib.local_abspath(workdir)
+  workdir = paths.resolve(workdir, 'workdir')
   trainer = TokenizerTrainer(config, workdir)
   tcfg = config.train
   if trainer.is_chief:
@@ -304,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     shardings = trainer.state_shardings()
     trainer.lpips_params = (jax.device_put(trainer.lpips.params, sharding.replicated(trainer.mesh))
                             if trainer.lpips is not None else {})
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+    checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, 'checkpoints'),
                                          save_interval_steps=tcfg.checkpoint_every,
                                          max_to_keep=tcfg.keep_checkpoints,
                                          async_save=tcfg.async_checkpoints)
@@ -394,7 +394,7 @@ class _Loop(trainlib.TrainLoop):
 
 def _export(trainer: TokenizerTrainer, state: TokenizerState, step: int) -> str:
   """Writes the tokenizer checkpoint of the final step to <workdir>/tokenizer (once)."""
-  export = os.path.join(trainer.workdir, EXPORT_DIR)
+  export = paths.join(trainer.workdir, EXPORT_DIR)
   if not _export_is_current(export, step):
     tok_io.save_tokenizer(export, trainer.kind, trainer.model_config,
                           jax.device_get(state.params), step=step,
@@ -404,7 +404,7 @@ def _export(trainer: TokenizerTrainer, state: TokenizerState, step: int) -> str:
 
 def _export_is_current(export: str, step: int) -> bool:
   """True when `export` already holds the tokenizer of this step (a rerun of a finished run)."""
-  if not os.path.isdir(export):
+  if not paths.isdir(export):
     return False
   try:
     stored_step, _, _ = tok_io.read_metadata(export)

@@ -1,8 +1,6 @@
 """Pieces shared by the trainers (the AR model's and the tokenizer's)."""
 from __future__ import annotations
 
-import json
-import os
 import signal
 import threading
 import time
@@ -15,6 +13,7 @@ from clu import periodic_actions
 
 from heptapod_jax import artifacts, console, liveness
 from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax.storage import paths
 
 Array = jax.Array
 
@@ -39,10 +38,9 @@ def reduce_metrics(metric_list: list[dict[str, Array]]) -> dict[str, float]:
 
 
 def write_config(config, workdir: str) -> None:
-  """Writes the run's config as readable JSON to workdir/config.json."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(ckpt_lib.to_jsonable(config.to_dict()), f, indent=2, sort_keys=True)
+  """Writes the run's config as readable JSON to workdir/config.json (local or a bucket)."""
+  paths.write_json(paths.join(workdir, 'config.json'), ckpt_lib.to_jsonable(config.to_dict()),
+                   indent=2, sort_keys=True)
 
 
 def check_finite(metrics: dict[str, Array], step: int, checkpointer) -> None:

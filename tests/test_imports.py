@@ -46,6 +46,8 @@ LAYERS = (
     ('heptapod_jax.sample', TRAINING, 'sample mode and its CLI do not need the trainer'),
     ('heptapod_jax.evaluators', TRAINING + SAMPLE_CLI,
      'evaluation needs neither the trainer nor the CLI'),
+    ('heptapod_jax.storage.paths', ('heptapod_jax',),
+     'the path layer is the bottom layer: every module may read and write files through it'),
     ('heptapod_jax.liveness', TRAINING + CHECKPOINTS + SAMPLE_CLI + ('heptapod_jax.data',),
      'the watchdog may run while a peer is dead: it lists files, never calls Orbax or JAX '
      'collectives'),
@@ -130,7 +132,7 @@ def test_layers_read_top_down(importer, forbidden, why):
 
 # What a model, its step, its sampler and its configs run with: a machine with JAX, Flax, Optax
 # and ml_collections alone (an accelerator image without TensorFlow, a notebook, a benchmark).
-LIGHT_MODULES = ('heptapod_jax.steps', 'heptapod_jax.sampling', 'heptapod_jax.flops',
+LIGHT_MODULES = ('heptapod_jax.storage.paths', 'heptapod_jax.steps', 'heptapod_jax.sampling', 'heptapod_jax.flops',
                  'heptapod_jax.config_lib', 'heptapod_jax.presets', 'heptapod_jax.models.heptapod',
                  'heptapod_jax.data.schema')
 HEAVY = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax', 'torch')

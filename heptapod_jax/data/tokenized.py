@@ -69,7 +69,6 @@ exactly the images the image pipeline would yield, with the same `get_state()`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from typing import Any, Iterator
@@ -83,6 +82,7 @@ import tensorflow as tf
 from heptapod_jax import artifacts
 from heptapod_jax.artifacts import first_difference, lookup
 from heptapod_jax.data import record_order, schema, sources
+from heptapod_jax.storage import paths
 
 FORMAT_VERSION = 1
 METADATA_FILE = 'metadata.json'
@@ -250,11 +250,8 @@ def check_header(found: dict[str, Any], expected: dict[str, Any], where: str, *,
 
 
 def write_json_atomic(path: str, value: dict[str, Any]) -> None:
-  """Writes JSON to a temporary name, then renames it over `path`."""
-  tmp = path + '.tmp'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    f.write(json.dumps(value, indent=2, sort_keys=True) + '\n')
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  """Writes JSON whole or not at all (`paths.atomic_write`: local or one object upload)."""
+  paths.write_text(path, json.dumps(value, indent=2, sort_keys=True) + '\n')
 
 
 def read_metadata(directory: str) -> dict[str, Any] | None:
@@ -263,11 +260,10 @@ def read_metadata(directory: str) -> dict[str, Any] | None:
   Raises:
     artifacts.DamagedFileError naming the file when it is not a JSON object (torn, edited).
   """
-  path = os.path.join(directory, METADATA_FILE)
-  if not tf.io.gfile.exists(path):
+  path = paths.join(directory, METADATA_FILE)
+  if not paths.exists(path):
     return None
-  with tf.io.gfile.GFile(path, 'r') as f:
-    text = f.read()
+  text = paths.read_text(path)
   advice = (f'delete it and rerun tokenize_dataset on {directory}: it checks every shard and '
             'writes it again')
   try:
@@ -282,7 +278,9 @@ def read_metadata(directory: str) -> dict[str, Any] | None:
 
 def save_shard(path: str, *, labels: np.ndarray, source_index: np.ndarray,
                header: dict[str, Any], **payload: np.ndarray) -> None:
-  """Writes one shard atomically: to `path`.tmp, then renamed to `path`.
+  """Writes one shard whole or not at all (`artifacts.writing`): a shard under its final name is
+  complete, a crash leaves at most a local `path`.tmp (replaced by the rerun) and nothing on a
+  bucket. A failed write (a full disk) raises OSError naming the shard and the free space.
 
   Args:
     path: `shard_path(...)`.
@@ -300,22 +298,10 @@ def save_shard(path: str, *, labels: np.ndarray, source_index: np.ndarray,
     raise ValueError(f'{name} is {array.dtype.name}, the header says {header["dtype"]}')
   if array.dtype.name == 'bfloat16':
     array = array.view(np.uint16)  # np.load cannot restore bfloat16 (it reads back |V2).
-  buffer = io.BytesIO()
-  np.savez(buffer, **{name: array}, labels=labels.astype(np.int32),
-           source_index=source_index.astype(np.int64),
-           header=np.array(json.dumps(header, sort_keys=True)))
-  tmp = path + '.tmp'
-  try:
-    with tf.io.gfile.GFile(tmp, 'wb') as f:
-      f.write(buffer.getvalue())
-    # A shard under its final name is complete: a crash leaves only the .tmp.
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-  except (OSError, tf.errors.OpError) as e:  # A full disk: the error names the shard and space.
-    try:
-      tf.io.gfile.remove(tmp)
-    except (OSError, tf.errors.OpError):
-      pass
-    raise artifacts.write_error(path, e) from e
+  with artifacts.writing(path) as f:
+    np.savez(f, **{name: array}, labels=labels.astype(np.int32),
+             source_index=source_index.astype(np.int64),
+             header=np.array(json.dumps(header, sort_keys=True)))
 
 
 def load_shard(path: str, keys: tuple[str, ...] = ('codes', 'labels', 'source_index')
@@ -330,7 +316,7 @@ def load_shard(path: str, keys: tuple[str, ...] = ('codes', 'labels', 'source_in
     artifacts.DamagedFileError naming the shard and what is wrong (truncated, checksum
     mismatch in member X, a header that is not JSON).
   """
-  with tf.io.gfile.GFile(path, 'rb') as f:  # GFile seeks: members are read where they are.
+  with paths.open(path, 'rb') as f:  # Seekable: members are read where they are.
     out: dict[str, Any] = artifacts.read_npz(f, keys, path)
   if 'header' in out:
     try:
@@ -354,16 +340,13 @@ def check_shard(path: str) -> dict[str, Any]:
   Raises:
     artifacts.DamagedFileError as `load_shard`.
   """
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    artifacts.check_npz(f, path)
+  artifacts.check_npz(path, path)
   return load_shard(path, ('header',))['header']
 
 
 def move_shard_aside(path: str) -> str:
   """Renames a damaged shard to `<path>.bad-<UTC time>` (kept, never overwritten); the new path."""
-  return artifacts.move_aside(
-      path, exists=tf.io.gfile.exists,
-      rename=lambda src, dest: tf.io.gfile.rename(src, dest, overwrite=False))
+  return artifacts.move_aside(path)
 
 
 def check_data_config(metadata: dict[str, Any], data_config: Any, directory: str) -> None:
@@ -540,7 +523,7 @@ def _load_slice(directory: str, metadata: dict[str, Any], start: int, end: int
   codes, labels, sources = [], [], []
   for shard in range(start // shard_size, (end - 1) // shard_size + 1):
     path = shard_path(directory, shard)
-    if not tf.io.gfile.exists(path):
+    if not paths.exists(path):
       raise FileNotFoundError(f'{path} is missing although {METADATA_FILE} says the directory '
                               f'is complete; delete {METADATA_FILE} and rerun tokenize_dataset '
                               'on it (existing shards are kept)')

@@ -18,8 +18,6 @@ held-out accuracy measured when it was trained).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from typing import Any, Sequence
 
@@ -32,6 +30,7 @@ import optax
 from absl import logging
 
 from heptapod_jax import images as images_lib
+from heptapod_jax.storage import paths
 
 PARAMS_FILE = 'params.msgpack'
 META_FILE = 'meta.json'
@@ -161,27 +160,23 @@ def accuracy(net: FeatureNet, images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def save(net: FeatureNet, directory: str, meta: dict[str, Any]) -> None:
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, PARAMS_FILE + '.tmp')
-  with open(tmp, 'wb') as f:
-    f.write(flax.serialization.to_bytes(jax.device_get(net.params)))
-  os.replace(tmp, os.path.join(directory, PARAMS_FILE))
+  """Writes the parameters, then the meta data: the meta file, written last, marks the network
+  complete (`load_or_train` looks for it), locally and on a bucket alike."""
+  paths.write_bytes(paths.join(directory, PARAMS_FILE),
+                    flax.serialization.to_bytes(jax.device_get(net.params)))
   meta = dict(meta, **dataclasses.asdict(net.config))
-  with open(os.path.join(directory, META_FILE + '.tmp'), 'w') as f:
-    json.dump(meta, f, indent=2)
-  os.replace(os.path.join(directory, META_FILE + '.tmp'), os.path.join(directory, META_FILE))
+  paths.write_json(paths.join(directory, META_FILE), meta, indent=2)
 
 
 def load(directory: str) -> tuple[FeatureNet, dict[str, Any]]:
   """The network saved in `directory` and its meta data (held-out accuracy etc.)."""
-  meta_path = os.path.join(directory, META_FILE)
-  params_path = os.path.join(directory, PARAMS_FILE)
+  meta_path = paths.join(directory, META_FILE)
+  params_path = paths.join(directory, PARAMS_FILE)
   for path in (meta_path, params_path):
-    if not os.path.exists(path):
+    if not paths.exists(path):
       raise FileNotFoundError(f'feature net: {path} does not exist (train it with '
                               f'feature_net.load_or_train or point to another directory).')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = paths.read_json(meta_path)
   try:
     fields = {f.name: meta[f.name] for f in dataclasses.fields(FeatureNetConfig)}
   except KeyError as e:
@@ -192,11 +187,10 @@ def load(directory: str) -> tuple[FeatureNet, dict[str, Any]]:
                                                 jnp.zeros((1, config.image_size,
                                                            config.image_size, 3)))['params'])
   target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  with open(params_path, 'rb') as f:
-    try:
-      params = flax.serialization.from_bytes(target, f.read())
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'feature net: {params_path} does not match {meta_path}: {e}') from None
+  try:
+    params = flax.serialization.from_bytes(target, paths.read_bytes(params_path))
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'feature net: {params_path} does not match {meta_path}: {e}') from None
   for path, a, b in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree.leaves(target),
                         jax.tree.leaves(params)):
     if np.shape(a) != np.shape(b):
@@ -212,7 +206,7 @@ def load_or_train(data_config: Any, directory: str, *, steps: int = 150, seed: i
   Every process trains the same network (deterministic) when the directory is
   empty; only process 0 writes it.
   """
-  if os.path.exists(os.path.join(directory, META_FILE)):
+  if paths.exists(paths.join(directory, META_FILE)):
     net, meta = load(directory)
     if net.config.image_size != data_config.image_size:
       raise ValueError(f'feature net in {directory} was trained on {net.config.image_size}px '

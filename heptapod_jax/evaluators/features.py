@@ -11,10 +11,8 @@ validates a float[N, D] feature array for the metrics of `fid`,
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
-import shutil
 import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -22,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from heptapod_jax import artifacts
+from heptapod_jax.storage import paths
 
 ProgressFn = Callable[[int, 'int | None'], None]
 
@@ -137,7 +136,7 @@ _PART_META = ('part_batch_size', 'part_every', 'part_total')
 
 
 def _part_path(directory: str, index: int) -> str:
-  return os.path.join(directory, f'part-{index:06d}.npz')
+  return paths.join(directory, f'part-{index:06d}.npz')
 
 
 def _skip(images: Iterable[np.ndarray], count: int) -> Iterator[np.ndarray]:
@@ -160,12 +159,13 @@ def _read_parts(directory: str, meta: dict[str, int]) -> list[dict[str, np.ndarr
   parts = []
   while True:
     path = _part_path(directory, len(parts))
-    if not os.path.exists(path):
+    if not paths.exists(path):
       return parts
     try:
-      with zipfile.ZipFile(path) as archive:
-        keys = tuple(os.path.splitext(n)[0] for n in archive.namelist())
-      part = artifacts.read_npz(path, keys, path)
+      with paths.open(path, 'rb') as f:
+        with zipfile.ZipFile(f) as archive:
+          keys = tuple(os.path.splitext(n)[0] for n in archive.namelist())
+        part = artifacts.read_npz(f, keys, path)
     except FileNotFoundError:  # Process 0 removed the parts as this process read them.
       return parts
     except (zipfile.BadZipFile, OSError, artifacts.DamagedFileError) as e:
@@ -175,10 +175,10 @@ def _read_parts(directory: str, meta: dict[str, int]) -> list[dict[str, np.ndarr
       return parts
     found = {key: int(part.pop(key)) if key in part else None for key in _PART_META}
     if found != meta:
-      saved = len(glob.glob(os.path.join(directory, 'part-??????.npz')))
+      saved = len(paths.glob(paths.join(directory, 'part-??????.npz')))
       logging.warning('%s was cut with %s, this run with %s: its %d saved parts are not reused.',
                       directory, found, meta, saved)
-      shutil.rmtree(directory, ignore_errors=True)
+      paths.rmtree(directory)
       return []
     parts.append(part)
 

@@ -16,7 +16,6 @@ reported only for `feature_net`, whose classes are the data set's classes; the
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -30,12 +29,13 @@ from heptapod_jax.evaluators import feature_net as feature_net_lib
 from heptapod_jax.evaluators import features as features_lib
 from heptapod_jax.evaluators import metrics as metrics_lib
 from heptapod_jax.evaluators import reference as reference_lib
+from heptapod_jax.storage import paths
 
 Extractor = Callable[[np.ndarray], dict]
 
 
 def feature_net_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.evaluator.feature_net_dir or os.path.join(workdir, 'feature_net')
+  return config.evaluator.feature_net_dir or paths.join(workdir, 'feature_net')
 
 
 class GenerativeEvaluator:
@@ -77,9 +77,9 @@ class GenerativeEvaluator:
     e = self.config.evaluator
     name = f'reference_{self.config.data.source}_{e.reference_split}_{self.config.data.image_size}.npz'
     if self.kind == 'feature_net':  # Belongs to that network: lives (and goes) with it.
-      return os.path.join(feature_net_dir(self.config, self.workdir), name)
-    weights = os.path.splitext(os.path.basename(e.inception_weights))[0]
-    return os.path.join(self.workdir, 'eval', f'{weights}_{e.inception_preprocessing}_{name}')
+      return paths.join(feature_net_dir(self.config, self.workdir), name)
+    weights = os.path.splitext(paths.basename(e.inception_weights))[0]
+    return paths.join(self.workdir, 'eval', f'{weights}_{e.inception_preprocessing}_{name}')
 
   @property
   def reference(self) -> reference_lib.Reference:
@@ -92,7 +92,7 @@ class GenerativeEvaluator:
         self.info['reference'] = e.reference
       else:
         cache = self._reference_cache()
-        if os.path.exists(cache):
+        if paths.exists(cache):
           self._reference = reference_lib.Reference.load(cache)
         else:
           extractor = self.extractor  # The feature net trains first when it is missing.
@@ -111,7 +111,7 @@ class GenerativeEvaluator:
           self._reference = reference_lib.Reference.from_features(feats)
           if jax.process_index() == 0:
             self._reference.save(cache)
-            shutil.rmtree(parts, ignore_errors=True)
+            paths.rmtree(parts)
           # Log only: the run's summary names the reference and its file.
           logging.info('Reference statistics of %s split %r (%d images) in %.0f s -> %s',
                        self.config.data.source, e.reference_split, len(images), time.time() - t0,
@@ -152,18 +152,17 @@ def load_reference_file(path: str, extractor: Extractor, batch_size: int,
                         preprocessing: str = 'adm', part_size: int | None = None
                         ) -> reference_lib.Reference:
   """ADM's reference batch (keys mu, sigma, mu_s, sigma_s, arr_0) or a project reference file."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f'config.evaluator.reference={path} does not exist.')
-  with np.load(path) as f:
-    keys = set(f.files)
+  keys = set(reference_lib.npz_keys(path))
   if 'arr_0' in keys:
     # Pool features of ADM's 10k reference images (for precision/recall) are computed once
     # and cached beside it when the directory is writable.
     cache = os.path.splitext(path)[0] + f'.{preprocessing}.features.npz'
-    if os.path.exists(cache):
+    if paths.exists(cache):
       return reference_lib.Reference.load(cache)
     total = reference_lib.npz_rows(path, 'arr_0') or 0
-    writable = os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+    writable = paths.is_writable_dir(paths.dirname(paths.resolve(path)))
     write = jax.process_index() == 0 and writable
     parts = cache + '.parts'
     with console.progress(total, desc='reference features', unit='image',
@@ -174,7 +173,7 @@ def load_reference_file(path: str, extractor: Extractor, batch_size: int,
                                              part_size=part_size, write_parts=write)
     if write:
       ref.save(cache)
-      shutil.rmtree(parts, ignore_errors=True)
+      paths.rmtree(parts)
     return ref
   return reference_lib.Reference.load(path)
 

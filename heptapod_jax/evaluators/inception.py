@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from heptapod_jax import artifacts
+from heptapod_jax.storage import paths
 
 Array = jax.Array
 
@@ -380,15 +381,13 @@ def validate_variables(flat: Mapping[str, Any], source: str) -> dict[str, np.nda
 def save_variables(path: str | os.PathLike[str], variables: Mapping[str, Any]) -> None:
   """Writes {'params': ..., 'batch_stats': ...} as an .npz of 'collection/module/.../leaf' keys.
 
-  The file is checked against the network first and written atomically (the
-  exact `path` is used; numpy does not append '.npz').
+  The file is checked against the network first and written whole or not at all, locally or to
+  a bucket (the exact `path` is used; numpy does not append '.npz').
   """
   path = os.fspath(path)
   flat = validate_variables(_flatten(variables), source=f'variables for {path}')
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
+  with paths.atomic_write(path, 'wb') as f:
     np.savez(f, **flat)
-  os.replace(tmp, path)
 
 
 def load_variables(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -399,12 +398,12 @@ def load_variables(path: str | os.PathLike[str]) -> dict[str, Any]:
     is not a readable .npz, lacks or has extra parameters, or has a wrong shape.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'FID Inception weight file {path} does not exist; convert pytorch-fid\'s '
                             'pt_inception-2015-12-05-6726825d.pth with '
                             '`python -m heptapod_jax.tools.convert_inception`.')
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with paths.open(path, 'rb') as f, np.load(f, allow_pickle=False) as data:
       flat = {k: data[k] for k in data.files}
   except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
     raise ValueError(f'{path} is not a readable FID Inception .npz file ({type(e).__name__}: {e}).') from e

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Sequence
 
@@ -58,6 +57,7 @@ import optax
 
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, check_inputs, flatten_tokens
+from heptapod_jax.storage import paths
 
 Array = jax.Array
 
@@ -179,7 +179,6 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | N
   Raises:
     FileNotFoundError naming the path when the workdir holds no checkpoint.
   """
-  from heptapod_jax import checkpoint as ckpt_lib
   from heptapod_jax import checkpoint_read
   from heptapod_jax import config_lib
   from heptapod_jax.models.heptapod import init_params
@@ -187,12 +186,11 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | N
   from heptapod_jax.tokenizer_checkpoint import check_model_config
   model_config = config_lib.validate(config)
   check_model_config(config, model_config)
-  workdir = ckpt_lib.local_abspath(workdir)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  workdir = paths.resolve(workdir, 'workdir')
+  ckpt_dir = paths.join(workdir, 'checkpoints')
   hint = (f'train one first: python -m heptapod_jax.main --config=<this config> '
           f'--workdir={workdir}')
-  if '://' not in ckpt_dir and not (os.path.isdir(ckpt_dir) and any(
-      name.isdigit() for name in os.listdir(ckpt_dir))):
+  if not (paths.isdir(ckpt_dir) and any(name.isdigit() for name in paths.listdir(ckpt_dir))):
     raise FileNotFoundError(f'no trained checkpoint in workdir {workdir}: {ckpt_dir} holds no '
                             f'checkpoint steps; {hint}.')
   model = Heptapod(model_config)
@@ -212,23 +210,21 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | N
 
 
 def latest_step(workdir: str) -> int | None:
-  """The newest checkpoint step in workdir/checkpoints (local paths), or None."""
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(ckpt_dir):
+  """The newest checkpoint step in workdir/checkpoints, or None."""
+  ckpt_dir = paths.join(workdir, 'checkpoints')
+  if not paths.isdir(ckpt_dir):
     return None
-  steps = [int(name) for name in os.listdir(ckpt_dir) if name.isdigit()]
+  steps = [int(name) for name in paths.listdir(ckpt_dir) if name.isdigit()]
   return max(steps) if steps else None
 
 
 def _model_diff(config: ml_collections.ConfigDict, workdir: str) -> str:
   """' (fields differing from workdir/config.json: ...)' or '' when unknown."""
-  import json
   from heptapod_jax import checkpoint as ckpt_lib
   from heptapod_jax import config_lib
-  path = os.path.join(workdir, 'config.json')
+  path = paths.join(workdir, 'config.json')
   try:
-    with open(path) as f:
-      stored = config_lib.to_flat_dict(json.load(f).get('model', {}))
+    stored = config_lib.to_flat_dict(paths.read_json(path).get('model', {}))
   except (OSError, ValueError):
     return ''
   given = config_lib.to_flat_dict(ckpt_lib.to_jsonable(config.model.to_dict()))

@@ -8,6 +8,7 @@ statistics, pool features for precision/recall) and saves / loads it as .npz;
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import zipfile
@@ -16,6 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from heptapod_jax import artifacts
+from heptapod_jax.storage import paths
 from heptapod_jax.evaluators.features import (FeatureExtractor, ProgressFn, extract_features,
                                               extract_features_resumable)
 from heptapod_jax.evaluators.fid import statistics
@@ -99,15 +101,28 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str, mu_name: str,
 
 
 def _open_npz(path: str | os.PathLike[str]) -> Any:
+  """np.load of a local or remote .npz (members read on demand; closing it closes the file)."""
   try:
-    data = np.load(os.fspath(path), allow_pickle=False)
+    fp = paths.open(os.fspath(path), 'rb')
   except FileNotFoundError:
     raise FileNotFoundError(f'No such reference file: {os.fspath(path)}') from None
+  try:
+    data = np.load(fp, allow_pickle=False)
   except (ValueError, OSError, zipfile.BadZipFile) as e:
+    fp.close()
     raise ValueError(f'{os.fspath(path)}: not a readable .npz file ({e}).') from e
   if not isinstance(data, np.lib.npyio.NpzFile):
+    fp.close()
     raise ValueError(f'{os.fspath(path)}: expected an .npz archive, found a single .npy array.')
+  data.fid = fp  # NpzFile.close closes its fid: the file goes with the archive.
   return data
+
+
+@contextlib.contextmanager
+def _zip(path: str) -> Iterator[zipfile.ZipFile]:
+  """The zip archive of a local or remote .npz."""
+  with paths.open(path, 'rb') as f, zipfile.ZipFile(f) as zf:
+    yield zf
 
 
 def _require_keys(data: Any, path: str | os.PathLike[str], keys: Sequence[str]) -> None:
@@ -127,7 +142,7 @@ def iter_npz_array(path: str | os.PathLike[str], key: str,
   are loaded whole.
   """
   path = os.fspath(path)
-  with zipfile.ZipFile(path) as zf:
+  with _zip(path) as zf:
     member = f'{key}.npy'
     if member not in zf.namelist():
       raise ValueError(f"{path}: missing key '{key}'.")
@@ -157,9 +172,15 @@ def iter_npz_array(path: str | os.PathLike[str], key: str,
       yield arr[start:start + batch_size]
 
 
+def npz_keys(path: str | os.PathLike[str]) -> list[str]:
+  """The array names of an .npz (from its zip directory: nothing is read)."""
+  with _zip(os.fspath(path)) as zf:
+    return [os.path.splitext(name)[0] for name in zf.namelist()]
+
+
 def npz_rows(path: str | os.PathLike[str], key: str) -> int | None:
   """Rows of array `key` in an .npz, from its header alone (None when it cannot be read so)."""
-  with zipfile.ZipFile(os.fspath(path)) as zf:
+  with _zip(os.fspath(path)) as zf:
     if f'{key}.npy' not in zf.namelist():
       return None
     with zf.open(f'{key}.npy') as f:
@@ -202,7 +223,7 @@ def load_adm_reference(path: str | os.PathLike[str], extractor: FeatureExtractor
   Returns:
     The Reference (pool_features None without extractor).
   """
-  if cache_path is not None and os.path.exists(cache_path):
+  if cache_path is not None and paths.exists(cache_path):
     cached = Reference.load(cache_path)
     if extractor is None or cached.pool_features is not None:
       return cached

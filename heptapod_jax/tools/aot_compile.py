@@ -68,7 +68,6 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
-import json
 import math
 import os
 import re
@@ -77,6 +76,8 @@ from typing import Any, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from heptapod_jax.storage import paths
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:options]).',
                                           lock_config=True)
@@ -834,14 +835,12 @@ def main(argv):
     print(f'  {label}: compiled in {reports[-1].compile_seconds:.0f} s', flush=True)
   print((format_sampler_table if sample else format_table)(reports), flush=True)
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump({'config': config_file,
-                 'overrides': {k: _flag_text(v) for k, v in overrides.items()},
-                 'topology': topology.name, 'libtpu_topology': topology.libtpu_name,
-                 'num_slices': _NUM_SLICES.value, 'num_devices': len(devices),
-                 'device_kind': devices[0].device_kind, 'hbm_bytes': hbm, 'hbm_source': source,
-                 'program': _PROGRAM.value,
-                 'rows': [dataclasses.asdict(r) for r in reports]}, f, indent=2)
+    paths.write_json(_JSON.value, {
+        'config': config_file, 'overrides': {k: _flag_text(v) for k, v in overrides.items()},
+        'topology': topology.name, 'libtpu_topology': topology.libtpu_name,
+        'num_slices': _NUM_SLICES.value, 'num_devices': len(devices),
+        'device_kind': devices[0].device_kind, 'hbm_bytes': hbm, 'hbm_source': source,
+        'program': _PROGRAM.value, 'rows': [dataclasses.asdict(r) for r in reports]}, indent=2)
   return 0 if all(r.fits for r in reports) else 2
 
 

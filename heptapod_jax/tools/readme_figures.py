@@ -24,14 +24,14 @@ if __name__ == '__main__':  # Before TensorFlow loads (TensorBoard's reader impo
   _console.quiet_dependencies()
   _console.import_tensorflow()
 
-import json  # noqa: E402
-import os  # noqa: E402
+import io  # noqa: E402
 from typing import Any, Mapping, Sequence  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from heptapod_jax import report  # noqa: E402
+from heptapod_jax.storage import paths  # noqa: E402
 
 _DEMO = flags.DEFINE_string('demo', 'workdirs/demo', 'Workdir of a finished `make demo` run.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None,
@@ -49,9 +49,10 @@ DISTANCES = (('nll_ahead_1', 0, '1'), ('nll_ahead_2_4', 1, '2-4'), ('nll_ahead_5
 
 def copy_png(src: str, dst: str) -> str:
   """`src` re-saved as an optimised PNG at `dst` (same pixels)."""
-  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  with Image.open(src) as im:
-    im.save(dst, optimize=True)
+  buffer = io.BytesIO()
+  with Image.open(io.BytesIO(paths.read_bytes(src))) as im:
+    im.save(buffer, format='PNG', optimize=True)
+  paths.write_bytes(dst, buffer.getvalue())
   return dst
 
 
@@ -81,13 +82,12 @@ def distance_series(runs: Sequence[Mapping[str, Any]], scalars_of) -> dict[str, 
 
 def ablation_plot(ablation_dir: str) -> str | None:
   """The SVG of NLL by distance ahead per head, or None without results.json."""
-  path = os.path.join(ablation_dir, 'results.json')
-  if not os.path.exists(path):
+  path = paths.join(ablation_dir, 'results.json')
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    results = json.load(f)
+  results = paths.read_json(path)
   series = distance_series(results['runs'],
-                           lambda run: report.read_scalars(os.path.join(ablation_dir, run['head'])))
+                           lambda run: report.read_scalars(paths.join(ablation_dir, run['head'])))
   if not series:
     raise ValueError(f'{path}: its runs logged no train/nll_ahead_* scalars (in '
                      f'{ablation_dir}/<head>/events.out.tfevents.*).')
@@ -100,10 +100,10 @@ def ablation_plot(ablation_dir: str) -> str | None:
 
 def study_plots(study_dir: str) -> list[tuple[str, str]]:
   """(name in --out, source) of the objective study's per-group plots, sorted by group."""
-  if not os.path.isdir(study_dir):
+  if not paths.isdir(study_dir):
     return []
   prefix = 'nll_by_distance_'
-  return [(f'study_{name}', os.path.join(study_dir, name)) for name in sorted(os.listdir(study_dir))
+  return [(f'study_{name}', paths.join(study_dir, name)) for name in paths.listdir(study_dir)
           if name.startswith(prefix) and name.endswith('.svg')]
 
 
@@ -111,16 +111,16 @@ def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str,
                   study: str | None = None) -> list[str]:
   """Writes every figure whose source exists; returns the paths written."""
   written = []
-  tokenizer = tokenizer or os.path.join(demo, 'tokenizer')
-  sources = (('demo_samples.png', report.latest_file(os.path.join(demo, 'samples', 'step_*.png'))),
-             ('demo_reference.png', os.path.join(demo, 'samples', 'reference_real_tokenized.png')),
+  tokenizer = tokenizer or paths.join(demo, 'tokenizer')
+  sources = (('demo_samples.png', report.latest_file(paths.join(demo, 'samples', 'step_*.png'))),
+             ('demo_reference.png', paths.join(demo, 'samples', 'reference_real_tokenized.png')),
              ('tokenizer_reconstructions.png',
-              report.latest_file(os.path.join(tokenizer, 'reconstructions', 'step_*.png'))))
+              report.latest_file(paths.join(tokenizer, 'reconstructions', 'step_*.png'))))
   for name, src in sources:
-    if src and os.path.exists(src):
-      written.append(copy_png(src, os.path.join(out, name)))
+    if src and paths.exists(src):
+      written.append(copy_png(src, paths.join(out, name)))
   svgs = []
-  scalars = report.read_scalars(demo) if os.path.isdir(demo) else {}
+  scalars = report.read_scalars(demo) if paths.isdir(demo) else {}
   loss = report.loss_plot(scalars, title='make demo: loss')
   if loss:
     svgs.append(('demo_loss.svg', loss))
@@ -128,13 +128,10 @@ def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str,
   if plot:
     svgs.append(('ablation_nll_by_distance.svg', plot))
   for name, src in study_plots(study) if study else ():
-    with open(src, encoding='utf-8') as f:
-      svgs.append((name, f.read().rstrip('\n')))
+    svgs.append((name, paths.read_text(src).rstrip('\n')))
   for name, svg in svgs:
-    path = os.path.join(out, name)
-    os.makedirs(out, exist_ok=True)
-    with open(path, 'w', encoding='utf-8') as f:
-      f.write(svg + '\n')
+    path = paths.join(out, name)
+    paths.write_text(path, svg + '\n')
     written.append(path)
   return written
 

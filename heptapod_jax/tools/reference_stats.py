@@ -28,7 +28,6 @@ if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up noti
   _console.import_tensorflow()
 
 import functools  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -37,6 +36,7 @@ import ml_collections  # noqa: E402
 
 from heptapod_jax import config_lib, console  # noqa: E402
 from heptapod_jax.evaluators import generative  # noqa: E402
+from heptapod_jax.storage import paths  # noqa: E402
 
 
 def reference_stats(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -65,8 +65,8 @@ def _define_flags() -> dict[str, Any]:
 def _main(argv, flag_values: dict[str, Any]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  workdir = flag_values['workdir'].value
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(flag_values['workdir'].value, '--workdir')
+  paths.makedirs(workdir)
   console.setup(workdir)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()

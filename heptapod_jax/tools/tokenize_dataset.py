@@ -57,6 +57,7 @@ from heptapod_jax.data import input_pipeline, sources  # noqa: E402
 from heptapod_jax.data import preprocess, record_order, schema  # noqa: E402
 from heptapod_jax.data import tokenized  # noqa: E402
 from heptapod_jax.models.tokenizers import LatentTokenizer  # noqa: E402
+from heptapod_jax.storage import paths  # noqa: E402
 from heptapod_jax.tokenizer_checkpoint import make_tokenizer  # noqa: E402
 
 
@@ -170,7 +171,7 @@ def _finalize(out_dir: str, header: dict[str, Any]) -> dict[str, Any] | None:
   """Writes (or checks) metadata.json once every shard exists; None while some are missing."""
   num_shards = header['num_shards']
   missing = [s for s in range(num_shards)
-             if not tf.io.gfile.exists(tokenized.shard_path(out_dir, s))]
+             if not paths.exists(tokenized.shard_path(out_dir, s))]
   if missing:
     logging.info('%s: %d of %d shards still missing (e.g. %s); metadata.json is written when '
                  'all are there', out_dir, len(missing), num_shards, missing[:5])
@@ -199,7 +200,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
 
   Args:
     config: experiment config; reads `config.data` and `config.tokenizer`.
-    out_dir: output directory (local or any tf.io.gfile path).
+    out_dir: output directory (local or gs://, storage.paths).
     split: split to encode; default `config.data.train_split`.
     variants: 'ten_crop' | 'flip' | 'center': the views of augment 'ten_crop',
       'flip' or 'none'.
@@ -242,7 +243,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
         num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
         tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
         vocab_size=tokenizer.vocab_size, shard_size=shard_size, weights_sha256=weights)
-  tf.io.gfile.makedirs(out_dir)
+  paths.makedirs(out_dir)
   metadata_path = os.path.join(out_dir, tokenized.METADATA_FILE)
   my_shards = list(range(process_index, header['num_shards'], process_count))
   existing = tokenized.read_metadata(out_dir)
@@ -255,7 +256,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   # Shards written before are read through first: a damaged one is set aside and made again,
   # one of other settings stops the run before anything is encoded.
   t0 = time.time()
-  kept = [s for s in my_shards if tf.io.gfile.exists(tokenized.shard_path(out_dir, s))
+  kept = [s for s in my_shards if paths.exists(tokenized.shard_path(out_dir, s))
           and _keep_existing_shard(tokenized.shard_path(out_dir, s), header)]
   if kept:
     logging.info('%d shards written before read back whole, %.1f s', len(kept), time.time() - t0)

@@ -60,14 +60,18 @@ class Child:
   """`tests/faults/runner.py` in a child process with 8 CPU devices; stdout read by line."""
 
   def __init__(self, argv: list[str], runner_args: tuple[str, ...] = (), log_path=None,
-               devices: int = 8, multiprocess: bool = False):
+               devices: int = 8, multiprocess: bool = False, world=None):
+    """`world`: a started tests/gcs_world.GcsWorld to run in (its bucket reachable as gs://)."""
     env = dict(multiprocess_env() if multiprocess else os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
                JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT,
                PYTHONUNBUFFERED='1')
     self.stderr_path = log_path
     self._stderr = open(log_path, 'w') if log_path else subprocess.DEVNULL
-    self.proc = subprocess.Popen([sys.executable, RUNNER, *runner_args, '--', *argv], env=env,
-                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+    command = [sys.executable, RUNNER, *runner_args, '--', *argv]
+    if world is not None:  # nsenter execs the command: proc is the job itself (kill reaches it).
+      command, env = world.command(command, cwd=ROOT), world.env(env)
+    self.proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=self._stderr, text=True)
     self.lines: list[str] = []
 
   def wait_for(self, prefix: str, timeout: float = 300) -> str:

