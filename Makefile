@@ -23,7 +23,7 @@ endif
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: venv venv-dev test test-fast test-durations demo sample params bench clean-venv help
+.PHONY: venv venv-dev test test-fast test-durations docs demo sample params bench clean-venv help
 
 help:
 	@echo "make demo       train + sample + evaluate the built-in digits demo on CPU (workdir: $(WORKDIR))"
@@ -31,6 +31,7 @@ help:
 	@echo "make test       run the test suite (8 fake CPU devices)"
 	@echo "make test-fast  the suite without the tests marked slow"
 	@echo "make test-durations  the suite, rewriting tests/file_durations.json (the queue order)"
+	@echo "make docs       build the documentation site into site/ (mkdocs, strict: broken links fail)"
 	@echo "make sample     sample a grid from the trained demo: ARGS='--classes=3,7 --n=16 --out=grid.png'"
 	@echo "make params     print parameter counts of every size preset"
 	@echo "make bench      run the CPU step-time benchmark of the tiny preset"
@@ -63,6 +64,11 @@ test-fast: $(DEV_STAMP)
 # suite's shape changed: it only orders the queue).
 test-durations: $(DEV_STAMP)
 	HEPTAPOD_TEST_DURATIONS_OUT=tests/file_durations.json $(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests
+
+# The documentation site (docs/, mkdocs.yml) into site/; strict: any warning, broken link or
+# missing anchor fails. NO_MKDOCS_2_WARNING: the theme's end-of-life notice is not a warning.
+docs: $(DEV_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 # The tokenizer (reused if already trained in the workdir); for VQ tokens the training split
 # encoded once (tools/tokenize_dataset.py, the same codes the trainer would compute each step,

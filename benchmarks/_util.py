@@ -20,9 +20,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from heptapod_jax import config_lib, optim, presets, steps  # noqa: E402
+from heptapod_jax import config_lib, presets  # noqa: E402
 from heptapod_jax.models.config import BackboneConfig, HeadConfig, ModelConfig  # noqa: E402
 from heptapod_jax.models.heptapod import Heptapod, init_params  # noqa: E402
+from heptapod_jax.training import optim, steps  # noqa: E402
 
 
 def median_time(fn: Callable[..., Any], *args, repeats: int) -> float:
@@ -101,12 +102,12 @@ def make_train_step(cfg: ModelConfig, batch_size: int) -> Callable[[], Any]:
 
 def time_sampler(model: Heptapod, params: Any, batch: int, config: Any, repeats: int
                  ) -> dict[str, float]:
-  """Times `sampling.sample` (jitted, one key per sample, labels 0..batch-1) from labels to
+  """Times `decode.sample` (jitted, one key per sample, labels 0..batch-1) from labels to
   token grids: {'seconds': median call time, 'compile': first call's time}."""
-  from heptapod_jax import sampling  # pylint: disable=g-import-not-at-top
+  from heptapod_jax.sampling import decode  # pylint: disable=g-import-not-at-top
   labels = np.arange(batch, dtype=np.int32) % model.config.num_classes
-  keys = sampling.example_keys(0, np.arange(batch))
-  fn = jax.jit(functools.partial(sampling.sample, model, config=config))
+  keys = decode.example_keys(0, np.arange(batch))
+  fn = jax.jit(functools.partial(decode.sample, model, config=config))
   start = time.perf_counter()
   jax.block_until_ready(fn(params, labels, keys))
   compile_seconds = time.perf_counter() - start

@@ -16,7 +16,7 @@ proportionally more updates. --budget=steps gives every head --budget_steps step
 learning-rate schedule (warmup, cosine) follows each run's own step count.
 
 Each head is trained by `train.train_and_evaluate` in <workdir>/<head> (held-out NLL and
-next-token accuracy at the end), sampled and scored by `sample.sample_and_evaluate` (FID,
+next-token accuracy at the end), sampled and scored by `sample_mode.sample_and_evaluate` (FID,
 precision, recall, class accuracy of --num_samples class-balanced samples in the feature space
 of the demo's small CNN, against the train split, as configs/demo.py's end-of-run evaluation),
 and probed by `evaluators.probe.run` (a linear classifier on mean-pooled backbone features;
@@ -39,7 +39,7 @@ on 2 CPU cores of an AMD EPYC the rerun of 2026-12-04 took 20 min 18 s (training
   real (test)                      34.99  0.747  0.763   0.960
 
 At equal training FLOPs on this small set the 1D baseline is ahead on held-out NLL, FID,
-precision, recall, class accuracy and the probe; one seed, and the README's caveats on these FIDs
+precision, recall, class accuracy and the probe; one seed, and the caveats on these FIDs in docs/getting-started.md
 apply. `python -m heptapod_jax.tools.readme_figures` plots each head's NLL by distance ahead.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def head_config(head: str, *, steps: int, seed: int, num_samples: int, feature_n
   """The experiment config of one run: demo.py for `head`, trained for `steps` steps.
 
   Periodic evaluations and sample grids are off (only the end-of-run held-out evaluation
-  remains); generation and scoring happen in `sample.sample_and_evaluate` afterwards.
+  remains); generation and scoring happen in `sample_mode.sample_and_evaluate` afterwards.
   `configure` (tests, the objective study) edits the config last; the tokenizer checkpoint it
   leaves is then looked up (resolve_tokenizer=False: not looked up, for a config that only
   describes a run).
@@ -190,8 +190,9 @@ def run_head(head: str, config: ml_collections.ConfigDict, workdir: str,
              probe_steps: int = 5000, probe_max_examples: int = 0,
              log=print) -> dict[str, Any]:
   """Trains, samples + scores, and probes one head in `workdir`; the result dict (also saved)."""
-  from heptapod_jax import sample, train
   from heptapod_jax.evaluators import probe
+  from heptapod_jax.sampling import sample_mode
+  from heptapod_jax.training import train
 
   result_path = os.path.join(workdir, RESULT_FILE)
   _check_settings(workdir, settings)
@@ -220,7 +221,7 @@ def run_head(head: str, config: ml_collections.ConfigDict, workdir: str,
   log(f'[{head}] trained in {train_s:.0f} s: {heldout}')
 
   t0 = time.time()
-  sampled = sample.sample_and_evaluate(config, workdir)
+  sampled = sample_mode.sample_and_evaluate(config, workdir)
   sample_s = time.time() - t0
   gen = sampled.get('metrics') or {}
   log(f'[{head}] {sampled["num_samples"]} samples scored in {sample_s:.0f} s: '
@@ -262,7 +263,7 @@ def real_baseline(config: ml_collections.ConfigDict, workdir: str, log=print) ->
   if os.path.exists(path):
     return _read_json(path)
   from heptapod_jax.evaluators import generative
-  from heptapod_jax.tokenizer_checkpoint import make_tokenizer
+  from heptapod_jax.storage.tokenizer_checkpoint import make_tokenizer
   tokenizer, params = make_tokenizer(config.tokenizer, config.data.image_size)
   out = generative.GenerativeEvaluator(config, workdir).real_baseline(tokenizer, params)
   out = {name: {k: float(v) for k, v in m.items()} for name, m in out.items()}

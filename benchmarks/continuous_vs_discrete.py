@@ -21,9 +21,9 @@ import numpy as np
 from absl import app, flags
 
 from _util import build_model, median_time
-from heptapod_jax import sampling
 from heptapod_jax.models.diffusion import DiffusionConfig
 from heptapod_jax.models.heptapod import compute_loss
+from heptapod_jax.sampling import decode
 
 _SIZE = flags.DEFINE_string('size', 'tiny', 'Size preset.')
 _SHAPES = flags.DEFINE_list('shapes', ['8', '16'], 'Grid sides.')
@@ -58,8 +58,8 @@ def _measure(grid: int, continuous: bool) -> tuple[float, float]:
   labels = np.arange(b, dtype=np.int32) % 10
   step = jax.jit(jax.grad(lambda p: compute_loss(model, p, tokens, labels, key)[0]))
   t_step = median_time(step, params, repeats=_REPEATS.value)
-  keys = sampling.example_keys(0, np.arange(b))
-  sample = jax.jit(functools.partial(sampling.sample, model))
+  keys = decode.example_keys(0, np.arange(b))
+  sample = jax.jit(functools.partial(decode.sample, model))
   t_sample = median_time(sample, params, labels, keys, repeats=_REPEATS.value)
   return t_step, t_sample / b
 

@@ -9,7 +9,7 @@
 
 Every run is configs/demo.py on the built-in digits (8x8 grid of the demo's VQ codes, 64 codes,
 batch 32) with the setting's fields changed, trained by `train.train_and_evaluate`, sampled and
-scored by `sample.sample_and_evaluate` and probed by `evaluators.probe` (through
+scored by `sample_mode.sample_and_evaluate` and probed by `evaluators.probe` (through
 `benchmarks/ablation_small.run_head`), then measured on the held-out split by distance ahead.
 The tokenizers (VQ, and KL for the `tokens` group) are trained once into <workdir>/tokenizers/
 and the feature network once into <workdir>/feature_net: every run of every setting shares
@@ -242,7 +242,7 @@ def _exclusive(path: str):
 
 def _train_tokenizer(workdir: str, kind: str, configure_tokenizer: Configure | None,
                      log) -> None:
-  from heptapod_jax import train_tokenizer
+  from heptapod_jax.training import train_tokenizer
   spec = importlib.util.spec_from_file_location('vq_demo',
                                                 os.path.join(ROOT, 'configs', 'vq_demo.py'))
   module = importlib.util.module_from_spec(spec)

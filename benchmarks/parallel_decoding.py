@@ -12,7 +12,7 @@ and the throughput of one --batch call of the jitted class-labels -> decoded-ima
 the median of --repeats calls after a warm-up (compilation excluded). Head calls per image =
 ceil(N / k); the backbone also runs ceil(N / k) cached calls of k tokens. The k tokens of a
 chunk are drawn independently from the head's marginals at the chunk's first step (see
-heptapod_jax/sampling.py), so any quality lost is the price of the speed-up.
+heptapod_jax/sampling/decode.py), so any quality lost is the price of the speed-up.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from _util import median_time
-from heptapod_jax import generation
-from heptapod_jax import runs
-from heptapod_jax.image_sampler import ImageSampler
 from heptapod_jax.evaluators import generative
+from heptapod_jax.sampling import generation
+from heptapod_jax.sampling.image_sampler import ImageSampler
 from heptapod_jax.storage import paths
+from heptapod_jax.storage import runs
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'The run\'s recipe.',
                                           lock_config=False)

@@ -5,7 +5,7 @@ same run.
   python benchmarks/sampling_speed.py --size=B         # B: three heads, batch 1 and 8 (minutes)
   python benchmarks/sampling_speed.py --size=B --heads=global --batches=8 --parallel_tokens=1,4
 
-Times the jitted raster sampler (`sampling.sample`: prefill, then per position the head's
+Times the jitted raster sampler (`decode.sample`: prefill, then per position the head's
 prediction and one token through the KV cache; incremental decoding, models/heads.py) from
 class labels to token grids, median of --repeats calls after a compiled warm-up, one key per
 sample as sample mode uses, temperature 1, no guidance, on whatever device JAX sees first.
@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from _util import build_model, decode_roofline, time_sampler
-from heptapod_jax import flops, sampling
+from heptapod_jax import flops
+from heptapod_jax.sampling import decode
 
 _SIZE = flags.DEFINE_string('size', 'tiny', 'Size preset (heptapod_jax/presets.py).')
 _SHAPES = flags.DEFINE_list('shapes', ['16x16384'],
@@ -72,7 +73,7 @@ def main(argv):
       ks = [1] if kind == 'next_token' else [int(k) for k in _PARALLEL.value]
       for k in ks:
         for batch in (int(b) for b in _BATCHES.value):
-          config = sampling.SamplingConfig(parallel_tokens=k)
+          config = decode.SamplingConfig(parallel_tokens=k)
           seconds = time_sampler(model, params, batch, config, _REPEATS.value)['seconds']
           r = decode_roofline(model.config, batch, seconds, peak, bandwidth, parallel_tokens=k)
           line = (f'{grid}x{grid} x {vocab:<5d} {kind:>10s} {k:2d} {batch:5d} '

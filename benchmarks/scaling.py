@@ -26,9 +26,10 @@ import numpy as np
 from absl import app, flags
 
 from _util import build_model, median_time
-from heptapod_jax import flops, optim, steps
+from heptapod_jax import flops
 from heptapod_jax.models import objective
 from heptapod_jax.models.heptapod import Heptapod
+from heptapod_jax.training import optim, steps
 
 _SIZE = flags.DEFINE_string('size', 'tiny', 'Size preset.')
 _VOCAB = flags.DEFINE_integer('vocab', 4096, 'Codebook size.')

@@ -15,7 +15,7 @@ fused when available) with its gradient clipping at 1.0 and its dropout (0.1 res
 token dropout, as its training script sets them). Against it, this project's B preset at the
 same shapes (12 x 768 backbone, 16x16 grid, 16384 codes, 1000 classes, the same dropout), each
 head as configs/imagenet256.py sets it, random weights, trained by `steps.train_step` (loss,
-gradients, clipped AdamW, EMA) and sampled by `sampling.sample` (incremental decoding), one
+gradients, clipped AdamW, EMA) and sampled by `decode.sample` (incremental decoding), one
 key per sample, temperature 1, no guidance, no top-k/top-p, the same for LlamaGen.
 
 Tables (medians of --repeats after a warm-up that compiles):
@@ -42,8 +42,9 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from _util import decode_roofline, imagenet_model_config, make_train_step, time_sampler
-from heptapod_jax import flops, sampling
+from heptapod_jax import flops
 from heptapod_jax.models.heptapod import Heptapod, init_params
+from heptapod_jax.sampling import decode
 
 _LLAMAGEN = flags.DEFINE_string('llamagen_dir', None, 'A checkout of '
                                 'https://github.com/FoundationVision/LlamaGen (its '
@@ -184,7 +185,7 @@ def train_table(gpt, train_c2i, peak: float) -> None:
 def sampling_table(gpt, generate, peak: float, bandwidth: float) -> None:
   param_bytes = 2 if _DTYPE.value == 'bfloat16' else 4
   print(f'\nsampling: 256 tokens per image, temperature 1, no guidance, {_DTYPE.value}; LlamaGen '
-        f'generate() on {_TORCH_DEVICE.value}, ours sampling.sample on {jax.devices()[0].platform}')
+        f'generate() on {_TORCH_DEVICE.value}, ours decode.sample on {jax.devices()[0].platform}')
   print(f'{"code":9s} {"head":10s} {"k":>2s} {"batch":>5s} {"s/img":>7s} {"img/s":>7s} '
         f'{"vs LlamaGen":>11s} {"time/next_token":>15s} {"ms/step":>8s} {"GB/s":>6s} {"%bw":>4s} '
         f'{"TFLOP/s":>7s} {"%peak":>5s}')
@@ -214,7 +215,7 @@ def sampling_table(gpt, generate, peak: float, bandwidth: float) -> None:
       rows += [('global', int(k)) for k in _PARALLEL.value if int(k) > 1]
     for kind, k in rows:
       model, params = models[kind]
-      seconds = time_sampler(model, params, batch, sampling.SamplingConfig(parallel_tokens=k),
+      seconds = time_sampler(model, params, batch, decode.SamplingConfig(parallel_tokens=k),
                              _SAMPLING_REPEATS.value)['seconds']
       if kind == 'next_token':
         base = seconds

@@ -28,7 +28,7 @@ Hardware: any CPU; `make demo` from a fresh clone takes 9 min 16 s on a 2-core A
 (venv 42 s, tokenizer 2 min 18 s, codes 10 s, this stage 6 min 4 s at 3.26 steps/s).
 Measured (deterministic): held-out NLL 1.519 nats/token (uniform: log 64 = 4.16), next-token
 accuracy 0.506; samples FID 19.52 / precision 0.807 / recall 0.587 / class accuracy 0.950,
-held-out real digits FID 34.99 / 0.747 / 0.763 / 0.960 (see README on reading these, and on
+held-out real digits FID 34.99 / 0.747 / 0.763 / 0.960 (see docs/getting-started.md on reading these, and on
 how the budget was chosen: 1,200 steps gave 17.62 / 0.963 in 1.2x the time); sample grids
 under workdirs/demo/samples/ with one column per digit 0..9, everything on one page in
 workdirs/demo/summary.html.
@@ -45,7 +45,7 @@ condition=context, direct_next=False): benchmarks/objective_study.py (3 seeds, 6
 found no option that beats it on both held-out NLL and FID by more than two standard deviations.
 The closest: --config.model.head.direct_next=True (h_t projected straight onto the next
 position's output) cuts the held-out NLL from 1.561 to 1.288 with FID 36.9 +/- 3.3 against
-37.3 +/- 3.7, lower precision and higher recall (README, "Does the 2D objective help?").
+37.3 +/- 3.7, lower precision and higher recall (docs/objective-study.md).
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None):
   if opts.tokenizer == 'vq':
     c.tokenizer.kind = 'vq'
     # Written by the first stage of `make demo` (configs/vq_demo.py); paths are relative to
-    # the repository root, where the README's commands run.
+    # the repository root, where the documented commands run.
     c.tokenizer.checkpoint = 'workdirs/demo/tokenizer/tokenizer'
     vocab = 64
   elif opts.tokenizer == 'kl':

@@ -14,7 +14,7 @@ Options (`--config=configs/imagenet256.py:size=L,head=local,window=16`), one swi
                     or is also added to every grid token
   direct_next       true | false   h_t also projected straight onto the next position's output
                     (these four are studied on the digits by benchmarks/objective_study.py,
-                    3 seeds each; README, "Does the 2D objective help?". There: direct_next
+                    3 seeds each; docs/objective-study.md. There: direct_next
                     cuts the held-out NLL by 0.27 nats/token (1.56 -> 1.29, 17%) with FID
                     unchanged within the seeds' spread; condition=add moves neither much;
                     next_weight=1 with loss_weighting=steps buys NLL with a worse FID, alone
@@ -39,7 +39,7 @@ TPU pod (launch/tpu_vm.sh creates the slice, installs, runs on every worker in t
 GPU node (8 GPUs, one process; launch/slurm.sbatch for several nodes):
   launch/gpu.sh run configs/imagenet256.py:size=B,tokenizer=imported,tokenizer_root=/data/tok \
       workdirs/heptapod-B --config.data.data_dir=/data/tfds
-Both end in `python -m heptapod_jax.main --config=... --workdir=...`; see launch/README.md.
+Both end in `python -m heptapod_jax.main --config=... --workdir=...`; see docs/pods.md.
 
 Global batch 2048 for every size; 800 epochs = 800 x (1,281,167 // 2048) = 500,000 steps.
 Data: TFDS `imagenet2012` prepared from the manual download (ILSVRC2012_img_train.tar and
@@ -71,7 +71,7 @@ runs at MFU 0.63 with the next_token head and 0.60 with the global one
 (benchmarks/train_throughput.py); no accelerator run exists yet, so the 40% above is an
 assumption. Why 4 steps and B's 2-layer head: benchmarks/train_throughput.py --quick measured
 the global step at 1.38x the next_token step with this setting (1.57x with a 4-layer head,
-1.81x at 8 steps; README, Figures). Per-device memory of every size on v5e-256 / v5p-128:
+1.81x at 8 steps; docs/benchmarks.md). Per-device memory of every size on v5e-256 / v5p-128:
 `python -m heptapod_jax.tools.aot_compile --config=configs/imagenet256.py --topology=v5e-256`.
 
 Evaluation (ADM protocol: 50 samples per class, no guidance, against ADM's reference batch):

@@ -59,9 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
       sample_posterior=True,  # kl: train on posterior samples (MAR) rather than the means.
   ))
 
-  # Multi-process jobs (heptapod_jax/liveness.py): a process silent for peer_timeout_s ends the
-  # others with a last word (<workdir>/failure.txt) and exit code 75; 0 = off. JAX's own
-  # heartbeat timeout (jax.distributed.initialize) is the backstop and must be longer.
+  # Multi-process jobs (heptapod_jax/training/liveness.py): a process silent for peer_timeout_s
+  # ends the others with a last word (<workdir>/failure.txt) and exit code 75; 0 = off. JAX's
+  # own heartbeat timeout (jax.distributed.initialize) is the backstop and must be longer.
   c.distributed = ml_collections.ConfigDict(dict(peer_timeout_s=60, heartbeat_timeout_s=120))
 
   c.data = schema.default_data_config()
@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   # use_kv_cache=False recomputes the backbone over the whole sequence at every step (same
   # samples, O(N^2) work): the baseline of benchmarks/sampling_speed.py.
   # parallel_tokens=k > 1 samples k positions per 2D-head call (parallel decoding, beyond the
-  # paper; approximate, see heptapod_jax/sampling.py and benchmarks/parallel_decoding.py).
+  # paper; approximate, see heptapod_jax/sampling/decode.py and benchmarks/parallel_decoding.py).
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0,
                                               use_kv_cache=True, parallel_tokens=1))
 
@@ -165,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def tokenizer_base_config() -> ml_collections.ConfigDict:
-  """Every field of a tokenizer-training experiment (heptapod_jax/train_tokenizer.py)."""
+  """Every field of a tokenizer-training experiment (heptapod_jax/training/train_tokenizer.py)."""
   from heptapod_jax.models.tokenizers import kl, vq
   c = ml_collections.ConfigDict()
   c.trainer = 'tokenizer'

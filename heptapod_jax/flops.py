@@ -253,7 +253,7 @@ def _local_head_decode_terms(terms: dict[str, float], config: ModelConfig,
 def sampling_flops_terms(config: ModelConfig, parallel_tokens: int = 1) -> dict[str, float]:
   """Forward FLOPs of KV-cached raster sampling of one image (cfg_scale 1), term by term.
 
-  As sampling.py runs it (incremental decoding, `parallel_tokens` positions per head call):
+  As sampling/decode.py runs it (incremental decoding, `parallel_tokens` positions per head call):
   the P prefix slots and N-1 fed tokens through the backbone, each attending over the whole
   static cache (seq_len keys); the head's work per fed token, per call and per wanted
   position (`_global_head_decode_terms`, `_local_head_decode_terms`); the logits of the N

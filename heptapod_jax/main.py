@@ -1,7 +1,7 @@
 """Entry point: parse flags, start the distributed runtime, hand off to the trainer.
 
-The config's `trainer` field picks the trainer: 'ar' (train.py, Heptapod) or
-'tokenizer' (train_tokenizer.py, the VQ/KL autoencoders).
+The config's `trainer` field picks the trainer: 'ar' (training/train.py, Heptapod)
+or 'tokenizer' (training/train_tokenizer.py, the VQ/KL autoencoders).
 
   python -m heptapod_jax.main --config=configs/demo.py --workdir=workdirs/demo
   python -m heptapod_jax.main --config=configs/imagenet256.py:size=L,head=global \
@@ -27,8 +27,9 @@ if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up noti
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from heptapod_jax import config_lib, console, liveness  # noqa: E402
+from heptapod_jax import config_lib, console  # noqa: E402
 from heptapod_jax.storage import paths  # noqa: E402
+from heptapod_jax.training import liveness  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:options]).',
                                           lock_config=True)
@@ -102,7 +103,7 @@ def main(argv):
 
 
 def _report_previous_failure(workdir: str, process_index: int) -> None:
-  """A last word left by the previous run (liveness.py): logged, then moved into the log."""
+  """The previous run's last word (training/liveness.py): logged, then moved into the log."""
   path = liveness.failure_file(workdir, process_index)
   if not paths.exists(path):
     return
@@ -122,7 +123,7 @@ def _run(config) -> None:
                          f'config.trainer={config.trainer!r}.')
   import jax
   if config.trainer == 'tokenizer':
-    from heptapod_jax import train_tokenizer
+    from heptapod_jax.training import train_tokenizer
     console.stage(_title(config))
     summary = train_tokenizer.train_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
@@ -131,13 +132,13 @@ def _run(config) -> None:
   if config.trainer != 'ar':
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one of ['ar', 'tokenizer'].")
   if _MODE.value == 'sample':
-    from heptapod_jax import sample
+    from heptapod_jax.sampling import sample_mode
     console.stage(f'Sampling from the run in {_WORKDIR.value}')
-    summary = sample.sample_and_evaluate(config, _WORKDIR.value)
+    summary = sample_mode.sample_and_evaluate(config, _WORKDIR.value)
     if jax.process_index() == 0:
       _print_sample_summary(summary)
     return
-  from heptapod_jax import train
+  from heptapod_jax.training import train
   console.stage(_title(config))
   summary = train.train_and_evaluate(config, _WORKDIR.value)
   if jax.process_index() == 0:

@@ -8,7 +8,7 @@ script, no network), so it still works when downloaded from Colab or copied off 
 built from what the run left in its workdir -- every scalar in the TensorBoard event files
 (all resumed segments), the sample grids, the tokenizer's reconstructions -- plus the summary
 dict the trainer returned (evaluation and generative metrics). `svg_line_plot` is also what
-`tools/readme_figures.py` draws the README's plots with, so neither needs matplotlib.
+`tools/readme_figures.py` draws the documentation's plots with, so neither needs matplotlib.
 """
 from __future__ import annotations
 

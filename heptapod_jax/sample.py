@@ -1,29 +1,4 @@
-"""Sample mode: N class-balanced samples from a trained run, sharded, resumable, ADM's .npz.
-
-  python -m heptapod_jax.main --mode=sample --config=configs/imagenet256.py:size=H --workdir=RUN \
-      --config.evaluator.features=inception --config.evaluator.inception_weights=inception_fid.npz \
-      --config.evaluator.reference=VIRTUAL_imagenet256_labeled.npz
-
-  from heptapod_jax import sample
-  summary = sample.sample_and_evaluate(config, workdir)       # also from Colab
-
-Protocol (ADM): `config.sample.num_per_class` samples per class (50 -> 50,000
-for ImageNet), labels cycling through the classes (sample i has class
-i mod C, so every prefix of the file is as balanced as it can be), no
-guidance unless `config.sampling.cfg_scale` says so. Sample i is drawn with a
-key folded from (`config.sample.seed`, i): the samples do not depend on the
-chunk size, the number of devices or hosts, or on interruptions.
-
-Every chunk of `config.sample.chunk_size` samples is one jitted call over the
-whole mesh (all devices of all hosts) and one file, `<out_dir>/chunks/`,
-written atomically by process 0. Rerunning the same command skips the
-chunks already on disk, so an interrupted run resumes; `<out_dir>/manifest.json`
-records the settings and refuses to mix chunks made with other ones. At the
-end: `<out_dir>/samples_<N>x<S>x<S>x3.npz` with `arr_0` (uint8 images) and
-`arr_1` (int64 labels), the layout ADM's evaluator reads; optional PNGs; and
-the metrics of `config.evaluator` in `<out_dir>/metrics.json`.
-
-Command line (a few images to look at, no config flags):
+"""The sampling command line: a few images from a trained run, as a PNG grid (no config flags).
 
   python -m heptapod_jax.sample --checkpoint=workdirs/demo --classes=3,7 --n=16 --out=grid.png
   python -m heptapod_jax.sample --checkpoint=RUN --classes=207,360 --n=16 --out=grid.png \
@@ -31,24 +6,25 @@ Command line (a few images to look at, no config flags):
 
 `--checkpoint` is a run's workdir (it holds config.json and checkpoints/), its
 checkpoints/ directory, or one step directory of it (checkpoints/<step>/); how the
-run's config, tokenizer and newest intact step are found is `runs.py`'s docstring;
+run's config, tokenizer and newest intact step are found is `storage/runs.py`'s docstring;
 `--tokenizer` overrides the tokenizer checkpoint. Parameters: the EMA tree when
 the run samples with it (`train.sample_with_ema`, the default), or
 `--params=ema|raw`. Image i has class classes[i mod C] and its own key (seed, i),
 as in sample mode: the same seed gives the same images, whatever `--batch` or the
 device count. The grid has one column per class (C <= 32).
 
-This module is sample mode and the command line; both are thin layers over
-`runs.load_run`, `generation.generate` / `generation.sample_classes` and the
-evaluators, which Colab calls directly:
+Sample mode (N class-balanced samples, ADM's .npz, FID: `python -m heptapod_jax.main
+--mode=sample`) is sampling/sample_mode.py. Both are thin layers over `runs.load_run`,
+`generation.generate` / `generation.sample_classes` and the evaluators, which Colab calls
+directly:
 
-  from heptapod_jax import generation, runs
+  from heptapod_jax.sampling import generation
+  from heptapod_jax.storage import runs
   run = runs.load_run('workdirs/demo')                          # Python API (Colab)
   images, labels = generation.sample_classes(run, classes=[3, 7], num=16, seed=0)
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -56,82 +32,17 @@ if __name__ == '__main__':  # Before TensorFlow or JAX load: their start-up noti
   from heptapod_jax import console as _console
   _console.quiet_dependencies()
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from heptapod_jax import artifacts  # noqa: E402
-from heptapod_jax import checkpoint_read
 from heptapod_jax import console  # noqa: E402
-from heptapod_jax import generation  # noqa: E402
 from heptapod_jax import images as images_lib  # noqa: E402
-from heptapod_jax import runs  # noqa: E402
-from heptapod_jax.image_sampler import ImageSampler  # noqa: E402
+from heptapod_jax.sampling import generation  # noqa: E402
+from heptapod_jax.sampling import sample_mode  # noqa: E402
+from heptapod_jax.storage import checkpoint_read  # noqa: E402
 from heptapod_jax.storage import paths  # noqa: E402
+from heptapod_jax.storage import runs  # noqa: E402
 
 
-def write_pngs(images: np.ndarray, labels: np.ndarray, directory: str, count: int) -> int:
-  n = len(images) if count < 0 else min(count, len(images))
-  for i in range(n):
-    images_lib.save_png(images[i], paths.join(directory, f'{i:06d}_class{int(labels[i])}.png'))
-  return n
-
-
-def sample_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Sample mode: generate config.sample's samples from the workdir's checkpoint, write the
-  .npz (and PNGs), run config.evaluator on them. Returns a summary dict."""
-  from heptapod_jax.evaluators import generative
-
-  workdir = paths.resolve(workdir, 'workdir')
-  sampler = ImageSampler(config)
-  s = config.sample
-  num_classes = sampler.model_config.num_classes
-  num_samples = generation.num_samples_of(config, num_classes)
-  chunk = s.chunk_size or config.train.global_batch_size
-  with jax.set_mesh(sampler.mesh), nn.logical_axis_rules(sampler.rules):
-    params, step, key = runs.restore_params(sampler, workdir, s.checkpoint_step)
-    out_dir = (paths.resolve(s.out_dir, 'config.sample.out_dir') if s.out_dir
-               else paths.join(workdir, f'samples_{step:07d}_seed{s.seed}'))
-    manifest = {'checkpoint_step': step, 'params_key': key,
-                'sampling': config.sampling.to_dict(), 'model': config.model.to_dict(),
-                'tokenizer': config.tokenizer.to_dict(), 'image_size': config.data.image_size,
-                'num_classes': num_classes, 'workdir': workdir}
-    manifest = json.loads(json.dumps(manifest, default=list))  # Tuples -> lists, as on disk.
-    t0 = time.time()
-    imgs, labels = generation.generate(sampler, params, num_samples=num_samples, seed=s.seed,
-                                       chunk_size=chunk, out_dir=out_dir, manifest=manifest)
-    seconds = time.time() - t0
-  size = config.data.image_size
-  npz = paths.join(out_dir, f'samples_{num_samples}x{size}x{size}x3.npz')
-  summary: dict[str, Any] = {'workdir': workdir, 'step': step, 'out_dir': out_dir, 'npz': npz,
-                             'num_samples': num_samples, 'seconds': seconds}
-  if jax.process_index() == 0:
-    artifacts.save_npz(npz, arr_0=imgs, arr_1=labels.astype(np.int64))
-    if s.num_png:
-      summary['png'] = write_pngs(imgs, labels, paths.join(out_dir, 'png'), s.num_png)
-    cols = min(num_classes, 10)
-    grid_idx = np.concatenate([np.arange(r * num_classes, r * num_classes + cols)
-                               for r in range(min(4, num_samples // num_classes))] or [np.arange(0)])
-    if len(grid_idx):
-      summary['grid'] = images_lib.save_png(images_lib.make_grid(imgs[grid_idx], ncols=cols),
-                                            paths.join(out_dir, 'grid.png'))
-  if s.evaluate and config.evaluator.features:
-    evaluator = generative.GenerativeEvaluator(config, workdir)
-    metrics = evaluator.evaluate(imgs, labels)
-    summary['metrics'] = metrics
-    if config.evaluator.real_baseline:
-      summary['generative_real'] = evaluator.real_baseline(sampler.tokenizer,
-                                                           sampler.tokenizer_params)
-    summary['evaluator'] = dict(evaluator.info)
-    if jax.process_index() == 0:
-      paths.write_json(paths.join(out_dir, 'metrics.json'),
-                       {'metrics': metrics, 'real_baseline': summary.get('generative_real'),
-                        'evaluator': evaluator.info, 'npz': npz, 'step': step}, indent=2)
-  return summary
-
-
-# ---------------------------------------------------------------------- command line and API
 MAX_CLASS_COLUMNS = 32  # Wider grids of more classes become near-square grids instead.
 
 
@@ -149,7 +60,8 @@ def _parser():
       description='Sample class-conditional images from a trained Heptapod run and write a PNG '
                   'grid (one column per class).',
       epilog='Sample mode for the ADM protocol (50k samples, .npz, FID): python -m '
-             'heptapod_jax.main --mode=sample. Details: the docstring of heptapod_jax/sample.py.')
+             'heptapod_jax.main --mode=sample. Details: the docstring of '
+             'heptapod_jax/sampling/sample_mode.py.')
   p.add_argument('--checkpoint', required=True,
                  help='a run\'s workdir (config.json + checkpoints/), its checkpoints/ directory, '
                       'or one step directory checkpoints/<step>/')
@@ -170,7 +82,7 @@ def _parser():
                       'trained with model.backbone.class_dropout > 0')
   p.add_argument('--parallel_tokens', type=int, default=None,
                  help='k > 1: sample k positions per 2D-head call (parallel decoding, beyond the '
-                      'paper; faster, approximate: see heptapod_jax/sampling.py)')
+                      'paper; faster, approximate: see heptapod_jax/sampling/decode.py)')
   p.add_argument('--seed', type=int, default=0, help='same seed, same images')
   p.add_argument('--step', type=int, default=None,
                  help='checkpoint step (default: the newest that restores)')
@@ -260,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.out_dir:
     out_dir = paths.resolve(args.out_dir, '--out_dir')
     summary['out_dir'] = out_dir
-    summary['num_png'] = write_pngs(imgs, labels, out_dir, -1)
+    summary['num_png'] = sample_mode.write_pngs(imgs, labels, out_dir, -1)
     lines.append(f'  {summary["num_png"]} PNG files (<index>_class<id>.png): {out_dir}')
   print('\n'.join(lines), flush=True)
   return summary

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cloud TPU VMs (one host or a whole pod slice) through gcloud: see usage() and launch/README.md.
+# Cloud TPU VMs (one host or a whole pod slice) through gcloud: see usage() and docs/pods.md.
 #   launch/tpu_vm.sh create --accelerator-type=v5litepod-256 [--queued] [--spot]
 #   launch/tpu_vm.sh setup
 #   launch/tpu_vm.sh run configs/imagenet256.py:size=H gs://BUCKET/heptapod-H --config.optim.lr=4e-4

@@ -11,9 +11,11 @@ import sys
 import jax
 import pytest
 
-from heptapod_jax import optim, sharding, train
+from heptapod_jax import sharding
 from heptapod_jax.models.heptapod import Heptapod
+from heptapod_jax.tools import aot_common, aot_sampler, tpu_topology
 from heptapod_jax.tools import aot_compile as aot
+from heptapod_jax.training import optim, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, 'configs', 'imagenet256.py')
@@ -30,7 +32,7 @@ def test_libtpu_is_installed():
     ('v5p-8', 'v5p:2x2x1', 4), ('v5p-512', 'v5p:4x8x8', 256), ('v4-64', 'v4:2x4x4', 32),
     ('V5E:2x2', 'v5e:2x2', 4), ('v5p:4x4x12', 'v5p:4x4x12', 192)])
 def test_topology_names(name, libtpu_name, chips):
-  topo = aot.parse_topology(name)
+  topo = tpu_topology.parse_topology(name)
   assert (topo.libtpu_name, topo.chips) == (libtpu_name, chips)
   assert dict(topo.options) == ({'chip_config_name': 'megacore'} if name.startswith('v4') else {})
 
@@ -38,21 +40,21 @@ def test_topology_names(name, libtpu_name, chips):
 @pytest.mark.parametrize('name', ['v5e-3', 'v5e-512', 'v5p-2', 'v5p-12', 'v9-8', 'tpu', 'v5e'])
 def test_bad_topology_names_list_the_valid_ones(name):
   with pytest.raises(ValueError, match=r'v5e-256.*v5p-128.*v4-64.*v5e:16x16'):
-    aot.parse_topology(name)
+    tpu_topology.parse_topology(name)
 
 
 def test_topology_unknown_to_libtpu_lists_the_valid_names():
   with pytest.raises(ValueError, match=r'libtpu does not know it.*v5e-256.*v5p:4x4x4'):
-    aot.topology_devices(aot.parse_topology('v9:2x2'))
+    tpu_topology.topology_devices(tpu_topology.parse_topology('v9:2x2'))
 
 
 def test_parse_hbm_oom_messages():
   msg = ('RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total '
          'memory required for HLO temporaries (245.40G) exceeds available HBM (15.75G).')
-  assert aot.parse_hbm_oom(msg) == (int(245.40 * 2**30), int(15.75 * 2**30))
+  assert tpu_topology.parse_hbm_oom(msg) == (int(245.40 * 2**30), int(15.75 * 2**30))
   old = 'Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity'
-  assert aot.parse_hbm_oom(old) == (int(20.5 * 2**30), int(15.75 * 2**30))
-  assert aot.parse_hbm_oom('INVALID_ARGUMENT: something else') is None
+  assert tpu_topology.parse_hbm_oom(old) == (int(20.5 * 2**30), int(15.75 * 2**30))
+  assert tpu_topology.parse_hbm_oom('INVALID_ARGUMENT: something else') is None
 
 
 def _device_shard_bytes(tree, device) -> int:
@@ -69,12 +71,12 @@ def _device_shard_bytes(tree, device) -> int:
 
 
 def test_tiny_fsdp_step_on_v5e_2x2():
-  devices = aot.topology_devices(aot.parse_topology('v5e:2x2'))
+  devices = tpu_topology.topology_devices(tpu_topology.parse_topology('v5e:2x2'))
   assert len(devices) == 4 and devices[0].device_kind == 'TPU v5 lite'
-  hbm, source = aot.hbm_limit(devices[0])
+  hbm, source = tpu_topology.hbm_limit(devices[0])
   assert source == 'TPU compiler limit' and 15 * 2**30 <= hbm <= 16 * 2**30
-  config = aot.load_config(f'{RECIPE}:runlocal=True',
-                           {'mesh.shape': (1, -1, 1), 'train.global_batch_size': 8})
+  config = aot_common.load_config(f'{RECIPE}:runlocal=True',
+                                  {'mesh.shape': (1, -1, 1), 'train.global_batch_size': 8})
   # conftest asks for float32 matmuls; the splash kernel's bf16 matmuls cannot lower at fp32
   # contract precision (Mosaic: "Bad lhs type"): compile at the default one, as training does.
   with jax.default_matmul_precision('default'):
@@ -83,7 +85,7 @@ def test_tiny_fsdp_step_on_v5e_2x2():
   assert report.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1} and report.batch_per_device == 2
 
   # The per-device state, recomputed independently from the trainer's own shardings.
-  mcfg = aot.model_config(config)
+  mcfg = aot_common.model_config(config)
   model = Heptapod(mcfg)
   tx, _ = optim.make_optimizer(config.optim, config.train.num_steps)
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.dcn_shape, devices=devices)
@@ -109,8 +111,8 @@ def test_tiny_fsdp_step_on_v5e_2x2():
 
 
 def test_continuous_tokens_step_flops():
-  config = aot.load_config(f'{RECIPE}:runlocal=True,tokens=kl')
-  mcfg = aot.model_config(config)
+  config = aot_common.load_config(f'{RECIPE}:runlocal=True,tokens=kl')
+  mcfg = aot_common.model_config(config)
   assert mcfg.continuous
   assert aot._step_tokenizer(config, mcfg).scale == config.tokenizer.latent_scale
   assert aot.step_flops(config, mcfg) > 0
@@ -139,16 +141,16 @@ def test_tiny_sampler_on_v5e_2x2():
   """The sampler's jitted loop compiles for a TPU slice: the per-device parameters and cache
   are exact, the cache grows linearly with the batch, and XLA's estimate of the loop body is
   one decoding step of the device's batch (within the elementwise share of the analytic count)."""
-  devices = aot.topology_devices(aot.parse_topology('v5e:2x2'))
-  config = aot.load_config(f'{RECIPE}:runlocal=True', {'mesh.shape': (-1, 1, 1)})
+  devices = tpu_topology.topology_devices(tpu_topology.parse_topology('v5e:2x2'))
+  config = aot_common.load_config(f'{RECIPE}:runlocal=True', {'mesh.shape': (-1, 1, 1)})
   with jax.default_matmul_precision('default'):
-    small = aot.compile_sampler(config, devices, batch_per_device=4, label='tiny',
-                                hbm_bytes=16 * 2**30)
-    large = aot.compile_sampler(config, devices, batch_per_device=8, label='tiny',
-                                hbm_bytes=16 * 2**30)
+    small = aot_sampler.compile_sampler(config, devices, batch_per_device=4, label='tiny',
+                                        hbm_bytes=16 * 2**30)
+    large = aot_sampler.compile_sampler(config, devices, batch_per_device=8, label='tiny',
+                                        hbm_bytes=16 * 2**30)
   assert small.fits and small.global_batch == 16 and small.mesh['data'] == 4
   assert small.params_bytes == 4 * small.num_params  # Data parallel: replicated float32.
-  mcfg = aot.model_config(config)
+  mcfg = aot_common.model_config(config)
   b, n = mcfg.backbone, mcfg.num_positions
   kv = 2 * b.depth * 4 * mcfg.seq_len * b.width * 2  # bf16 K and V of 4 images.
   head = 4 * 4 * n * mcfg.head.width * 2  # Global head: grid inputs and q, k, v.
@@ -157,4 +159,4 @@ def test_tiny_sampler_on_v5e_2x2():
   # XLA also counts elementwise work (softmax, norms), a large share at the tiny widths.
   assert 0.8 <= small.step_flops / small.xla_flops <= 1.0, small.step_flops / small.xla_flops
   assert small.step_min_bytes <= small.xla_bytes_accessed
-  assert 'tiny' in aot.format_sampler_table([small, large])
+  assert 'tiny' in aot_sampler.format_sampler_table([small, large])

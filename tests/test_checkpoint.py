@@ -1,4 +1,4 @@
-"""Tests for heptapod_jax.checkpoint on 8 fake CPU devices."""
+"""Tests for heptapod_jax.storage.checkpoint on 8 fake CPU devices."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import checkpoint_read
+from heptapod_jax.storage import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint_read
 
 from _multiprocess import multiprocess_env
 
@@ -269,8 +269,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import checkpoint_read
+from heptapod_jax.storage import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint_read
 
 auto = jax.sharding.AxisType.Auto
 mesh = jax.make_mesh((8,), ("x",), axis_types=(auto,))

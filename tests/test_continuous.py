@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heptapod_jax import config_lib, sampling, train
+from heptapod_jax import config_lib
 from heptapod_jax.models import objective
 from heptapod_jax.models.heptapod import compute_loss, continuous_pair_loss
-from heptapod_jax import tokenizer_checkpoint as tok_io
 from heptapod_jax.models.tokenizers import kl
+from heptapod_jax.sampling import decode as sampling
+from heptapod_jax.storage import tokenizer_checkpoint as tok_io
+from heptapod_jax.training import train
 
 from test_model import KINDS, N, cached_step_logits, setup_model
 from test_train import _np, _restore_raw, load_recipe

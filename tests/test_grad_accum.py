@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from heptapod_jax import sharding, train
+from heptapod_jax import sharding
 from heptapod_jax.models.heptapod import Heptapod
+from heptapod_jax.training import train
 
 from test_model import make_config, random_batch
 

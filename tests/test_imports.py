@@ -15,40 +15,55 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'heptapod_jax'
 
-TRAINING = ('heptapod_jax.train', 'heptapod_jax.trainlib', 'heptapod_jax.train_tokenizer',
-            'heptapod_jax.main')
 # Who may not import whom: (importer prefix, forbidden prefixes, why).
-CHECKPOINTS = ('heptapod_jax.checkpoint', 'heptapod_jax.checkpoint_read',
-               'heptapod_jax.tokenizer_checkpoint')
-SAMPLE_CLI = ('heptapod_jax.sample',)
+TRAINING = ('heptapod_jax.training', 'heptapod_jax.main')
+# training/ less what the pure step itself builds on (optim).
+TRAINERS = ('heptapod_jax.training.train', 'heptapod_jax.training.trainlib',
+            'heptapod_jax.training.train_tokenizer', 'heptapod_jax.training.liveness',
+            'heptapod_jax.main')
+CHECKPOINTS = ('heptapod_jax.storage.checkpoint', 'heptapod_jax.storage.checkpoint_read',
+               'heptapod_jax.storage.tokenizer_checkpoint')
+SAMPLE_CLI = ('heptapod_jax.sample', 'heptapod_jax.sampling.sample_mode')
 LAYERS = (
     ('heptapod_jax.models', TRAINING + CHECKPOINTS + SAMPLE_CLI + (
-        'heptapod_jax.sampling', 'heptapod_jax.generation', 'heptapod_jax.data',
-        'heptapod_jax.config_lib', 'heptapod_jax.image_sampler', 'heptapod_jax.runs'),
+        'heptapod_jax.sampling', 'heptapod_jax.data', 'heptapod_jax.config_lib',
+        'heptapod_jax.storage.runs'),
      'models never import training, sampling, data, configs or checkpoints'),
-    ('heptapod_jax.steps', TRAINING + CHECKPOINTS + SAMPLE_CLI + (
+    ('heptapod_jax.training.steps', TRAINERS + CHECKPOINTS + SAMPLE_CLI + (
         'heptapod_jax.data', 'heptapod_jax.evaluators', 'heptapod_jax.config_lib'),
      'the pure step needs no trainer, data pipeline, configs or checkpoints'),
     ('heptapod_jax.data.schema', ('heptapod_jax.data.input_pipeline', 'heptapod_jax.data.sources',
                                   'heptapod_jax.data.preprocess', 'heptapod_jax.data.record_order',
-                                  'heptapod_jax.data.tokenized', 'heptapod_jax.data.builtin'),
+                                  'heptapod_jax.data.tokenized', 'heptapod_jax.data.codes_format',
+                                  'heptapod_jax.data.builtin'),
      'what a data config may say is known without the tf.data pipeline'),
     ('heptapod_jax.config_lib', TRAINING + CHECKPOINTS + SAMPLE_CLI,
      'config validation is pure: no checkpoint is read while validating'),
-    ('heptapod_jax.sampling', TRAINING + SAMPLE_CLI + ('heptapod_jax.generation',),
-     'sampling never imports training or sample mode'),
-    ('heptapod_jax.generation', TRAINING + SAMPLE_CLI,
+    ('heptapod_jax.sampling.decode', TRAINING + SAMPLE_CLI + ('heptapod_jax.sampling.generation',),
+     'the decode loop never imports training or sample mode'),
+    ('heptapod_jax.sampling.generation', TRAINING + SAMPLE_CLI,
      'sample generation needs neither the trainer nor the CLI'),
-    ('heptapod_jax.image_sampler', TRAINING + SAMPLE_CLI,
+    ('heptapod_jax.sampling.image_sampler', TRAINING + SAMPLE_CLI,
      'sampling a run needs neither the trainer nor the CLI'),
-    ('heptapod_jax.runs', TRAINING + SAMPLE_CLI,
+    ('heptapod_jax.sampling', TRAINING + ('heptapod_jax.sample',),
+     'sampling and sample mode never import training or the command line'),
+    ('heptapod_jax.storage.runs', TRAINING + SAMPLE_CLI,
      'loading a run for sampling needs neither the trainer nor the CLI'),
-    ('heptapod_jax.sample', TRAINING, 'sample mode and its CLI do not need the trainer'),
+    ('heptapod_jax.storage', TRAINING + SAMPLE_CLI,
+     'storage never imports training, sample mode or the CLI'),
+    *((m, TRAINING + SAMPLE_CLI + ('heptapod_jax.sampling', 'heptapod_jax.storage.runs'),
+       'file formats and checkpoints need no sampler, no trainer and no run loader')
+      for m in CHECKPOINTS + ('heptapod_jax.storage.artifacts',)),
+    ('heptapod_jax.sample', TRAINING, 'the sampling command line does not need the trainer'),
+    ('heptapod_jax.training', SAMPLE_CLI, 'training never imports sample mode or its CLI'),
     ('heptapod_jax.evaluators', TRAINING + SAMPLE_CLI,
      'evaluation needs neither the trainer nor the CLI'),
+    ('heptapod_jax.data',
+     TRAINING + SAMPLE_CLI + ('heptapod_jax.sampling', 'heptapod_jax.evaluators'),
+     'the input pipeline needs no trainer, sampler, evaluator or CLI'),
     ('heptapod_jax.storage.paths', ('heptapod_jax',),
      'the path layer is the bottom layer: every module may read and write files through it'),
-    ('heptapod_jax.liveness', TRAINING + CHECKPOINTS + SAMPLE_CLI + ('heptapod_jax.data',),
+    ('heptapod_jax.training.liveness', TRAINING + CHECKPOINTS + SAMPLE_CLI + ('heptapod_jax.data',),
      'the watchdog may run while a peer is dead: it lists files, never calls Orbax or JAX '
      'collectives'),
 )
@@ -132,9 +147,9 @@ def test_layers_read_top_down(importer, forbidden, why):
 
 # What a model, its step, its sampler and its configs run with: a machine with JAX, Flax, Optax
 # and ml_collections alone (an accelerator image without TensorFlow, a notebook, a benchmark).
-LIGHT_MODULES = ('heptapod_jax.storage.paths', 'heptapod_jax.steps', 'heptapod_jax.sampling', 'heptapod_jax.flops',
-                 'heptapod_jax.config_lib', 'heptapod_jax.presets', 'heptapod_jax.models.heptapod',
-                 'heptapod_jax.data.schema')
+LIGHT_MODULES = ('heptapod_jax.storage.paths', 'heptapod_jax.training.steps',
+                 'heptapod_jax.sampling.decode', 'heptapod_jax.flops', 'heptapod_jax.config_lib',
+                 'heptapod_jax.presets', 'heptapod_jax.models.heptapod', 'heptapod_jax.data.schema')
 HEAVY = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax', 'torch')
 
 

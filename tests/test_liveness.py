@@ -1,10 +1,11 @@
-"""The peer watchdog's rules (heptapod_jax/liveness.py) on a fake key-value store and clock.
-The real fault, a killed process of a 2-process job, is tests/faults/test_lost_process.py."""
+"""The peer watchdog's rules (heptapod_jax/training/liveness.py) on a fake key-value store and
+clock. The real fault, a killed process of a 2-process job, is tests/faults/test_lost_process.py."""
 import os
 
 import pytest
 
-from heptapod_jax import config_lib, liveness
+from heptapod_jax import config_lib
+from heptapod_jax.training import liveness
 
 
 class FakeStore:

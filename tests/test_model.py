@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heptapod_jax import presets, sampling, sharding
+from heptapod_jax import presets, sharding
 from heptapod_jax.models import objective
 from heptapod_jax.models.config import ModelConfig
+from heptapod_jax.sampling import decode as sampling
 from heptapod_jax.models.heptapod import (Heptapod, check_inputs, compute_loss, init_params,
                                           split_layers)
 from heptapod_jax.models.transformer import init_cache

@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from heptapod_jax import train
 from heptapod_jax.data import builtin, input_pipeline
+from heptapod_jax.training import train
 
 from _multiprocess import multiprocess_env
 from test_train import ROOT, tiny_config

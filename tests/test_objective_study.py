@@ -278,7 +278,7 @@ def test_two_commands_train_a_shared_tokenizer_once(tmp_path, monkeypatch):
   trains it under the lock, the second waits and uses it instead of training it beside."""
   import threading
   import time
-  from heptapod_jax import train_tokenizer
+  from heptapod_jax.training import train_tokenizer
   study = _load_script()
   calls, inside = [], []
 

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heptapod_jax import config_lib, sampling
+from heptapod_jax import config_lib
 from heptapod_jax.models.heptapod import Heptapod, split_layers
 from heptapod_jax.models.transformer import init_cache
+from heptapod_jax.sampling import decode as sampling
 
 from test_model import N, VOCAB, setup_model
 

@@ -41,9 +41,9 @@ ALLOWED = {
     ('heptapod_jax/evaluators/reference.py', 'np.load'): (1, 'a file from paths.open'),
     ('heptapod_jax/evaluators/reference.py', 'zipfile.ZipFile'): (1, 'a file from paths.open'),
     ('heptapod_jax/evaluators/features.py', 'zipfile.ZipFile'): (1, 'a file from paths.open'),
-    ('heptapod_jax/artifacts.py', 'zipfile.ZipFile'): (1, 'a local path or a paths.open file'),
-    ('heptapod_jax/artifacts.py', 'np.savez'): (1, 'a file from paths.atomic_write'),
-    ('heptapod_jax/data/tokenized.py', 'np.savez'): (1, 'a file from artifacts.writing'),
+    ('heptapod_jax/storage/artifacts.py', 'zipfile.ZipFile'): (1, 'a local path or a paths.open file'),
+    ('heptapod_jax/storage/artifacts.py', 'np.savez'): (1, 'a file from paths.atomic_write'),
+    ('heptapod_jax/data/codes_format.py', 'np.savez'): (1, 'a file from artifacts.writing'),
     ('heptapod_jax/tools/readme_figures.py', 'Image.open'): (1, 'bytes read through the layer'),
 }
 

@@ -1,18 +1,24 @@
-"""Every command in README.md (and launch/README.md, notebooks excluded) refers to things that
-exist: make targets, modules and scripts, their flags, config files, config options and
-`--config.<field>` overrides. The commands themselves run in tiny form elsewhere in the suite
-(make demo's stages in test_train.py, the sampling CLI in test_sample_cli.py, the recipe tool in
+"""Every command in README.md, launch/README.md and the pages of docs/ (notebooks excluded)
+refers to things that exist: make targets, modules and scripts, their flags, config files,
+config options and `--config.<field>` overrides. The commands themselves run in tiny form
+elsewhere in the suite (make demo's stages in test_train.py, the sampling CLI in test_sample_cli.py, the recipe tool in
 test_recipes.py, aot_compile in test_aot_compile.py, the launch scripts' dry runs in
-test_launch.py); this test keeps the documentation from drifting away from them."""
+test_launch.py); this test keeps the documentation from drifting away from them. The READMEs'
+relative links lead to files and headings that exist (the docs site's own links are checked
+by its strict build, tests/test_docs_site.py)."""
 import importlib.util
 import os
 import re
 import shlex
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ('README.md', 'launch/README.md')
+# The docs site's pages: each starts with the commands of its topic.
+PAGES = tuple(sorted(os.path.relpath(os.path.join(ROOT, 'docs', name), ROOT)
+                     for name in os.listdir(os.path.join(ROOT, 'docs')) if name.endswith('.md')))
 # absl's own flags, accepted by every absl program.
 ABSL_FLAGS = {'helpfull', 'help', 'alsologtostderr', 'logtostderr', 'v', 'verbosity'}
 
@@ -124,16 +130,22 @@ def check(line: str) -> None:
         _load_config(path, options)
 
 
-@pytest.mark.parametrize('doc', DOCS)
-def test_every_documented_command_refers_to_what_exists(doc):
-  lines = commands(doc)
-  assert len(lines) >= 5, f'{doc}: expected commands in its code blocks'
-  failures = []
+def command_failures(lines: list[str]) -> list[str]:
+  """Each command line that `check` refuses, with why."""
+  out = []
   for line in lines:
     try:
       check(line)
     except Exception as e:  # pylint: disable=broad-except
-      failures.append(f'{line}\n  -> {type(e).__name__}: {e}')
+      out.append(f'{line}\n  -> {type(e).__name__}: {e}')
+  return out
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_every_documented_command_refers_to_what_exists(doc):
+  lines = commands(doc)
+  assert len(lines) >= 5, f'{doc}: expected commands in its code blocks'
+  failures = command_failures(lines)
   assert not failures, '\n'.join(failures)
 
 
@@ -148,3 +160,61 @@ def test_the_checker_catches_drift():
     check('python -m heptapod_jax.no_such_module')
   with pytest.raises(ValueError, match='not one of'):
     check('python -m heptapod_jax.main --config=configs/imagenet256.py:head=diagonal')
+
+
+@pytest.mark.parametrize('page', PAGES)
+def test_every_command_of_the_docs_pages_refers_to_what_exists(page):
+  lines = commands(page)
+  assert lines, f'{page}: a page starts with the commands of its topic; it has none'
+  failures = command_failures(lines)
+  assert not failures, '\n'.join(failures)
+
+
+def github_slug(heading: str) -> str:
+  """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+  text = re.sub(r'[`*_]', '', heading.strip().lower())
+  return re.sub(r'[^\w\- ]', '', text).replace(' ', '-')
+
+
+def relative_links(doc: str) -> list[tuple[str, str]]:
+  """(target file, anchor) of every relative Markdown link or image of `doc`, outside code."""
+  text = re.sub(r'```.*?```', '', open(os.path.join(ROOT, doc)).read(), flags=re.S)
+  text = re.sub(r'`[^`]*`', '', text)
+  out = []
+  for target in re.findall(r'\]\(([^)\s]+)\)', text):
+    if re.match(r'[a-z]+:', target):
+      continue
+    path, _, anchor = target.partition('#')
+    target_file = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+    out.append((target_file, anchor))
+  return out
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_the_readmes_links_lead_somewhere(doc):
+  links = relative_links(doc)
+  assert links, f'{doc}: expected links to the docs'
+  broken = []
+  for path, anchor in links:
+    if not os.path.exists(os.path.join(ROOT, path)):
+      broken.append(f'{path}: no such file')
+    elif anchor:
+      text = re.sub(r'```.*?```', '', open(os.path.join(ROOT, path)).read(), flags=re.S)
+      headings = re.findall(r'^#+ (.+)$', text, re.M)
+      if anchor not in {github_slug(h) for h in headings}:
+        broken.append(f'{path}#{anchor}: no such heading')
+  assert not broken, f'{doc}: ' + '; '.join(broken)
+
+
+def test_the_link_checker_catches_drift(tmp_path, monkeypatch):
+  assert github_slug("The paper's claims at this scale") == 'the-papers-claims-at-this-scale'
+  assert github_slug('Everything in a bucket (`gs://`)') == 'everything-in-a-bucket-gs'
+  doc = tmp_path / 'docs' / 'a.md'
+  doc.parent.mkdir()
+  doc.write_text('# A\n\n[x](b.md#two) [y](missing.md) ![z](fig.png) [w](https://x.org) '
+                 '`[v](not.md)`\n')
+  (tmp_path / 'docs' / 'b.md').write_text('# One\n\n## Two\n')
+  (tmp_path / 'docs' / 'fig.png').write_bytes(b'')
+  monkeypatch.setattr(sys.modules[__name__], 'ROOT', str(tmp_path))
+  assert relative_links('docs/a.md') == [('docs/b.md', 'two'), ('docs/missing.md', ''),
+                                         ('docs/fig.png', '')]

@@ -60,6 +60,6 @@ def test_bad_options_name_the_problem(options, words):
 def test_readme_recipes_table_is_current():
   rows = [recipes.compute(r, 0.40) for r in recipes.RECIPES]
   table = recipes.markdown_table(rows, 0.40).split('\n\n')[0]
-  readme = open(recipes.RECIPE_FILE.replace('configs/imagenet256.py', 'README.md')).read()
-  assert table in readme, ('README.md recipes table is out of date; paste the output of '
+  readme = open(recipes.RECIPE_FILE.replace('configs/imagenet256.py', 'docs/reproducing.md')).read()
+  assert table in readme, ('docs/reproducing.md recipes table is out of date; paste the output of '
                            '`python -m heptapod_jax.tools.recipes --markdown`:\n' + table)

@@ -6,8 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from heptapod_jax import config_lib, sample, sampling, train
-from heptapod_jax.image_sampler import ImageSampler
+from heptapod_jax import config_lib
+from heptapod_jax.sampling import decode as sampling
+from heptapod_jax.sampling import sample_mode as sample
+from heptapod_jax.sampling.image_sampler import ImageSampler
+from heptapod_jax.training import train
 
 from test_model import setup_model
 from test_train import tiny_config

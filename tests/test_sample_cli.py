@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from heptapod_jax import checkpoint_read
-from heptapod_jax import config_lib, images, runs, sample, sampling
-from heptapod_jax import train
+from heptapod_jax import config_lib, images, sample
 from heptapod_jax.models.heptapod import Heptapod, init_params
 from heptapod_jax.models.tokenizers import decode_tokens
-from heptapod_jax.tokenizer_checkpoint import make_tokenizer
+from heptapod_jax.sampling import decode as sampling
+from heptapod_jax.storage import checkpoint_read
+from heptapod_jax.storage import runs
+from heptapod_jax.storage.tokenizer_checkpoint import make_tokenizer
+from heptapod_jax.training import train
 
 from test_train import tiny_config
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from heptapod_jax import sampling
+from heptapod_jax.sampling import decode as sampling
 
 from test_model import N, setup_model
 

@@ -201,10 +201,10 @@ def test_imagenet2012_by_name_is_the_manual_download_source(tmp_path):
 
 
 def test_pre_tokenized_codes_of_another_tfds_data_set_are_refused(tmp_path):
-  from heptapod_jax.data import tokenized
+  from heptapod_jax.data import codes_format
   metadata = {'source': 'tfds:cifar10', 'split': 'train', 'image_size': 32, 'augment': 'none',
-              'payload': 'codes', 'format_version': tokenized.FORMAT_VERSION}
-  tokenized.check_data_config(metadata, _config('cifar10', image_size=32), str(tmp_path))
+              'payload': 'codes', 'format_version': codes_format.FORMAT_VERSION}
+  codes_format.check_data_config(metadata, _config('cifar10', image_size=32), str(tmp_path))
   with pytest.raises(ValueError, match=r"data.source='tfds:svhn_cropped' but .* holds "
                                        r"source='tfds:cifar10'"):
-    tokenized.check_data_config(metadata, _config('svhn_cropped', image_size=32), str(tmp_path))
+    codes_format.check_data_config(metadata, _config('svhn_cropped', image_size=32), str(tmp_path))

@@ -17,13 +17,13 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from heptapod_jax.data import builtin
+from heptapod_jax.data import builtin, codes_format
 from heptapod_jax.data import input_pipeline, sources
 from heptapod_jax.data import preprocess, record_order, schema
 from heptapod_jax.data import tokenized
-from heptapod_jax import tokenizer_checkpoint as tokenizer_io
 from heptapod_jax.models.tokenizers import kl
-from heptapod_jax.tokenizer_checkpoint import make_tokenizer
+from heptapod_jax.storage import tokenizer_checkpoint as tokenizer_io
+from heptapod_jax.storage.tokenizer_checkpoint import make_tokenizer
 from heptapod_jax.tools.tokenize_dataset import tokenize_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,13 +75,13 @@ def _assert_same_shards(dir_a, dir_b):
                                               'codes-00002.npz']
   keys = ('codes', 'labels', 'source_index', 'header')
   for name in _shards(dir_a):
-    a = tokenized.load_shard(os.path.join(dir_a, name), keys)
-    b = tokenized.load_shard(os.path.join(dir_b, name), keys)
+    a = codes_format.load_shard(os.path.join(dir_a, name), keys)
+    b = codes_format.load_shard(os.path.join(dir_b, name), keys)
     for key in keys[:3]:
       np.testing.assert_array_equal(a[key], b[key], err_msg=f'{name}:{key}')
       assert a[key].dtype == b[key].dtype
     assert a['header'] == b['header']
-  assert tokenized.read_metadata(dir_a) == tokenized.read_metadata(dir_b)
+  assert codes_format.read_metadata(dir_a) == codes_format.read_metadata(dir_b)
 
 
 def _take(iterator, n):
@@ -189,7 +189,7 @@ def test_ranges_follow_the_canonical_order_across_files(tmp_path):
 
 
 def test_shards_hold_source_order_and_metadata(reference_dir, digits_dir):
-  metadata = tokenized.read_metadata(reference_dir)
+  metadata = codes_format.read_metadata(reference_dir)
   assert metadata['num_examples'] == 40 and metadata['num_shards'] == 3
   assert metadata['num_kept'] == 40 and metadata['num_skipped'] == 0
   assert metadata['variant_names'] == list(schema.VARIANT_NAMES['ten_crop'])
@@ -205,7 +205,7 @@ def test_shards_hold_source_order_and_metadata(reference_dir, digits_dir):
   labels = [ex['label'] for ex in source.as_numpy_iterator()]
   tokenizer, params = make_tokenizer(_config(digits_dir).tokenizer, 32)
   for shard in range(3):
-    data = tokenized.load_shard(tokenized.shard_path(reference_dir, shard))
+    data = codes_format.load_shard(codes_format.shard_path(reference_dir, shard))
     start, end = shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, 40)
     assert data['codes'].shape == (end - start, 10, 8, 8) and data['codes'].dtype == np.int16
     np.testing.assert_array_equal(data['source_index'], np.arange(start, end))
@@ -213,7 +213,7 @@ def test_shards_hold_source_order_and_metadata(reference_dir, digits_dir):
   # Row 3 of shard 1 is source example 19; its codes are those of its ten views.
   views = preprocess.augmented_views(tf.constant(images[19]), 32, 'ten_crop')
   want = tokenizer.encode_to_indices(params, preprocess.to_model_range(views).numpy())
-  np.testing.assert_array_equal(tokenized.load_shard(tokenized.shard_path(reference_dir, 1))
+  np.testing.assert_array_equal(codes_format.load_shard(codes_format.shard_path(reference_dir, 1))
                                 ['codes'][3], want)
 
 
@@ -221,7 +221,7 @@ def test_interrupted_tokenization_resumes_without_rewriting(digits_dir, referenc
   out = tmp_path / 'resumed'
   first = _tokenize(_config(digits_dir), out, max_shards=1)
   assert first == {'written': [0], 'skipped': [], 'metadata': None}
-  assert not (out / tokenized.METADATA_FILE).exists()
+  assert not (out / codes_format.METADATA_FILE).exists()
   # A crash mid-write leaves only a temporary file behind.
   (out / 'codes-00001.npz.tmp').write_bytes(b'partial')
   old = 1_000_000_000
@@ -269,10 +269,10 @@ def test_settings_mismatch_names_the_field(digits_dir, reference_dir, tmp_path):
   config = _config(digits_dir, tokenized_dir=reference_dir, train_split='train')
   with pytest.raises(ValueError, match=r'data\.train_split'):
     input_pipeline.create_train_iterator(config.data, global_batch_size=8, seed=0)
-  metadata = tokenized.read_metadata(reference_dir)
-  tokenized.check_tokenizer(metadata, _config(digits_dir).tokenizer)
+  metadata = codes_format.read_metadata(reference_dir)
+  codes_format.check_tokenizer(metadata, _config(digits_dir).tokenizer)
   with pytest.raises(ValueError, match=r'config\.tokenizer\.levels=8.*levels=16'):
-    tokenized.check_tokenizer(metadata, _config(digits_dir, levels=8).tokenizer)
+    codes_format.check_tokenizer(metadata, _config(digits_dir, levels=8).tokenizer)
   with pytest.raises(FileNotFoundError, match='metadata.json'):
     tokenized.open_metadata(str(out))
 
@@ -282,29 +282,29 @@ def test_codes_of_retrained_tokenizer_weights_are_refused():
   rng = np.random.default_rng(0)
   params = {'enc': {'kernel': rng.normal(size=(3, 4)).astype(np.float32)},
             'codebook': rng.normal(size=(8, 2)).astype(np.float32)}
-  fingerprint = tokenized.weights_fingerprint(params)
+  fingerprint = codes_format.weights_fingerprint(params)
   reordered = {'codebook': params['codebook'].copy(), 'enc': {'kernel': params['enc']['kernel']}}
-  assert tokenized.weights_fingerprint(reordered) == fingerprint
-  assert tokenized.weights_fingerprint(jax.device_put(params)) == fingerprint
+  assert codes_format.weights_fingerprint(reordered) == fingerprint
+  assert codes_format.weights_fingerprint(jax.device_put(params)) == fingerprint
   retrained = {**params, 'codebook': params['codebook'].copy()}
   retrained['codebook'][3, 1] = np.nextafter(retrained['codebook'][3, 1], np.float32(9))
-  assert tokenized.weights_fingerprint(retrained) != fingerprint
+  assert codes_format.weights_fingerprint(retrained) != fingerprint
   as_f16 = jax.tree.map(lambda a: a.astype(np.float16), params)
-  assert tokenized.weights_fingerprint(as_f16) != fingerprint
+  assert codes_format.weights_fingerprint(as_f16) != fingerprint
   tok = ml_collections.ConfigDict({'kind': 'vq', 'checkpoint': '/ckpt/tokenizer'})
-  header = lambda **kw: tokenized.make_header(  # noqa: E731
+  header = lambda **kw: codes_format.make_header(  # noqa: E731
       source='builtin_digits', split='train', num_examples=10, num_classes=10, image_size=32,
       variants='center', tokenizer_config=tok, grid_size=(8, 8), vocab_size=8, shard_size=10, **kw)
   metadata = header(weights_sha256=fingerprint)
   assert metadata['tokenizer']['weights_sha256'] == fingerprint
-  tokenized.check_tokenizer(metadata, tok, fingerprint)
-  tokenized.check_tokenizer(metadata, tok)  # No weights at hand: the config is checked.
+  codes_format.check_tokenizer(metadata, tok, fingerprint)
+  codes_format.check_tokenizer(metadata, tok)  # No weights at hand: the config is checked.
   with pytest.raises(ValueError, match=r"other tokenizer weights.*checkpoint='/ckpt/tokenizer'"):
-    tokenized.check_tokenizer(metadata, tok, tokenized.weights_fingerprint(retrained))
-  tokenized.check_tokenizer(header(), tok, fingerprint)  # Written before fingerprints: allowed.
+    codes_format.check_tokenizer(metadata, tok, codes_format.weights_fingerprint(retrained))
+  codes_format.check_tokenizer(header(), tok, fingerprint)  # Written before fingerprints: allowed.
   # tokenize_dataset reruns refuse to add shards of other weights to a directory.
   with pytest.raises(ValueError, match=r'tokenizer\.weights_sha256'):
-    tokenized.check_header(metadata, header(weights_sha256='0' * 64), 'DIR/metadata.json')
+    codes_format.check_header(metadata, header(weights_sha256='0' * 64), 'DIR/metadata.json')
 
 
 def test_cli(digits_dir, tmp_path):
@@ -316,10 +316,10 @@ def test_cli(digits_dir, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
-  metadata = json.loads((out / tokenized.METADATA_FILE).read_text())
+  metadata = json.loads((out / codes_format.METADATA_FILE).read_text())
   assert metadata['split'] == 'train[:12]' and metadata['num_shards'] == 2
   assert metadata['variant_names'] == ['center'] and metadata['augment'] == 'none'
-  assert tokenized.load_shard(str(out / 'codes-00001.npz'))['codes'].shape == (4, 1, 8, 8)
+  assert codes_format.load_shard(str(out / 'codes-00001.npz'))['codes'].shape == (4, 1, 8, 8)
   # The terminal (a pipe here): plain progress lines and the result, no records or notices;
   # the records are in <out>/log.txt.
   lines = result.stdout.strip().splitlines()
@@ -402,8 +402,8 @@ def test_reader_skips_unreadable_images_like_the_image_pipeline(tmp_path):
   out = tmp_path / 'tokens'
   result = _tokenize(config, out, variants='flip', shard_size=3)
   assert result['metadata']['num_examples'] == 8 and result['metadata']['num_skipped'] == 2
-  kept = np.concatenate([tokenized.load_shard(tokenized.shard_path(str(out), s))['source_index']
-                         for s in range(3)])
+  kept = np.concatenate([codes_format.load_shard(codes_format.shard_path(str(out), s))
+                         ['source_index'] for s in range(3)])
   assert len(kept) == 6
 
   tokenizer, params = make_tokenizer(config.tokenizer, 8)
@@ -470,7 +470,7 @@ def kl_dir(digits_dir, kl_checkpoint, tmp_path_factory):
 
 
 def test_kl_moments_are_the_encoder_posterior(kl_dir, kl_checkpoint, digits_dir):
-  metadata = tokenized.read_metadata(kl_dir)
+  metadata = codes_format.read_metadata(kl_dir)
   assert metadata['payload'] == 'moments' and metadata['dtype'] == 'float32'
   assert metadata['latent_channels'] == 4 and 'vocab_size' not in metadata
   assert metadata['grid_size'] == [8, 8] and metadata['num_kept'] == 40
@@ -479,13 +479,13 @@ def test_kl_moments_are_the_encoder_posterior(kl_dir, kl_checkpoint, digits_dir)
   tokenizer, params = make_tokenizer(config.tokenizer, 32)
   assert metadata['tokenizer'] == {'kind': 'kl', 'patch': 4, 'levels': 16,
                                    'checkpoint': kl_checkpoint, 'checkpoint_key': 'ema_params',
-                                   'weights_sha256': tokenized.weights_fingerprint(params)}
+                                   'weights_sha256': codes_format.weights_fingerprint(params)}
   moments = _kl_moments(tokenizer, params)
   source = tfds.builder('heptapod_digits', data_dir=digits_dir).as_dataset(
       split=SPLIT, shuffle_files=False)
   examples = list(source.as_numpy_iterator())
   for shard in range(3):
-    data = tokenized.load_shard(tokenized.shard_path(kl_dir, shard),
+    data = codes_format.load_shard(codes_format.shard_path(kl_dir, shard),
                                 ('moments', 'labels', 'source_index'))
     start, end = shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, 40)
     assert data['moments'].shape == (end - start, 10, 8, 8, 2, 4)
@@ -545,7 +545,7 @@ def test_kl_bfloat16_moments(digits_dir, kl_checkpoint, tmp_path):
   assert result['metadata']['dtype'] == 'bfloat16'
   with np.load(out / 'codes-00000.npz') as raw:  # Stored as bits: any numpy can read it.
     assert raw['moments'].dtype == np.uint16 and raw['moments'].shape == (16, 1, 8, 8, 2, 4)
-  assert tokenized.load_shard(str(out / 'codes-00000.npz'), ('moments',))['moments'].dtype == (
+  assert codes_format.load_shard(str(out / 'codes-00000.npz'), ('moments',))['moments'].dtype == (
       ml_dtypes.bfloat16)
 
   tokenizer, params = make_tokenizer(config.tokenizer, 32)
@@ -584,30 +584,30 @@ def test_kl_and_discrete_directories_do_not_mix(digits_dir, kl_checkpoint, kl_di
     _tokenize(kl_config, partial)
   # Training-time fields do not matter: a complete directory serves another latent_scale.
   again = _tokenize(_kl_config(digits_dir, kl_checkpoint, latent_scale=0.2325), kl_dir)
-  assert again['written'] == [] and again['metadata'] == tokenized.read_metadata(kl_dir)
+  assert again['written'] == [] and again['metadata'] == codes_format.read_metadata(kl_dir)
 
   # The trainer's check: a KL config on codes (pixel or VQ) and a VQ config on moments.
-  codes_metadata = tokenized.read_metadata(reference_dir)
+  codes_metadata = codes_format.read_metadata(reference_dir)
   vq_metadata = json.loads(json.dumps(codes_metadata))
   vq_metadata['tokenizer']['kind'] = 'vq'
   for metadata, kind in ((codes_metadata, 'pixel'), (vq_metadata, 'vq')):
     with pytest.raises(ValueError, match=rf"config\.tokenizer\.kind='kl' but the pre-tokenized "
                        rf"data was made with tokenizer\.kind='{kind}' \(payload='codes'"):
-      tokenized.check_tokenizer(metadata, kl_config.tokenizer)
-  kl_metadata = tokenized.read_metadata(kl_dir)
+      codes_format.check_tokenizer(metadata, kl_config.tokenizer)
+  kl_metadata = codes_format.read_metadata(kl_dir)
   vq_config = _config(digits_dir)
   vq_config.tokenizer.kind = 'vq'
   with pytest.raises(ValueError, match=r"config\.tokenizer\.kind='vq' but the pre-tokenized "
                      r"data was made with tokenizer\.kind='kl' \(payload='moments'"):
-    tokenized.check_tokenizer(kl_metadata, vq_config.tokenizer)
-  tokenized.check_tokenizer(kl_metadata, kl_config.tokenizer)
-  tokenized.check_tokenizer(kl_metadata, _kl_config(digits_dir, kl_checkpoint, latent_scale=1.0,
+    codes_format.check_tokenizer(kl_metadata, vq_config.tokenizer)
+  codes_format.check_tokenizer(kl_metadata, kl_config.tokenizer)
+  codes_format.check_tokenizer(kl_metadata, _kl_config(digits_dir, kl_checkpoint, latent_scale=1.0,
                                                     sample_posterior=False).tokenizer)
   other = _kl_config(digits_dir, kl_checkpoint)
   other.tokenizer.checkpoint_key = 'params'
   with pytest.raises(ValueError, match=r"config\.tokenizer\.checkpoint_key='params'.*"
                      r"checkpoint_key='ema_params'"):
-    tokenized.check_tokenizer(kl_metadata, other.tokenizer)
+    codes_format.check_tokenizer(kl_metadata, other.tokenizer)
 
 
 def test_kl_interrupted_tokenization_resumes(digits_dir, kl_checkpoint, kl_dir, tmp_path):
@@ -620,11 +620,11 @@ def test_kl_interrupted_tokenization_resumes(digits_dir, kl_checkpoint, kl_dir, 
   second = _tokenize(config, out)
   assert second['written'] == [1, 2] and second['skipped'] == [0]
   assert os.stat(out / 'codes-00000.npz').st_mtime == old
-  assert second['metadata'] == tokenized.read_metadata(kl_dir)
+  assert second['metadata'] == codes_format.read_metadata(kl_dir)
   for shard in range(3):
     keys = ('moments', 'labels', 'source_index', 'header')
-    a = tokenized.load_shard(tokenized.shard_path(str(out), shard), keys)
-    b = tokenized.load_shard(tokenized.shard_path(kl_dir, shard), keys)
+    a = codes_format.load_shard(codes_format.shard_path(str(out), shard), keys)
+    b = codes_format.load_shard(codes_format.shard_path(kl_dir, shard), keys)
     for key in keys[:3]:
       np.testing.assert_array_equal(a[key], b[key])
     assert a['header'] == b['header']

@@ -23,11 +23,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from torch_refs import llamagen_vq as ref_vq  # noqa: E402
 from torch_refs import mar_kl as ref_kl  # noqa: E402
 
-from heptapod_jax import checkpoint as ckpt_lib  # noqa: E402
 from heptapod_jax.models.tokenizers import autoencoder as ae  # noqa: E402
-from heptapod_jax import tokenizer_checkpoint as tok_io  # noqa: E402
 from heptapod_jax.models.tokenizers import kl as kl_lib  # noqa: E402
 from heptapod_jax.models.tokenizers import vq as vq_lib  # noqa: E402
+from heptapod_jax.storage import checkpoint as ckpt_lib  # noqa: E402
+from heptapod_jax.storage import tokenizer_checkpoint as tok_io  # noqa: E402
 from heptapod_jax.tools import convert_llamagen_vq, convert_mar_kl  # noqa: E402
 
 TOL = 1e-4

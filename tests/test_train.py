@@ -14,8 +14,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from heptapod_jax import config_lib, train
+from heptapod_jax import config_lib
 from heptapod_jax.data import input_pipeline
+from heptapod_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +103,7 @@ def _run_in_subprocess(config: ml_collections.ConfigDict, workdir, devices: int 
       'import os, sys, json\n'
       f'os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count={devices}"\n'
       'import ml_collections\n'
-      'from heptapod_jax import train\n'
+      'from heptapod_jax.training import train\n'
       'config = ml_collections.ConfigDict(json.loads(sys.argv[1]))\n'
       'summary = train.train_and_evaluate(config, sys.argv[2])\n'
       'print("FINAL_STEP", summary["step"])\n')
@@ -225,7 +226,7 @@ def test_nonfinite_loss_stops_with_step_and_metric(tmp_path):
 
 def test_init_from_loads_parameters_only(tmp_path):
   import flax.linen as nn
-  from heptapod_jax import checkpoint as ckpt_lib
+  from heptapod_jax.storage import checkpoint as ckpt_lib
   source = _from_json(tiny_config(tmp_path, steps=2))
   train.train_and_evaluate(source, str(tmp_path / 'src'))
   c = _from_json(tiny_config(tmp_path, steps=2))

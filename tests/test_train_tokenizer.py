@@ -6,8 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from heptapod_jax import config_lib, train, train_tokenizer
-from heptapod_jax.tokenizer_checkpoint import check_model_config, make_tokenizer
+from heptapod_jax import config_lib
+from heptapod_jax.storage.tokenizer_checkpoint import check_model_config, make_tokenizer
+from heptapod_jax.training import train, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +98,7 @@ def test_kl_tokenizer_trains(tmp_path):
   assert summary['step'] == 3
   assert np.isfinite(summary['history'][-1]['regulariser']) and summary['history'][-1]['regulariser'] > 0
   assert 'codebook_usage' not in summary['eval']
-  from heptapod_jax import tokenizer_checkpoint as io
+  from heptapod_jax.storage import tokenizer_checkpoint as io
   kind, cfg, params = io.load_tokenizer(summary['export'])
   assert kind == 'kl' and cfg.embed_dim == 4
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 import numpy as np
 from absl import logging
 
-from heptapod_jax import artifacts
+from heptapod_jax.storage import artifacts
 from heptapod_jax.storage import paths
 
 ProgressFn = Callable[[int, 'int | None'], None]

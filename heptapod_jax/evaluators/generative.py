@@ -4,7 +4,7 @@ Glue between the feature network (`config.evaluator.features`: FID-Inception
 or the project's small `feature_net`), the reference statistics
 (`config.evaluator.reference`: ADM's npz, a project reference file, or a data
 split computed once and cached) and `evaluators.metrics`. Used by sample
-mode (`heptapod_jax/sample.py`) and by the periodic evaluator in training.
+mode (`heptapod_jax/sampling/sample_mode.py`) and by the periodic evaluator in training.
 
   ev = GenerativeEvaluator(config, workdir)
   metrics = ev.evaluate(uint8_images, labels)   # fid, sfid, inception_score, precision, ...

@@ -179,11 +179,11 @@ def load_model(config: ml_collections.ConfigDict, workdir: str, *, step: int | N
   Raises:
     FileNotFoundError naming the path when the workdir holds no checkpoint.
   """
-  from heptapod_jax import checkpoint_read
   from heptapod_jax import config_lib
   from heptapod_jax.models.heptapod import init_params
+  from heptapod_jax.storage import checkpoint_read
 
-  from heptapod_jax.tokenizer_checkpoint import check_model_config
+  from heptapod_jax.storage.tokenizer_checkpoint import check_model_config
   model_config = config_lib.validate(config)
   check_model_config(config, model_config)
   workdir = paths.resolve(workdir, 'workdir')
@@ -220,8 +220,8 @@ def latest_step(workdir: str) -> int | None:
 
 def _model_diff(config: ml_collections.ConfigDict, workdir: str) -> str:
   """' (fields differing from workdir/config.json: ...)' or '' when unknown."""
-  from heptapod_jax import checkpoint as ckpt_lib
   from heptapod_jax import config_lib
+  from heptapod_jax.storage import checkpoint as ckpt_lib
   path = paths.join(workdir, 'config.json')
   try:
     stored = config_lib.to_flat_dict(paths.read_json(path).get('model', {}))
@@ -248,7 +248,7 @@ def tokenize_split(config: ml_collections.ConfigDict, split: str, *, batch_size:
   """
   from heptapod_jax.data import input_pipeline
   from heptapod_jax.models.tokenizers import batch_tokens
-  from heptapod_jax.tokenizer_checkpoint import make_tokenizer
+  from heptapod_jax.storage.tokenizer_checkpoint import make_tokenizer
 
   if tokenizer is None:
     tokenizer, tokenizer_params = make_tokenizer(config.tokenizer, config.data.image_size)

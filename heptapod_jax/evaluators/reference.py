@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from heptapod_jax import artifacts
+from heptapod_jax.storage import artifacts
 from heptapod_jax.storage import paths
 from heptapod_jax.evaluators.features import (FeatureExtractor, ProgressFn, extract_features,
                                               extract_features_resumable)

@@ -150,7 +150,7 @@ def stacked_dense(x: Array, kernels: list[Array], dtype: Dtype) -> list[Array]:
   the parameters stay separate, so checkpoints and sharding rules are unchanged. One wide
   matmul instead of n narrow ones, and in the backward pass one weight-gradient matmul over
   [..., n, F] instead of n (on the CPU, with `matmul`'s backward and the loss on token ids,
-  the B preset's train step went from MFU 0.45 to 0.63: README, Figures); on accelerators it
+  the B preset's train step went from MFU 0.45 to 0.63: docs/benchmarks.md); on accelerators it
   is the usual fused QKV / gate-up projection.
   """
   if len(kernels) == 1:  # Nothing to stack (a query of cross-attention or GQA): no copy.

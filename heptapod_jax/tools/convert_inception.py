@@ -27,8 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from heptapod_jax import artifacts
 from heptapod_jax.evaluators import inception
+from heptapod_jax.storage import artifacts
 
 SOURCE = 'pytorch-fid Inception state dict'
 

@@ -68,7 +68,7 @@ def load_torch_state_dict(path: str, key: str = 'model', allow_pickle: bool = Fa
 
 def main(argv: Sequence[str] | None = None) -> None:
   """CLI entry point."""
-  from heptapod_jax import tokenizer_checkpoint as tok_io
+  from heptapod_jax.storage import tokenizer_checkpoint as tok_io
 
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--src', required=True, help='LlamaGen .pt checkpoint (e.g. vq_ds16_c2i.pt).')

@@ -36,7 +36,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: kl_lib.KLConfig) -
 
 def main(argv: Sequence[str] | None = None) -> None:
   """CLI entry point."""
-  from heptapod_jax import tokenizer_checkpoint as tok_io
+  from heptapod_jax.storage import tokenizer_checkpoint as tok_io
 
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--src', required=True, help="MAR's kl16.ckpt.")

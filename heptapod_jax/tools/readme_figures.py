@@ -1,4 +1,4 @@
-"""The README's pictures, regenerated from a demo run and a small-ablation run.
+"""The pictures of README.md and docs/ (docs/figures/), regenerated from a demo run and a small-ablation run.
 
   python -m heptapod_jax.tools.readme_figures --demo=workdirs/demo \\
       --ablation=workdirs/ablation_small --study=workdirs/objective_study --out=docs/figures

@@ -1,7 +1,7 @@
 """The ImageNet 256 recipe family as one table, computed from the configs themselves.
 
   python -m heptapod_jax.tools.recipes                 # the table in configs/imagenet256.py
-  python -m heptapod_jax.tools.recipes --markdown      # the README's recipes table
+  python -m heptapod_jax.tools.recipes --markdown      # the recipes table of docs/reproducing.md
   python -m heptapod_jax.tools.recipes --mfu=0.5 --recipes=size=H,size=H:head=local
 
 Every row is `configs/imagenet256.py:<options>` built and validated as a run would build it.
@@ -47,7 +47,7 @@ PAPER = {'size=H': 'FID 2.70, IS 229.8'}
 _MFU = flags.DEFINE_float('mfu', 0.40, 'Assumed model FLOPs utilisation of the estimates.')
 _RECIPES = flags.DEFINE_list('recipes', list(RECIPES), 'Option strings of configs/imagenet256.py '
                              '(use ":" between options here, "," separates recipes).')
-_MARKDOWN = flags.DEFINE_bool('markdown', False, 'Print a Markdown table (the README\'s).')
+_MARKDOWN = flags.DEFINE_bool('markdown', False, 'Print a Markdown table (the one in docs/reproducing.md).')
 
 
 def load_recipe(options: str, path: str = RECIPE_FILE) -> Any:
@@ -108,7 +108,7 @@ def text_table(rows: Sequence[Row], mfu: float) -> str:
 
 
 def markdown_table(rows: Sequence[Row], mfu: float) -> str:
-  """The README's recipes table."""
+  """The recipes table of docs/reproducing.md."""
   hw = [name for name, _, _ in HARDWARE]
   head = ('| `python -m heptapod_jax.main --workdir=RUN --config=configs/imagenet256.py:`... '
           '| params | tokens | head | TFLOP/img | steps (800 ep) | '

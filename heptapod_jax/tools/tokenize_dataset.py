@@ -8,7 +8,7 @@
 which tokenizer (`make_tokenizer(config.tokenizer, config.data.image_size)`).
 Train on the result with `--config.data.tokenized_dir=DIR` and the matching
 `--config.data.augment` (ten_crop <- ten_crop, flip <- flip, none <- center);
-the format is described in heptapod_jax/data/tokenized.py.
+the format is described in heptapod_jax/data/codes_format.py.
 
 * Views: those of `preprocess.augmented_views` for the augment the variants
   stand for, exactly the images the on-the-fly pipeline would train on.
@@ -32,7 +32,7 @@ the format is described in heptapod_jax/data/tokenized.py.
   (`encode_to_indices`); the continuous KL tokenizer (kind 'kl') writes each
   view's posterior moments, the latent mean and std = exp(0.5 * logvar) of
   `autoencoder.encode`, unscaled (latent_scale and posterior sampling are
-  applied by the trainer), in float32 or --moments_dtype. See tokenized.py.
+  applied by the trainer), in float32 or --moments_dtype. See codes_format.py.
 """
 from __future__ import annotations
 
@@ -52,13 +52,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from heptapod_jax import artifacts, console  # noqa: E402
+from heptapod_jax import console  # noqa: E402
 from heptapod_jax.data import input_pipeline, sources  # noqa: E402
 from heptapod_jax.data import preprocess, record_order, schema  # noqa: E402
-from heptapod_jax.data import tokenized  # noqa: E402
+from heptapod_jax.data import codes_format  # noqa: E402
 from heptapod_jax.models.tokenizers import LatentTokenizer  # noqa: E402
+from heptapod_jax.storage import artifacts  # noqa: E402
 from heptapod_jax.storage import paths  # noqa: E402
-from heptapod_jax.tokenizer_checkpoint import make_tokenizer  # noqa: E402
+from heptapod_jax.storage.tokenizer_checkpoint import make_tokenizer  # noqa: E402
 
 
 def _moments_fn(autoencoder: Any) -> Any:
@@ -145,17 +146,17 @@ def _encode_shard(source: sources.Source, split: str, start: int, end: int, *,
 def _keep_existing_shard(path: str, header: dict[str, Any]) -> bool:
   """Whether a shard written before is kept: True when it reads back whole with this run's header.
 
-  A damaged shard (truncated, a checksum mismatch: `tokenized.check_shard`) returns False
+  A damaged shard (truncated, a checksum mismatch: `codes_format.check_shard`) returns False
   after a warning naming it and the damage: it is moved aside to `<path>.bad-<UTC time>`, kept
   for inspection, and the caller encodes it again (a rerun is how a directory is repaired).
   A whole shard written with other settings is not damaged, and mixing it in is never right:
   ValueError naming the field, as before.
   """
   try:
-    found = tokenized.check_shard(path)
+    found = codes_format.check_shard(path)
   except artifacts.DamagedFileError as damage:
     try:
-      aside = tokenized.move_shard_aside(path)
+      aside = codes_format.move_shard_aside(path)
     except (OSError, tf.errors.OpError) as e:
       raise OSError(f'{damage}; could not move it aside ({e}): move it away by hand and rerun'
                     ) from e
@@ -163,7 +164,7 @@ def _keep_existing_shard(path: str, header: dict[str, Any]) -> bool:
                     'needed) and encoding the shard again', damage, aside)
     return False
   # A shard from a run with other settings must not be mixed into this one.
-  tokenized.check_header(found, header, path)
+  codes_format.check_header(found, header, path)
   return True
 
 
@@ -171,21 +172,21 @@ def _finalize(out_dir: str, header: dict[str, Any]) -> dict[str, Any] | None:
   """Writes (or checks) metadata.json once every shard exists; None while some are missing."""
   num_shards = header['num_shards']
   missing = [s for s in range(num_shards)
-             if not paths.exists(tokenized.shard_path(out_dir, s))]
+             if not paths.exists(codes_format.shard_path(out_dir, s))]
   if missing:
     logging.info('%s: %d of %d shards still missing (e.g. %s); metadata.json is written when '
                  'all are there', out_dir, len(missing), num_shards, missing[:5])
     return None
-  num_kept = sum(len(tokenized.load_shard(tokenized.shard_path(out_dir, s),
-                                          ('source_index',))['source_index'])
+  num_kept = sum(len(codes_format.load_shard(codes_format.shard_path(out_dir, s),
+                                             ('source_index',))['source_index'])
                  for s in range(num_shards))
   metadata = dict(header, num_kept=num_kept, num_skipped=header['num_examples'] - num_kept)
-  path = os.path.join(out_dir, tokenized.METADATA_FILE)
-  existing = tokenized.read_metadata(out_dir)
+  path = os.path.join(out_dir, codes_format.METADATA_FILE)
+  existing = codes_format.read_metadata(out_dir)
   if existing is not None:
-    tokenized.check_header(existing, header, path)
+    codes_format.check_header(existing, header, path)
     return existing
-  tokenized.write_json_atomic(path, metadata)
+  codes_format.write_json_atomic(path, metadata)
   logging.info('wrote %s: %d examples, %d kept, %d unreadable left out', path,
                header['num_examples'], num_kept, metadata['num_skipped'])
   return metadata
@@ -226,9 +227,9 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   source = sources.resolve_source(data_config)
   num_examples = source.num_examples(split)
   tokenizer, params = make_tokenizer(config.tokenizer, data_config.image_size)
-  weights = tokenized.weights_fingerprint(params)
+  weights = codes_format.weights_fingerprint(params)
   if isinstance(tokenizer, LatentTokenizer):
-    header = tokenized.make_header(
+    header = codes_format.make_header(
         source=sources.source_id(data_config), split=split, num_examples=num_examples,
         num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
         tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
@@ -238,17 +239,17 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
     if moments_dtype is not None:
       raise ValueError(f'moments_dtype={moments_dtype!r} applies to config.tokenizer.kind="kl" '
                        f'only, not {config.tokenizer.kind!r} (its codes are integers)')
-    header = tokenized.make_header(
+    header = codes_format.make_header(
         source=sources.source_id(data_config), split=split, num_examples=num_examples,
         num_classes=source.num_classes, image_size=data_config.image_size, variants=variants,
         tokenizer_config=config.tokenizer, grid_size=tokenizer.grid_size,
         vocab_size=tokenizer.vocab_size, shard_size=shard_size, weights_sha256=weights)
   paths.makedirs(out_dir)
-  metadata_path = os.path.join(out_dir, tokenized.METADATA_FILE)
+  metadata_path = os.path.join(out_dir, codes_format.METADATA_FILE)
   my_shards = list(range(process_index, header['num_shards'], process_count))
-  existing = tokenized.read_metadata(out_dir)
+  existing = codes_format.read_metadata(out_dir)
   if existing is not None:
-    tokenized.check_header(existing, header, metadata_path)
+    codes_format.check_header(existing, header, metadata_path)
     logging.info('%s is complete already (%d shards); nothing to do', out_dir,
                  header['num_shards'])
     return {'written': [], 'skipped': my_shards, 'metadata': existing}
@@ -256,8 +257,8 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   # Shards written before are read through first: a damaged one is set aside and made again,
   # one of other settings stops the run before anything is encoded.
   t0 = time.time()
-  kept = [s for s in my_shards if paths.exists(tokenized.shard_path(out_dir, s))
-          and _keep_existing_shard(tokenized.shard_path(out_dir, s), header)]
+  kept = [s for s in my_shards if paths.exists(codes_format.shard_path(out_dir, s))
+          and _keep_existing_shard(codes_format.shard_path(out_dir, s), header)]
   if kept:
     logging.info('%d shards written before read back whole, %.1f s', len(kept), time.time() - t0)
   augment = header['augment']
@@ -275,7 +276,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
   bar = console.progress(total, desc='tokenize', unit='image', every=max(1, total // 10),
                          min_seconds=60)
   for shard in my_shards:
-    path = tokenized.shard_path(out_dir, shard)
+    path = codes_format.shard_path(out_dir, shard)
     if shard in kept:
       skipped.append(shard)
       continue
@@ -292,7 +293,7 @@ def tokenize_dataset(config: Any, out_dir: str, *, split: str | None = None,
                            grid_size=tuple(header['grid_size']), dtype=np.dtype(header['dtype']),
                            payload=header['payload'], latent_channels=header.get('latent_channels'),
                            progress=bar)
-    tokenized.save_shard(path, header=header, **arrays)
+    codes_format.save_shard(path, header=header, **arrays)
     written.append(shard)
     logging.info('shard %d of %d: examples [%d, %d), %d unreadable left out, %.1f s', shard,
                  header['num_shards'], start, end, (end - start) - len(arrays['labels']),
@@ -330,7 +331,7 @@ def _define_flags() -> dict[str, Any]:
           'config', None, 'Recipe file (configs/*.py[:options]).', lock_config=True),
       'out': flags.DEFINE_string('out', None, 'Output directory.', required=True),
       'split': flags.DEFINE_string('split', None, 'Split; default config.data.train_split.'),
-      'variants': flags.DEFINE_enum('variants', 'ten_crop', list(tokenized.VARIANT_SETS),
+      'variants': flags.DEFINE_enum('variants', 'ten_crop', list(codes_format.VARIANT_SETS),
                                     'Views: ten_crop (augment=ten_crop), flip, center (none).'),
       'shard_size': flags.DEFINE_integer('shard_size', 10_000, 'Examples per shard.'),
       'batch_size': flags.DEFINE_integer('batch_size', 256,
@@ -338,7 +339,7 @@ def _define_flags() -> dict[str, Any]:
       'max_shards': flags.DEFINE_integer('max_shards', None,
                                          'Stop after this many new shards (rerun to continue).'),
       'moments_dtype': flags.DEFINE_enum(
-          'moments_dtype', None, list(tokenized.MOMENTS_DTYPES),
+          'moments_dtype', None, list(codes_format.MOMENTS_DTYPES),
           'KL tokenizer only: dtype of the stored latent mean/std (default float32).'),
       'process_index': flags.DEFINE_integer('process_index', None,
                                             'This job; default jax.process_index().'),

@@ -23,7 +23,7 @@ def main():
       if arg.startswith('--slow_commit='):
         slow = float(arg.split('=', 1)[1])
   from orbax.checkpoint._src.checkpointers import async_checkpointer
-  from heptapod_jax import trainlib
+  from heptapod_jax.training import trainlib
 
   original_save = trainlib.TolerantSaver.save
 

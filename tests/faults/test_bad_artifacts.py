@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from heptapod_jax import artifacts, generation
-from heptapod_jax.data import input_pipeline, tokenized
+from heptapod_jax.data import codes_format, input_pipeline
+from heptapod_jax.sampling import generation
+from heptapod_jax.storage import artifacts
 
 from test_tokenized import _config, _tokenize
 
@@ -165,21 +166,21 @@ def _assert_same_batches(a, b):
 def test_intact_shards_read_back_as_written(digits_dir, reference, tmp_path):
   keys = ('codes', 'labels', 'source_index', 'header')
   for shard in range(2):
-    path = tokenized.shard_path(reference, shard)
-    got = tokenized.load_shard(path, keys)
+    path = codes_format.shard_path(reference, shard)
+    got = codes_format.load_shard(path, keys)
     with np.load(path) as raw:  # What np.load reads of an intact file, bit for bit.
       for key in keys[:3]:
         assert got[key].dtype == raw[key].dtype and got[key].shape == raw[key].shape
         np.testing.assert_array_equal(got[key], raw[key])
       assert got['header'] == json.loads(str(raw['header']))
-    assert tokenized.check_shard(path) == got['header']
+    assert codes_format.check_shard(path) == got['header']
   # A rerun over a partial directory keeps the intact shard and sets nothing aside.
   out = str(tmp_path / 'partial')
   _tokenize_tiny(_cfg(digits_dir), out, max_shards=1)
-  before = open(tokenized.shard_path(out, 0), 'rb').read()
+  before = open(codes_format.shard_path(out, 0), 'rb').read()
   again = _tokenize_tiny(_cfg(digits_dir), out)
   assert again['written'] == [1] and again['skipped'] == [0]
-  assert open(tokenized.shard_path(out, 0), 'rb').read() == before
+  assert open(codes_format.shard_path(out, 0), 'rb').read() == before
   assert sorted(os.listdir(out)) == ['codes-00000.npz', 'codes-00001.npz', 'metadata.json']
   _assert_same_batches(_batches(_reader(digits_dir, out)), _batches(_reader(digits_dir, reference)))
 
@@ -203,11 +204,11 @@ _SHARD_DAMAGE = {
 def test_training_refuses_a_damaged_shard_and_the_advice_repairs_it(kind, digits_dir, reference,
                                                                    tmp_path):
   out = _copy(reference, tmp_path)
-  path = tokenized.shard_path(out, 1)
+  path = codes_format.shard_path(out, 1)
   damage, words = _SHARD_DAMAGE[kind]
   damage(path)
   damaged = open(path, 'rb').read()
-  metadata = os.path.join(out, tokenized.METADATA_FILE)
+  metadata = os.path.join(out, codes_format.METADATA_FILE)
   with pytest.raises(artifacts.DamagedFileError) as error:
     _reader(digits_dir, out)
   # The shard, what is wrong with it, and what to do.
@@ -223,7 +224,7 @@ def test_training_refuses_a_damaged_shard_and_the_advice_repairs_it(kind, digits
   assert again['written'] == [1] and again['skipped'] == [0]
   [aside] = _asides(path)
   assert open(aside, 'rb').read() == damaged
-  assert tokenized.read_metadata(out) == tokenized.read_metadata(reference)
+  assert codes_format.read_metadata(out) == codes_format.read_metadata(reference)
   _assert_same_batches(_batches(_reader(digits_dir, out)), _batches(_reader(digits_dir, reference)))
 
 
@@ -233,7 +234,7 @@ def test_tokenize_rerun_sets_a_damaged_shard_aside_and_encodes_it_again(kind, di
                                                                        caplog):
   out = str(tmp_path / 'partial')
   assert _tokenize_tiny(_cfg(digits_dir), out, max_shards=1)['written'] == [0]
-  path = tokenized.shard_path(out, 0)
+  path = codes_format.shard_path(out, 0)
   damage, words = _SHARD_DAMAGE[kind]
   damage(path)
   damaged = open(path, 'rb').read()
@@ -249,35 +250,35 @@ def test_tokenize_rerun_sets_a_damaged_shard_aside_and_encodes_it_again(kind, di
   assert f'moved it aside to {aside}' in record.getMessage()
   for shard in range(2):  # The shard made again is the clean run's.
     keys = ('codes', 'labels', 'source_index', 'header')
-    got = tokenized.load_shard(tokenized.shard_path(out, shard), keys)
-    want = tokenized.load_shard(tokenized.shard_path(reference, shard), keys)
+    got = codes_format.load_shard(codes_format.shard_path(out, shard), keys)
+    want = codes_format.load_shard(codes_format.shard_path(reference, shard), keys)
     for key in keys[:3]:
       np.testing.assert_array_equal(got[key], want[key])
     assert got['header'] == want['header']
-  assert result['metadata'] == tokenized.read_metadata(reference)
+  assert result['metadata'] == codes_format.read_metadata(reference)
 
 
 def test_a_flipped_shape_bit_is_silent_in_np_load_but_refused_here(reference, tmp_path):
   """Why every member is read to its end: np.load stops where the .npy header says."""
   out = _copy(reference, tmp_path)
-  path = tokenized.shard_path(out, 0)
+  path = codes_format.shard_path(out, 0)
   _flip_shape_bit(path, 'codes.npy')
   with np.load(path) as raw:
     assert raw['codes'].shape == (0, 10, 8, 8)  # No error: the CRC was never checked.
   with pytest.raises(artifacts.DamagedFileError,
                      match=re.escape(path) + r': checksum mismatch in member codes\.npy'):
-    tokenized.load_shard(path, ('codes',))
+    codes_format.load_shard(path, ('codes',))
   with pytest.raises(artifacts.DamagedFileError, match=r'checksum mismatch in member codes\.npy'):
-    tokenized.check_shard(path)
+    codes_format.check_shard(path)
   # The members not asked for are not read: a header check alone stays cheap.
-  assert tokenized.load_shard(path, ('header',))['header']['shard_size'] == SHARD_SIZE
+  assert codes_format.load_shard(path, ('header',))['header']['shard_size'] == SHARD_SIZE
 
 
 def test_a_foreign_shard_is_refused_naming_the_field(digits_dir, reference, foreign, tmp_path):
   out = _copy(reference, tmp_path)
-  path = tokenized.shard_path(out, 1)
-  shutil.copyfile(tokenized.shard_path(foreign, 1), path)  # Same shapes, other tokenizer.
-  metadata = os.path.join(out, tokenized.METADATA_FILE)
+  path = codes_format.shard_path(out, 1)
+  shutil.copyfile(codes_format.shard_path(foreign, 1), path)  # Same shapes, other tokenizer.
+  metadata = os.path.join(out, codes_format.METADATA_FILE)
   with pytest.raises(ValueError, match=re.escape(f'{path} was written with tokenizer.levels=8 '
                                                  f'but {metadata} says tokenizer.levels=16')):
     _reader(digits_dir, out)
@@ -290,7 +291,7 @@ def test_a_foreign_shard_is_refused_naming_the_field(digits_dir, reference, fore
 
 
 def _edit_metadata(directory, edit):
-  path = os.path.join(directory, tokenized.METADATA_FILE)
+  path = os.path.join(directory, codes_format.METADATA_FILE)
   with open(path) as f:
     metadata = json.load(f)
   edit(metadata)
@@ -312,7 +313,7 @@ def test_metadata_of_another_configuration_is_refused(digits_dir, reference, tmp
   out = _copy(reference, tmp_path / 'levels')
   path = _edit_metadata(out, lambda m: m['tokenizer'].update(levels=8))
   # The shards' own headers disagree with it: none is read as another tokenizer's codes.
-  shard = tokenized.shard_path(out, 0)
+  shard = codes_format.shard_path(out, 0)
   with pytest.raises(ValueError, match=re.escape(f'{shard} was written with tokenizer.levels=16 '
                                                  f'but {path} says tokenizer.levels=8')):
     _reader(digits_dir, out)
@@ -327,7 +328,7 @@ def test_metadata_of_another_configuration_is_refused(digits_dir, reference, tmp
 def test_metadata_that_is_not_a_json_object_is_refused(text, words, digits_dir, reference,
                                                        tmp_path):
   out = _copy(reference, tmp_path)
-  path = os.path.join(out, tokenized.METADATA_FILE)
+  path = os.path.join(out, codes_format.METADATA_FILE)
   with open(path, 'w') as f:
     f.write(text)
   match = re.escape(f'{path} {words}') + '.*' + re.escape(f'delete it and rerun tokenize_dataset '

@@ -269,7 +269,7 @@ def test_training_logs_the_per_reason_counts(bad_folder, tmp_path):
   import glob
   import os
   import _harness as h
-  from heptapod_jax import train
+  from heptapod_jax.training import train
   root, kinds, _, _, _ = bad_folder
   c = h.config(2, str(tmp_path / "unused"), **{
       "data.source": "image_folder", "data.folder": str(root), "data.image_size": SIZE,

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint as ckpt_lib
 
 from _multiprocess import multiprocess_env
 
@@ -273,7 +273,7 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=proc
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint as ckpt_lib
 
 mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
 sharding = NamedSharding(mesh, P("x"))

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import train
+from heptapod_jax.storage import checkpoint as ckpt_lib
+from heptapod_jax.training import train
 
 import _harness as h
 

@@ -51,7 +51,7 @@ def fill(path) -> int:
 
 @pytest.mark.slow
 def test_a_full_disk_loses_no_checkpoint_and_the_rerun_resumes(tmp_path, digits_dir):
-  from heptapod_jax import train
+  from heptapod_jax.training import train
   reference = tmp_path / 'reference'
   train.train_and_evaluate(h.config(STEPS, digits_dir), str(reference))
 
@@ -96,7 +96,8 @@ def _read(npz):
 
 @pytest.mark.slow
 def test_sample_chunks_on_a_full_disk_name_the_chunk_and_the_rerun_completes(tmp_path, digits_dir):
-  from heptapod_jax import sample, train
+  from heptapod_jax.sampling import sample_mode as sample
+  from heptapod_jax.training import train
   run = str(tmp_path / 'run')
   c = h.config(4, digits_dir)
   train.train_and_evaluate(c, run)
@@ -127,7 +128,7 @@ def test_sample_chunks_on_a_full_disk_name_the_chunk_and_the_rerun_completes(tmp
 @pytest.mark.slow
 def test_shards_on_a_full_disk_name_the_shard_and_the_rerun_completes(tmp_path, digits_dir):
   import ml_collections
-  from heptapod_jax.data import schema, tokenized
+  from heptapod_jax.data import codes_format, schema
   from heptapod_jax.tools.tokenize_dataset import tokenize_dataset
   data = schema.default_data_config()
   data.data_dir, data.train_split = digits_dir, 'train[:160]'
@@ -146,7 +147,7 @@ def test_shards_on_a_full_disk_name_the_shard_and_the_rerun_completes(tmp_path, 
     shards = sorted(p for p in os.listdir(out) if p.startswith('codes-'))
     assert shards and all(p.endswith('.npz') for p in shards), shards  # No .tmp left behind.
     for name in shards:
-      tokenized.check_shard(str(out / name))
+      codes_format.check_shard(str(out / name))
     os.remove(disk / 'filler')
     tokenize_dataset(config, str(out), **kwargs)
     names = sorted(p for p in os.listdir(tmp_path / 'reference') if p.startswith('codes-'))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from heptapod_jax import train
+from heptapod_jax.training import train
 
 import _harness as h
 

@@ -12,9 +12,11 @@ import optax
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import checkpoint_read
-from heptapod_jax import runs, sharding, train
+from heptapod_jax import sharding
+from heptapod_jax.storage import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint_read
+from heptapod_jax.storage import runs
+from heptapod_jax.training import train
 
 import _harness as h
 

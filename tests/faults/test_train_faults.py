@@ -9,10 +9,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import config_lib, train, trainlib
-from heptapod_jax import steps as step_lib  # The pure step: its loss is what gets poisoned.
+from heptapod_jax import config_lib
 from heptapod_jax.data import input_pipeline
+from heptapod_jax.storage import checkpoint as ckpt_lib
+from heptapod_jax.training import steps as step_lib  # The pure step: its loss is what gets poisoned.
+from heptapod_jax.training import train, trainlib
 
 import _harness as h
 

@@ -10,11 +10,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import numpy as np  # noqa: E402
 
-from heptapod_jax import artifacts, liveness  # noqa: E402
 from heptapod_jax.evaluators import generative, inception  # noqa: E402
 from heptapod_jax.evaluators import reference as reference_lib  # noqa: E402
 from heptapod_jax.models.tokenizers import lpips as lpips_lib  # noqa: E402
+from heptapod_jax.storage import artifacts  # noqa: E402
 from heptapod_jax.storage import paths  # noqa: E402
+from heptapod_jax.training import liveness  # noqa: E402
 
 
 class _MeanColour:

@@ -13,8 +13,8 @@ inside its jitted, sharded step. The kinds:
 
 This package holds the modules and pure functions only. Building the tokenizer a config
 names, with its parameters read from a tokenizer checkpoint (one trained by
-`heptapod_jax.train_tokenizer`, or LlamaGen's / MAR's weights imported by the tools), is
-`heptapod_jax.tokenizer_checkpoint.make_tokenizer`.
+`heptapod_jax.training.train_tokenizer`, or LlamaGen's / MAR's weights imported by the tools), is
+`heptapod_jax.storage.tokenizer_checkpoint.make_tokenizer`.
 """
 from __future__ import annotations
 

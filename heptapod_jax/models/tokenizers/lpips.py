@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heptapod_jax import artifacts
+from heptapod_jax.storage import artifacts
 from heptapod_jax.storage import paths
 
 Array = jax.Array

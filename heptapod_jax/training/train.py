@@ -1,6 +1,6 @@
 """The training loop: sharded state, one pure jitted step, Orbax checkpoints, clu metrics.
 
-    from heptapod_jax import train
+    from heptapod_jax.training import train
     train.train_and_evaluate(config, workdir)   # also from Colab
 
 Order of initialisation: the workdir's own checkpoint (resume, including the
@@ -21,20 +21,20 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import checkpoint_read
-from heptapod_jax import (config_lib, console, generation, image_sampler, images, optim, report,
-                          sharding, trainlib)
-# Public here too: the pure step and its state live in steps.py (no TensorFlow, no clu).
-from heptapod_jax.steps import (TrainState, abstract_train_state, eval_step,  # noqa: F401
-                                init_train_state, jit_train_step, train_state_shardings,
-                                train_step)
-from heptapod_jax.trainlib import NonFiniteError  # noqa: F401  (public API)
-from heptapod_jax.data import builtin, input_pipeline
-from heptapod_jax.data import tokenized as tokenized_lib
+from heptapod_jax import config_lib, console, images, report, sharding
+from heptapod_jax.data import builtin, codes_format, input_pipeline
 from heptapod_jax.evaluators import generative
 from heptapod_jax.models.tokenizers import decode_tokens, encode_images
+from heptapod_jax.sampling import generation, image_sampler
+from heptapod_jax.storage import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint_read
 from heptapod_jax.storage import paths
+from heptapod_jax.training import optim, trainlib
+# Public here too: the pure step and its state live in training/steps.py (no TensorFlow, no clu).
+from heptapod_jax.training.steps import (TrainState, abstract_train_state, eval_step,  # noqa: F401
+                                         init_train_state, jit_train_step, train_state_shardings,
+                                         train_step)
+from heptapod_jax.training.trainlib import NonFiniteError  # noqa: F401  (public API)
 
 Array = jax.Array
 
@@ -209,8 +209,8 @@ def _train_input(trainer: Trainer, data_state: dict | None):
     raise ValueError(f'config.model.num_classes={mcfg.num_classes} but the data '
                      f'({cfg.data.source}) has {train_iter.num_classes} classes.')
   if cfg.data.tokenized_dir:
-    tokenized_lib.check_tokenizer(train_iter.metadata, cfg.tokenizer,
-                                  tokenized_lib.weights_fingerprint(trainer.tokenizer_params))
+    codes_format.check_tokenizer(train_iter.metadata, cfg.tokenizer,
+                                 codes_format.weights_fingerprint(trainer.tokenizer_params))
     moments = getattr(train_iter, 'payload', 'codes') == 'moments'
     have = (f'{train_iter.latent_channels}-channel latents' if moments
             else f'{train_iter.vocab_size} codes')

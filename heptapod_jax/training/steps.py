@@ -2,7 +2,7 @@
 accumulation), the held-out NLL (`eval_step`), and the state's construction and shardings.
 
 Pure functions of arrays: no TensorFlow, no clu, no I/O, so benchmarks, ahead-of-time
-compilation and other training loops use them without the trainer (`train.py`), which
+compilation and other training loops use them without the trainer (`training/train.py`), which
 re-exports them.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from heptapod_jax import optim, sharding
+from heptapod_jax import sharding
 from heptapod_jax.models import layers, objective
 from heptapod_jax.models.heptapod import Heptapod, compute_loss, continuous_pair_loss, init_params
 from heptapod_jax.models.tokenizers import batch_tokens
+from heptapod_jax.training import optim
 
 Array = jax.Array
 

@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from heptapod_jax import config_lib, images, sampling, sharding
+from heptapod_jax import config_lib, images, sharding
 from heptapod_jax.models import attention, layers
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.heptapod import Heptapod, init_params
 from heptapod_jax.models.tokenizers import decode_tokens
-from heptapod_jax.tokenizer_checkpoint import check_model_config, make_tokenizer
+from heptapod_jax.sampling import decode
+from heptapod_jax.storage.tokenizer_checkpoint import check_model_config, make_tokenizer
 
 
 class ImageSampler:
@@ -61,7 +62,7 @@ class ImageSampler:
                     pad_to: int | None = None) -> np.ndarray:
     """uint8[B, S, S, 3] images for class `labels` (sharded over the data axes).
 
-    Sample i is drawn with its own key, `sampling.example_keys(seed, start_index + i)`,
+    Sample i is drawn with its own key, `decode.example_keys(seed, start_index + i)`,
     so it depends only on (seed, its global index) and not on the batch or mesh.
     The batch is padded to `pad_to` rows (and to a multiple of the data-parallel
     size) so that chunks of one run share one compiled program.
@@ -83,11 +84,11 @@ class ImageSampler:
   @functools.cached_property
   def _generate_fn(self):
     """Jitted (params, tokenizer params, labels, indices, seed) -> decoded images in [-1, 1]."""
-    scfg = sampling.SamplingConfig(**self.config.sampling.to_dict())
+    scfg = decode.SamplingConfig(**self.config.sampling.to_dict())
 
     def generate(params, tokenizer_params, labels, indices, seed):
-      keys = sampling.example_keys(seed, indices)
-      tokens = sampling.sample(self.model, params, labels, keys, scfg)
+      keys = decode.example_keys(seed, indices)
+      tokens = decode.sample(self.model, params, labels, keys, scfg)
       grid = tokens.reshape(tokens.shape[0], *self.model_config.grid_size, *tokens.shape[2:])
       return decode_tokens(self.tokenizer, tokenizer_params, grid)
 

@@ -11,9 +11,11 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from heptapod_jax import artifacts, console, liveness
-from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax import console
+from heptapod_jax.storage import artifacts
+from heptapod_jax.storage import checkpoint as ckpt_lib
 from heptapod_jax.storage import paths
+from heptapod_jax.training import liveness
 
 Array = jax.Array
 

@@ -1,6 +1,7 @@
 """Class-conditional image generation over a sampler: class-balanced and resumable in chunks
-(what sample mode, `sample.py`, and the trainer's periodic evaluation, `train.py`, both run),
-or for chosen classes (the sampling command line and the notebooks).
+(what sample mode, `sampling/sample_mode.py`, and the trainer's periodic evaluation,
+`training/train.py`, both run), or for chosen classes (the sampling command line and the
+notebooks).
 
   images, labels = generation.generate(sampler, params, num_samples=..., seed=..., chunk_size=...,
                                        out_dir=...)
@@ -28,7 +29,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from heptapod_jax import artifacts, console
+from heptapod_jax import console
+from heptapod_jax.storage import artifacts
 from heptapod_jax.storage import paths
 
 MANIFEST = 'manifest.json'

@@ -1,6 +1,6 @@
 """Tokenizer checkpoints: the format, and the configured tokenizer built from one.
 
-The format sits on top of `heptapod_jax.checkpoint`.
+The format sits on top of `heptapod_jax.storage.checkpoint`.
 
 A tokenizer checkpoint is an ordinary `Checkpointer` directory
 (`<directory>/<step>/{state, data, config}`) whose
@@ -31,13 +31,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import checkpoint_read
 from heptapod_jax.models import tokenizers
 from heptapod_jax.models.config import ModelConfig
 from heptapod_jax.models.tokenizers import autoencoder as ae
 from heptapod_jax.models.tokenizers import kl as kl_lib
 from heptapod_jax.models.tokenizers import vq as vq_lib
+from heptapod_jax.storage import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint_read
 from heptapod_jax.storage import paths
 
 KINDS = {'vq': vq_lib.VQConfig, 'kl': kl_lib.KLConfig}

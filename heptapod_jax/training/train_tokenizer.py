@@ -8,7 +8,7 @@ checkpoints with the data position (automatic resume), clu writers, the
 optimizer builder and the non-finite guard. Generator (autoencoder) and
 discriminator have separate optimizers; the GAN terms switch on at
 `loss.disc_start`. At the end the EMA and raw parameters are exported in the
-tokenizer checkpoint format (`workdir/tokenizer`, see tokenizer_checkpoint.py),
+tokenizer checkpoint format (`workdir/tokenizer`, see storage/tokenizer_checkpoint.py),
 which `config.tokenizer.checkpoint` of an AR run points to.
 """
 from __future__ import annotations
@@ -26,17 +26,18 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import config_lib, console, images, optim, sharding, trainlib
+from heptapod_jax import config_lib, console, images, sharding
 from heptapod_jax.data import input_pipeline
 from heptapod_jax.evaluators import recon as recon_metrics
 from heptapod_jax.models.tokenizers import discriminator as disc_lib
-from heptapod_jax import tokenizer_checkpoint as tok_io
 from heptapod_jax.models.tokenizers import kl as kl_lib
 from heptapod_jax.models.tokenizers import losses
 from heptapod_jax.models.tokenizers import lpips as lpips_lib
 from heptapod_jax.models.tokenizers import vq as vq_lib
+from heptapod_jax.storage import checkpoint as ckpt_lib
 from heptapod_jax.storage import paths
+from heptapod_jax.storage import tokenizer_checkpoint as tok_io
+from heptapod_jax.training import optim, trainlib
 
 Array = jax.Array
 EXPORT_DIR = 'tokenizer'

@@ -7,7 +7,7 @@
   checkpoint_steps(dir) / resolve_step(manager, ...)    the finished steps there are
 
 Only the wanted subtree is read (Orbax's partial restore), so the source run's optimizer state
-may have any structure. The layout is checkpoint.py's (items state / data / config).
+may have any structure. The layout is storage/checkpoint.py's (items state / data / config).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from etils import epath
 import orbax.checkpoint as ocp
 
-from heptapod_jax import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint as ckpt_lib
 
 PyTree = Any
 

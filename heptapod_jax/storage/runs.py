@@ -1,6 +1,7 @@
 """Trained runs on disk, loaded for sampling: find the checkpoint, rebuild the config, restore.
 
-  from heptapod_jax import generation, runs
+  from heptapod_jax.sampling import generation
+  from heptapod_jax.storage import runs
   run = runs.load_run('workdirs/demo')                          # Python API (Colab)
   images, labels = generation.sample_classes(run, classes=[3, 7], num=16, seed=0)
 
@@ -25,11 +26,12 @@ import jax
 import ml_collections
 from absl import logging
 
-from heptapod_jax import checkpoint as ckpt_lib
-from heptapod_jax import checkpoint_read
-from heptapod_jax import config_lib, sampling
-from heptapod_jax.image_sampler import ImageSampler
+from heptapod_jax import config_lib
 from heptapod_jax.models.config import ModelConfig
+from heptapod_jax.sampling import decode
+from heptapod_jax.sampling.image_sampler import ImageSampler
+from heptapod_jax.storage import checkpoint as ckpt_lib
+from heptapod_jax.storage import checkpoint_read
 from heptapod_jax.storage import paths
 
 CONFIG_JSON = 'config.json'
@@ -234,7 +236,7 @@ def load_run(checkpoint: str, *, step: int | None = None, params: str | None = N
                       ('cfg_scale', cfg_scale), ('parallel_tokens', parallel_tokens)):
     if value is not None:
       config.sampling[name] = type(config.sampling[name])(value)
-  sampling_config = sampling.SamplingConfig(**config.sampling.to_dict())
+  sampling_config = decode.SamplingConfig(**config.sampling.to_dict())
   sampling_config.validate()  # The overrides' errors before anything is restored.
   sampling_config.check_model(ModelConfig.from_dict(config.model.to_dict()))
   if params not in (None, 'ema', 'raw'):

@@ -1,14 +1,14 @@
 """Files this project wrote, read back checked: a damaged or foreign one is refused, named.
 
-Pre-tokenized shards (`data/tokenized.py`) and sample chunks (`generation.py`) are npz files:
-zip archives of .npy members, each with the CRC-32 of its bytes recorded by the writer. Python's
-zipfile checks that CRC only when a member is read to its very end, and np.load stops where the
-member's .npy header says the array ends: a flipped bit in that header (a shape of 40 read as
-00) gives a shorter array with no CRC check at all, and a member that is never asked for is
-never checked. `read_npz` reads every member it returns to its end, `check_npz` every member of
-the file, so the CRC always runs; both raise `DamagedFileError` naming the file and what is
-wrong (truncated, a checksum mismatch in member X, ...). The CRC costs one pass over the bytes
-that are read anyway; nothing is held twice in memory.
+Pre-tokenized shards (`data/codes_format.py`) and sample chunks (`sampling/generation.py`) are npz
+files: zip archives of .npy members, each with the CRC-32 of its bytes recorded by the writer.
+Python's zipfile checks that CRC only when a member is read to its very end, and np.load stops
+where the member's .npy header says the array ends: a flipped bit in that header (a shape of 40
+read as 00) gives a shorter array with no CRC check at all, and a member that is never asked for is
+never checked. `read_npz` reads every member it returns to its end, `check_npz` every member of the
+file, so the CRC always runs; both raise `DamagedFileError` naming the file and what is wrong
+(truncated, a checksum mismatch in member X, ...). The CRC costs one pass over the bytes that are
+read anyway; nothing is held twice in memory.
 
 Writes that fail (a full disk) raise `write_error(path, error)`: an OSError naming the file, the
 free space and what to do; the files written before it are complete (each is written whole
