@@ -26,6 +26,12 @@ Groups (a setting named in several groups runs once; `global` is the reference o
   tokens        KL tokens with the diffusion loss (global head) vs VQ, each at 1x and 3x steps;
   conditioning  condition=add (h_t added to every grid token), direct_next (h_t straight to the
                 next position's output), and both.
+  temperature   the heads group and global/direct, each sampled at its best temperature
+                (TEMPERATURES, picked on a split the reported FID does not use; see
+                temperature_search), SEARCH_SAMPLES samples per run;
+  kl_heads      global, local and next_token on KL tokens with the diffusion loss, at 1x and
+                LONG x steps and (local, next_token) at global's training FLOPs, each sampled at
+                its best diffusion temperature, SEARCH_SAMPLES samples per run.
 
 Per run (each seed): held-out NLL (nats/token, the exact raster-order likelihood) and next-token
 accuracy; held-out NLL by distance ahead (every step, every target the head predicts); FID,
@@ -34,8 +40,14 @@ against the train split; the linear probe on the backbone's final layer (fixed i
 picked on the test split). KL-token runs have no likelihood: their NLL columns are empty and
 their held-out diffusion MSE by distance is reported instead.
 
+A setting with temperatures (the temperature and kl_heads groups) is also sampled at each
+temperature of TEMPERATURES: the pick is the lowest FID of samples drawn with their own seed
+against the held-out split, and its reported FID, precision, recall and class accuracy are those
+of other draws at the picked temperature against the train split (temperature_search).
+
 Per setting: mean and standard deviation over seeds, printed and written to <workdir>/results.json
-(every run's numbers too), <workdir>/results.md (the tables) and <workdir>/nll_by_distance.svg.
+(every run's numbers too), <workdir>/results.md (the tables), <workdir>/nll_by_distance*.svg and
+<workdir>/fid_by_temperature_<group>.svg (FID against temperature, the pick side).
 The paper's claims (CLAIMS) are judged from the settings run in the same command: each contrast
 (held-out NLL, FID) says 'yes' only when the difference of means exceeds two pooled standard
 deviations over seeds, else 'inconclusive'; rerun without --groups once the groups are done to
@@ -67,7 +79,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_FILE = 'study_result.json'
-GROUPS = ('heads', 'density', 'window', 'visible', 'weighting', 'tokens', 'conditioning')
+GROUPS = ('heads', 'density', 'window', 'visible', 'weighting', 'tokens', 'conditioning',
+          'temperature', 'kl_heads')
 # The budget of a 1x setting (--steps). The demo's global head (1,200 steps, its cosine schedule)
 # is at held-out NLL 1.540 after 600 steps and 1.510 after 1,200: 600 steps (each run with its
 # own full schedule) is within a few percent of the flat part of the curve, where settings can
@@ -76,6 +89,15 @@ GROUPS = ('heads', 'density', 'window', 'visible', 'weighting', 'tokens', 'condi
 DEFAULT_STEPS, QUICK_STEPS = 600, 150
 DEFAULT_SAMPLES, QUICK_SAMPLES = 200, 100
 LONG = 3  # The tokens group's long runs: LONG x --steps.
+# The sampling temperatures a setting with a temperature search tries (sampling.temperature for
+# discrete tokens, model.diffusion.temperature for continuous ones), and its samples per run:
+# FID's spread over seeds at 200 samples (up to +-13) hid differences of 5-15 points.
+TEMPERATURES = (0.8, 0.9, 1.0, 1.1)
+SEARCH_SAMPLES = 1000
+# The search's samples are drawn with sample.seed + PICK_SEED_OFFSET, the reported ones with
+# sample.seed: the temperature is never picked on the draws (or the images) that are reported.
+PICK_SEED_OFFSET = 1000
+BEST_T = '/best_t'  # The name suffix of a setting sampled at its best temperature.
 DEFAULT_RECORDS = os.path.join('benchmarks', 'results', 'objective_study')
 
 Configure = Callable[[ml_collections.ConfigDict], None]
@@ -100,7 +122,11 @@ class Setting:
   """One cell of the grid: a head of configs/demo.py with some fields changed.
 
   fields: {dotted config path under config.model.head (or 'model.' / 'train.' paths): value}.
-  steps: a multiple of the study's --steps, or 'flops' = global's training FLOPs at --steps.
+  steps: a multiple of the study's --steps, or 'flops' = the training FLOPs of the global head
+  on the same tokens at --steps.
+  temperatures: when given, each run is also sampled at each of these temperatures and its
+  reported samples are drawn at the best one (temperature_search).
+  num_samples: samples scored per run; 0 = the study's --num_samples.
   """
   name: str
   head: str
@@ -109,6 +135,8 @@ class Setting:
   tokenizer: str = 'vq'
   groups: tuple[str, ...] = ()
   note: str = ''
+  temperatures: tuple[float, ...] = ()
+  num_samples: int = 0
 
   def describe(self) -> str:
     parts = [f'head={self.head}'] + [f'{k}={v}' for k, v in self.fields]
@@ -116,6 +144,10 @@ class Setting:
       parts.append(f'tokens={self.tokenizer}')
     if self.steps != 1.0:
       parts.append('equal FLOPs' if self.steps == 'flops' else f'{self.steps:g}x steps')
+    if self.temperatures:
+      parts.append('best temperature of ' + '/'.join(f'{t:g}' for t in self.temperatures))
+    if self.num_samples:
+      parts.append(f'{self.num_samples} samples')
     return ', '.join(parts)
 
 
@@ -125,6 +157,9 @@ def grid(groups: Sequence[str] = GROUPS, quick: bool = False) -> list[Setting]:
   if unknown:
     raise ValueError(f'groups {unknown} are not among {list(GROUPS)}.')
   s = Setting
+  # A setting sampled at its best temperature, with SEARCH_SAMPLES samples per run.
+  t = lambda name, head, *args, **kw: s(name + BEST_T, head, *args, temperatures=TEMPERATURES,
+                                        num_samples=SEARCH_SAMPLES, **kw)
   table: dict[str, list[Setting]] = {
       'heads': [s('global', 'global', note='the demo default'), s('local', 'local'),
                 s('next_token', 'next_token'),
@@ -151,6 +186,15 @@ def grid(groups: Sequence[str] = GROUPS, quick: bool = False) -> list[Setting]:
                        s('global/direct', 'global', (('direct_next', True),)),
                        s('global/add+direct', 'global',
                          (('condition', 'add'), ('direct_next', True)))],
+      'temperature': [t('global', 'global'), t('local', 'local'), t('next_token', 'next_token'),
+                      t('local@flops', 'local', steps='flops'),
+                      t('next_token@flops', 'next_token', steps='flops'),
+                      t('global/direct', 'global', (('direct_next', True),))],
+      'kl_heads': [t(f'{head}/kl{at}', head, steps=steps, tokenizer='kl')
+                   for at, steps in (('', 1.0), (f'@{LONG}x', float(LONG)))
+                   for head in ('global', 'local', 'next_token')] + [
+                   t(f'{head}/kl@flops', head, steps='flops', tokenizer='kl')
+                   for head in ('local', 'next_token')],
   }
   if quick:  # A smoke run of the machinery: the 2D head, the 1D baseline, and direct_next.
     keep = {'heads': ('global', 'next_token'), 'conditioning': ('global/direct',)}
@@ -193,6 +237,7 @@ def run_config(setting: Setting, *, steps: int, seed: int, num_samples: int, wor
     if configure is not None:
       configure(c)
     c.train.checkpoint_every = max(c.train.num_steps // 3, 1)
+  num_samples = setting.num_samples or num_samples
   return ablation.head_config(setting.head, steps=steps, seed=seed, num_samples=num_samples,
                               feature_net_dir=os.path.join(workdir, 'feature_net'),
                               options=f'tokenizer={setting.tokenizer}', configure=edit,
@@ -295,6 +340,103 @@ def heldout_by_distance(config: ml_collections.ConfigDict, workdir: str,
   return {k: (s / c if c else float('nan')) for k, (s, c) in sums.items()}
 
 
+# --------------------------------------------------------------------------- temperature search
+# Peers sample each model at its own best setting (LlamaGen's temperature and top-k, MAR's
+# diffusion temperature); a head compared at temperature 1 may lose on FID only for that. The
+# search samples a trained run at each temperature of a small grid and picks the one of the
+# lowest FID on the pick side: samples drawn with their own seed (sample.seed +
+# PICK_SEED_OFFSET) scored against the held-out split (data.eval_split). The reported FID is
+# then measured on the other side: samples drawn with sample.seed at the picked temperature,
+# scored against the reference split the rest of the study uses (evaluator.reference_split).
+# Neither the images nor the draws of the reported number took part in the pick.
+
+CURVE_METRICS = ('fid', 'inception_score', 'precision', 'recall', 'class_accuracy')
+
+
+def temperature_field(config: ml_collections.ConfigDict) -> str:
+  """The config field a temperature search sets: the diffusion sampler's temperature for
+  continuous tokens, the categorical sampler's for discrete ones."""
+  return 'model.diffusion.temperature' if config.model.tokens == 'kl' else 'sampling.temperature'
+
+
+def pick_temperature(curve: Sequence[Mapping[str, Any]]) -> float:
+  """The temperature of the lowest FID in `curve` ([{temperature, fid, ...}]); the first of
+  equal ones. Refused when no point has a finite FID."""
+  usable = [p for p in curve if p.get('fid') is not None and math.isfinite(p['fid'])]
+  if not usable:
+    raise ValueError(f'temperature search: no finite FID among {len(curve)} temperatures.')
+  return float(min(usable, key=lambda p: p['fid'])['temperature'])
+
+
+def _sampling_variant(config: ml_collections.ConfigDict, field: str, temperature: float, *,
+                      seed: int, reference_split: str, out_dir: str
+                      ) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())
+  _set(c, field, float(temperature))
+  c.sample.seed = seed
+  c.evaluator.reference_split = reference_split
+  c.sample.out_dir = out_dir
+  return c
+
+
+def temperature_search(config: ml_collections.ConfigDict, workdir: str,
+                       temperatures: Sequence[float], *,
+                       default_metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+  """Samples the run in `workdir` at each of `temperatures` and reports it at the best one.
+
+  Pick side: config.sample.num_samples class-balanced samples per temperature, drawn with seed
+  config.sample.seed + PICK_SEED_OFFSET, scored against data.eval_split; the pick is the
+  lowest FID (pick_temperature). Report side: the same number of samples at the picked
+  temperature, drawn with config.sample.seed and scored against evaluator.reference_split.
+  default_metrics: the report side's metrics at the config's own temperature when already
+  measured (sample_mode.sample_and_evaluate(config, workdir)); reused when that temperature
+  is the pick, since they are the same samples.
+
+  Returns dict(field, temperatures, curve=[{temperature, fid, ...}] of the pick side, pick,
+  pick_split, pick_seed, report_split, report_seed, num_samples, report={metrics}).
+  Samples live in <workdir>/temperature_search/ (an interrupted search resumes from them).
+  """
+  from heptapod_jax.sampling import sample_mode
+  if not temperatures:
+    raise ValueError('temperature search: no temperatures given.')
+  field = temperature_field(config)
+  pick_split, report_split = config.data.eval_split, config.evaluator.reference_split
+  if pick_split == report_split:
+    raise ValueError(f'temperature search: data.eval_split and evaluator.reference_split are '
+                     f'both {pick_split!r}; the pick needs a split the reported FID does not use.')
+  report_seed = int(config.sample.seed)
+  pick_seed = report_seed + PICK_SEED_OFFSET
+  root = os.path.join(workdir, 'temperature_search')
+  curve = []
+  for t in temperatures:
+    variant = _sampling_variant(config, field, t, seed=pick_seed, reference_split=pick_split,
+                                out_dir=os.path.join(root, f'pick_t{t:g}'))
+    metrics = sample_mode.sample_and_evaluate(variant, workdir)['metrics']
+    curve.append(dict(temperature=float(t),
+                      **{k: float(metrics[k]) for k in CURVE_METRICS if k in metrics}))
+  pick = pick_temperature(curve)
+  own = float(_get_field(config, field))
+  if default_metrics is not None and pick == own:
+    report = {k: float(v) for k, v in default_metrics.items()}
+  else:
+    variant = _sampling_variant(config, field, pick, seed=report_seed,
+                                reference_split=report_split,
+                                out_dir=os.path.join(root, f'report_t{pick:g}'))
+    report = {k: float(v) for k, v in
+              sample_mode.sample_and_evaluate(variant, workdir)['metrics'].items()}
+  return dict(field=field, temperatures=[float(t) for t in temperatures], curve=curve, pick=pick,
+              pick_split=pick_split, pick_seed=pick_seed, report_split=report_split,
+              report_seed=report_seed, num_samples=int(config.sample.num_samples), report=report)
+
+
+def _get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  """The value of config field `dotted` (a full path, e.g. sampling.temperature)."""
+  node = config
+  for name in dotted.split('.'):
+    node = node[name]
+  return node
+
+
 def run_directory(workdir: str, setting: str, seed: int) -> str:
   """Where run `seed` of `setting` trains: <workdir>/runs/<setting>/seed<k> ('/' -> '_')."""
   return os.path.join(workdir, 'runs', setting.replace('/', '_'), f'seed{seed}')
@@ -315,10 +457,12 @@ def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdi
                       configure=configure, resolve_tokenizer=False)
   depth = config.model.backbone.depth
   settings = dict(setting=setting.name, head=setting.head, fields=[list(f) for f in setting.fields],
-                  tokenizer=setting.tokenizer, steps=steps, seed=seed, num_samples=num_samples,
-                  batch=config.train.global_batch_size,
+                  tokenizer=setting.tokenizer, steps=steps, seed=seed,
+                  num_samples=config.sample.num_samples, batch=config.train.global_batch_size,
                   train_flops_per_image=ablation.train_flops(config),
                   probe_layers=[str(depth)], probe_steps=probe_steps)
+  if setting.temperatures:  # Only then: the records made before searches existed still match.
+    settings['temperatures'] = list(setting.temperatures)
   record = read_record(record_dir, setting.name, seed, settings) if record_dir else None
   if os.path.exists(result_path):
     ablation._check_settings(run_dir, settings)  # Refuses a changed setting.
@@ -336,6 +480,19 @@ def run_one(setting: Setting, seed: int, *, steps: int, num_samples: int, workdi
     t0 = time.time()
     result['heldout_by_distance'] = heldout_by_distance(config, run_dir)
     result['heldout_seconds'] = time.time() - t0
+    if setting.temperatures:
+      t0 = time.time()
+      search = temperature_search(config, run_dir, setting.temperatures,
+                                  default_metrics=result['generative'])
+      result['search_seconds'] = time.time() - t0
+      # The tables report the samples at the picked temperature; those at the config's own
+      # temperature stay in the record.
+      result['generative_default'] = result['generative']
+      result['generative'] = search.pop('report')
+      result['temperature_search'] = search
+      log(f'[{label}] best temperature {search["pick"]:g} (FID on the {search["pick_split"]} '
+          f'split: ' + ', '.join(f'{p["temperature"]:g}: {p["fid"]:.2f}' for p in search['curve'])
+          + f'); reported FID {result["generative"]["fid"]:.2f}')
     result['setting'] = setting.name
     result['seed'] = seed
     result['provenance'] = made
@@ -487,11 +644,13 @@ def format_status(rows: Sequence[Mapping[str, Any]], describe: Mapping[str, str]
 METRICS = (
     ('nll', 'NLL', '.3f', ('eval', 'nll')),
     ('accuracy', 'acc', '.3f', ('eval', 'accuracy')),
+    ('mse', 'MSE', '.4f', ('eval', 'mse')),  # Continuous tokens: held-out diffusion loss.
     ('nll_ahead_1', 'NLL d=1', '.3f', ('heldout_by_distance', 'nll_ahead_1')),
     ('nll_ahead_2_4', 'NLL d=2-4', '.3f', ('heldout_by_distance', 'nll_ahead_2_4')),
     ('nll_ahead_5_16', 'NLL d=5-16', '.3f', ('heldout_by_distance', 'nll_ahead_5_16')),
     ('nll_ahead_17_plus', 'NLL d=17+', '.3f', ('heldout_by_distance', 'nll_ahead_17_plus')),
     ('mse_ahead_1', 'MSE d=1', '.4f', ('heldout_by_distance', 'mse_ahead_1')),
+    ('temperature', 'T*', '.2f', ('temperature_search', 'pick')),  # The FID's temperature.
     ('fid', 'FID', '.2f', ('generative', 'fid')),
     ('precision', 'prec', '.3f', ('generative', 'precision')),
     ('recall', 'recall', '.3f', ('generative', 'recall')),
@@ -568,6 +727,19 @@ CLAIMS = (
      [('global', 'global/kl', 'fid')], 'all'),
     ('KL tokens win late',
      [(f'global/kl@{LONG}x', f'global@{LONG}x', 'fid')], 'all'),
+    ('on KL tokens the global head beats next_token (diffusion loss; FID at the best temperature)',
+     [(f'global/kl{BEST_T}', f'next_token/kl{BEST_T}', 'mse'),
+      (f'global/kl{BEST_T}', f'next_token/kl{BEST_T}', 'fid'),
+      (f'global/kl@{LONG}x{BEST_T}', f'next_token/kl@{LONG}x{BEST_T}', 'mse'),
+      (f'global/kl@{LONG}x{BEST_T}', f'next_token/kl@{LONG}x{BEST_T}', 'fid'),
+      (f'global/kl{BEST_T}', f'next_token/kl@flops{BEST_T}', 'mse'),
+      (f'global/kl{BEST_T}', f'next_token/kl@flops{BEST_T}', 'fid')], 'all'),
+    ('at the best temperature the global head beats next_token on VQ tokens (FID)',
+     [(f'global{BEST_T}', f'next_token{BEST_T}', 'fid'),
+      (f'global{BEST_T}', f'next_token@flops{BEST_T}', 'fid')], 'all'),
+    ("at the best temperature direct_next's NLL gain is also an FID gain",
+     [(f'global/direct{BEST_T}', f'global{BEST_T}', 'nll'),
+      (f'global/direct{BEST_T}', f'global{BEST_T}', 'fid')], 'all'),
 )
 
 
@@ -586,7 +758,7 @@ def compare(summary: Mapping[str, Any], better: str, worse: str, metric: str
     return dict(out, verdict='not run')
   if a['std'] is None or b['std'] is None:
     return dict(out, verdict='inconclusive')  # One seed: no spread to judge by.
-  lower_is_better = metric in ('nll', 'fid') or metric.startswith(('nll_', 'mse_'))
+  lower_is_better = metric in ('nll', 'mse', 'fid') or metric.startswith(('nll_', 'mse_'))
   diff = (b['mean'] - a['mean']) if lower_is_better else (a['mean'] - b['mean'])
   spread = math.sqrt((a['std'] ** 2 + b['std'] ** 2) / 2)
   verdict = ('yes' if diff > 2 * spread else 'no' if -diff > 2 * spread else 'inconclusive')
@@ -666,19 +838,21 @@ def select(settings: Sequence[Setting], names: Sequence[str] | None) -> list[Set
 
 def plan(settings: Sequence[Setting], steps: int, *, seed: int, num_samples: int, workdir: str,
          configure: Configure | None = None) -> dict[str, int]:
-  """Training steps of each setting: steps x its multiple, or global's FLOPs at `steps`."""
+  """Training steps of each setting: steps x its multiple, or the FLOPs of the global head
+  on the same tokens at `steps`."""
   out = {}
-  reference = None
+  reference: dict[str, float] = {}
   for s in settings:
     if s.steps == 'flops':
-      if reference is None:
-        reference = ablation.train_flops(run_config(
-            Setting('global', 'global'), steps=1, seed=seed, num_samples=num_samples,
-            workdir=workdir, configure=configure, resolve_tokenizer=False))
+      if s.tokenizer not in reference:
+        reference[s.tokenizer] = ablation.train_flops(run_config(
+            Setting('global', 'global', tokenizer=s.tokenizer), steps=1, seed=seed,
+            num_samples=num_samples, workdir=workdir, configure=configure,
+            resolve_tokenizer=False))
       own = ablation.train_flops(run_config(s, steps=1, seed=seed, num_samples=num_samples,
                                             workdir=workdir, configure=configure,
                                             resolve_tokenizer=False))
-      out[s.name] = max(1, round(steps * reference / own))
+      out[s.name] = max(1, round(steps * reference[s.tokenizer] / own))
     else:
       out[s.name] = max(1, round(steps * float(s.steps)))
   return out
@@ -747,7 +921,7 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
   ablation._write_json(os.path.join(workdir, 'results.json'), out)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(table)
-  for name, svg in distance_plots(settings, runs).items():
+  for name, svg in {**distance_plots(settings, runs), **temperature_plots(settings, runs)}.items():
     with open(os.path.join(workdir, name), 'w') as f:
       f.write(svg)
   return out
@@ -756,7 +930,7 @@ def run_study(settings: Sequence[Setting], *, seeds: Sequence[int] = (0, 1, 2), 
 def after_training_seconds(result: Mapping[str, Any]) -> float:
   """A run's seconds after training: sampling and scoring, the probe, the held-out pass."""
   return sum(result.get(k) or 0.0 for k in ('sample_seconds', 'probe_seconds',
-                                            'heldout_seconds'))
+                                            'heldout_seconds', 'search_seconds'))
 
 
 def _duration(seconds: float) -> str:
@@ -810,6 +984,41 @@ def distance_plots(settings: Sequence[Setting], runs: Mapping[str, Sequence[Mapp
                         f'(mean over {max(len(runs[s.name]) for s in members)} seeds)')
     if svg:
       out[f'nll_by_distance_{group}.svg'] = svg
+  return out
+
+
+def temperature_curves(settings: Sequence[Setting], runs: Mapping[str, Sequence[Mapping]]
+                       ) -> dict[str, list[tuple[float, float]]]:
+  """{setting: [(temperature, FID of the pick side, mean over the seeds searched)]} of the
+  settings whose runs have a temperature search."""
+  out = {}
+  for s in settings:
+    by_t: dict[float, list[float]] = {}
+    for r in runs.get(s.name, ()):
+      for point in (r.get('temperature_search') or {}).get('curve', ()):
+        if point.get('fid') is not None and math.isfinite(point['fid']):
+          by_t.setdefault(float(point['temperature']), []).append(float(point['fid']))
+    if by_t:
+      out[s.name] = [(t, float(np.mean(v))) for t, v in sorted(by_t.items())]
+  return out
+
+
+def temperature_plots(settings: Sequence[Setting], runs: Mapping[str, Sequence[Mapping]]
+                      ) -> dict[str, str]:
+  """{file name: SVG}: FID against the sampling temperature (the search's pick side, mean over
+  seeds), one line per setting, one plot per group with searched settings:
+  fid_by_temperature_<group>.svg."""
+  from heptapod_jax import report
+  out = {}
+  for group in GROUPS:
+    members = [s for s in settings if group in s.groups]
+    curves = temperature_curves(members, runs)
+    if not curves:
+      continue
+    seeds = max(len(runs[name]) for name in curves)
+    out[f'fid_by_temperature_{group}.svg'] = report.svg_line_plot(
+        curves, title=f'FID by sampling temperature: {group} (held-out split, mean over '
+        f'{seeds} seeds)', xlabel='temperature', ylabel='FID', markers=True)
   return out
 
 
@@ -946,14 +1155,16 @@ def main(argv: Sequence[str]) -> None:
         f'setting, batch 32, {num_samples} samples per run; {(time.time() - t0) / 60:.1f} min.\n'
         'mean ± standard deviation over seeds. NLL / acc: held-out nats per token / next-token '
         'accuracy (raster order, what sampling uses); NLL d=k: held-out NLL of the targets k '
-        'ahead; FID..cls acc: samples in the feature-net space vs the train split; probe: linear '
+        'ahead; MSE: held-out diffusion loss (continuous tokens); T*: the temperature picked on the '
+        'held-out split; FID..cls acc: samples in the feature-net space vs the train split; '
+        'probe: linear '
         'probe top-1 on the final backbone layer.\n', flush=True)
   print(out['table'], flush=True)
   print(format_run_seconds(out['run_seconds']) + '\n', flush=True)
   if cache:
     print(tally.line(cache) + '\n', flush=True)
   print(f'Results: {os.path.join(os.path.abspath(workdir), "results.json")} (and results.md, '
-        'nll_by_distance.svg)', flush=True)
+        'nll_by_distance*.svg, fid_by_temperature_*.svg)', flush=True)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 # The tiny model and data of the small ablation (the study runs through its run_head).
@@ -347,3 +348,100 @@ print('HITS', len(hits))
   off, third, hits = run('', tmp_path / 'off')
   assert (off, third, hits) == ('', first, 0)
   assert not os.path.exists(tmp_path / 'off')
+
+
+def test_the_temperature_pick_is_the_argmin_of_the_curve():
+  study = _load_script()
+  curve = [dict(temperature=0.8, fid=12.0), dict(temperature=0.9, fid=9.5),
+           dict(temperature=1.0, fid=float('nan')), dict(temperature=1.1, fid=9.5)]
+  assert study.pick_temperature(curve) == 0.9  # The lowest finite FID; the first of equals.
+  assert study.pick_temperature([dict(temperature=1.1, fid=3.0)] + curve) == 1.1
+  with pytest.raises(ValueError, match='no finite FID'):
+    study.pick_temperature([dict(temperature=1.0, fid=float('nan')), dict(temperature=0.9)])
+
+
+def test_searched_groups_sample_at_their_best_temperature_and_kl_flops_follow_kl_global():
+  study = _load_script()
+  settings = study.grid(['temperature', 'kl_heads'])
+  assert all(s.temperatures == study.TEMPERATURES == (0.8, 0.9, 1.0, 1.1) for s in settings)
+  assert all(s.num_samples >= 1000 and s.name.endswith('/best_t') for s in settings)
+  kl = [s for s in settings if 'kl_heads' in s.groups]
+  assert {s.head for s in kl} == {'global', 'local', 'next_token'}
+  assert all(s.tokenizer == 'kl' for s in kl)
+  assert sorted(str(s.steps) for s in kl if s.head == 'next_token') == ['1.0', '3.0', 'flops']
+  # Equal FLOPs on KL tokens: the KL global head's FLOPs (its diffusion MLP included).
+  steps_of = study.plan(settings, 600, seed=0, num_samples=10, workdir='unused')
+  flops = lambda s: study.ablation.train_flops(study.run_config(
+      s, steps=1, seed=0, num_samples=10, workdir='unused', resolve_tokenizer=False))
+  by_name = {s.name: s for s in settings}
+  for name, reference in (('next_token/kl@flops/best_t', study.Setting('g', 'global', tokenizer='kl')),
+                          ('local@flops/best_t', study.Setting('g', 'global'))):
+    assert steps_of[name] == round(600 * flops(reference) / flops(by_name[name]))
+  assert flops(study.Setting('g', 'global', tokenizer='kl')) != flops(study.Setting('g', 'global'))
+  # The search's samples count, as the records' settings say.
+  config = study.run_config(by_name['global/kl/best_t'], steps=1, seed=0, num_samples=10,
+                            workdir='unused', resolve_tokenizer=False)
+  assert config.sample.num_samples == 1000
+  assert study.temperature_field(config) == 'model.diffusion.temperature'
+  config = study.run_config(by_name['global/best_t'], steps=1, seed=0, num_samples=10,
+                            workdir='unused', resolve_tokenizer=False)
+  assert study.temperature_field(config) == 'sampling.temperature'
+
+
+def test_temperature_search_picks_on_one_split_and_reports_on_the_other(tmp_path):
+  """A tiny searched run: the curve is measured on the held-out split with its own draws, the
+  pick is its argmin, and the reported metrics equal a fresh sampling of the checkpoint at the
+  picked temperature against the train split with the run's own seed; records round-trip."""
+  from heptapod_jax.sampling import sample_mode
+  study = _load_script()
+  configure = _tiny(str(tmp_path / 'tfds'))
+  setting = study.Setting('global/best_t', 'global', tokenizer='pixel', groups=('temperature',),
+                          temperatures=(0.25, 1.0), num_samples=20)
+  workdir, records = str(tmp_path / 'w'), str(tmp_path / 'records')
+  kwargs = dict(seeds=(0,), steps=3, num_samples=10, probe_steps=10, configure=configure)
+  lines = []
+  out = study.run_study([setting], workdir=workdir, log=lines.append, record_dir=records,
+                        **kwargs)
+  run = out['runs']['global/best_t'][0]
+  search = run['temperature_search']
+  assert [p['temperature'] for p in search['curve']] == [0.25, 1.0]
+  fids = [p['fid'] for p in search['curve']]
+  assert fids[0] != fids[1]
+  assert search['pick'] == [0.25, 1.0][int(np.argmin(fids))]
+  assert search['pick_split'] != search['report_split'] == 'train'
+  assert search['pick_seed'] != search['report_seed'] == 0
+  assert search['field'] == 'sampling.temperature' and search['num_samples'] == 20
+  assert any(line.startswith('[global/best_t seed 0] best temperature') for line in lines)
+
+  # Independent recomputation from the checkpoint: one point of the curve, and the report.
+  run_dir = study.run_directory(workdir, 'global/best_t', 0)
+
+  def sampled(temperature, seed, split, name):
+    c = study.run_config(setting, steps=3, seed=0, num_samples=10, workdir=workdir,
+                         configure=configure)
+    c.sampling.temperature = temperature
+    c.sample.seed, c.evaluator.reference_split = seed, split
+    c.sample.out_dir = str(tmp_path / name)
+    return sample_mode.sample_and_evaluate(c, run_dir)['metrics']
+
+  again = sampled(0.25, search['pick_seed'], search['pick_split'], 'pick')
+  assert again['fid'] == pytest.approx(search['curve'][0]['fid'], rel=1e-6)
+  report = sampled(search['pick'], 0, 'train', 'report')
+  for key in ('fid', 'precision', 'recall', 'class_accuracy'):
+    assert run['generative'][key] == pytest.approx(report[key], rel=1e-6), key
+  # At temperature 1 the run's own samples (the config's default) are the report side's.
+  default = sampled(1.0, 0, 'train', 'default')
+  assert run['generative_default']['fid'] == pytest.approx(default['fid'], rel=1e-6)
+
+  # The table reports the picked temperature and the FID measured at it; the plot is written.
+  row = next(line for line in out['table'].splitlines() if line.startswith('| global/best_t'))
+  assert f'| {search["pick"]:.2f} | {run["generative"]["fid"]:.2f} |' in row
+  svg = open(os.path.join(workdir, 'fid_by_temperature_temperature.svg')).read()
+  assert '<polyline' in svg and 'global/best_t' in svg
+  # Records round-trip: another workdir reads the search back, trains and samples nothing.
+  lines = []
+  elsewhere = study.run_study([setting], workdir=str(tmp_path / 'other'), log=lines.append,
+                              record_dir=records, **kwargs)
+  assert not any('training' in line for line in lines)
+  assert elsewhere['table'] == out['table']
+  assert elsewhere['runs']['global/best_t'][0]['temperature_search'] == search
