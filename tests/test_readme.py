@@ -113,6 +113,8 @@ def check(line: str) -> None:
   words = shlex.split(line)
   while words and re.fullmatch(r'[A-Z_]+=\S*', words[0]):  # VAR=value prefixes.
     words = words[1:]
+  if words[:2] == ['taskset', '-c']:  # `taskset -c CPUS command ...`: the command is checked.
+    words = words[3:]
   if not words:
     return
   head = words[0]
@@ -158,6 +160,8 @@ def test_the_checker_catches_drift():
     check('make no-such-target')
   with pytest.raises(AssertionError, match='does not exist'):
     check('python -m heptapod_jax.no_such_module')
+  with pytest.raises(AssertionError):
+    check('taskset -c 0 python benchmarks/objective_study.py --no_such_flag=1')
   with pytest.raises(ValueError, match='not one of'):
     check('python -m heptapod_jax.main --config=configs/imagenet256.py:head=diagonal')
 

@@ -124,10 +124,11 @@ def test_readme_figures_from_runs(tmp_path):
   study = tmp_path / 'study'
   study.mkdir()
   (study / 'nll_by_distance_heads.svg').write_text('<svg>heads</svg>\n')
+  (study / 'fid_by_temperature_kl_heads.svg').write_text('<svg>kl</svg>\n')
   (study / 'nll_by_distance.svg').write_text('<svg>all</svg>\n')
   (study / 'results.md').write_text('| table |\n')
   written = readme_figures.write_figures(demo, None, ablation, out, str(study))
   assert sorted(os.path.basename(p) for p in written) == [
       'ablation_nll_by_distance.svg', 'demo_loss.svg', 'demo_samples.png',
-      'study_nll_by_distance_heads.svg']
+      'study_fid_by_temperature_kl_heads.svg', 'study_nll_by_distance_heads.svg']
   assert open(os.path.join(out, 'study_nll_by_distance_heads.svg')).read() == '<svg>heads</svg>\n'

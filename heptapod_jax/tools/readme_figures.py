@@ -99,12 +99,13 @@ def ablation_plot(ablation_dir: str) -> str | None:
 
 
 def study_plots(study_dir: str) -> list[tuple[str, str]]:
-  """(name in --out, source) of the objective study's per-group plots, sorted by group."""
+  """(name in --out, source) of the objective study's per-group plots (NLL by distance, FID by
+  temperature), sorted by group."""
   if not paths.isdir(study_dir):
     return []
-  prefix = 'nll_by_distance_'
+  prefixes = ('nll_by_distance_', 'fid_by_temperature_')
   return [(f'study_{name}', paths.join(study_dir, name)) for name in paths.listdir(study_dir)
-          if name.startswith(prefix) and name.endswith('.svg')]
+          if name.startswith(prefixes) and name.endswith('.svg')]
 
 
 def write_figures(demo: str, tokenizer: str | None, ablation: str, out: str,
