@@ -710,9 +710,20 @@ def markdown_tables(settings: Sequence[Setting], summary: Mapping[str, Any],
   return '\n\n'.join(blocks) + '\n'
 
 
-# The paper's four claims, as contrasts of the grid: (claim, [(better, worse, metric)], how the
-# contrasts combine). A contrast says `better` beats `worse` on `metric` (lower is better for
-# NLL and FID).
+@dataclasses.dataclass(frozen=True)
+class Gap:
+  """A contrast of two contrasts: the pair `better` is less far apart on `metric` than the pair
+  `worse` (each pair: (setting, its reference)). Gap(('global/kl', 'next_token/kl'),
+  ('global', 'next_token'), 'fid') says the global head trails next_token by less on KL tokens
+  than on VQ tokens."""
+  better: tuple[str, str]
+  worse: tuple[str, str]
+  metric: str
+
+
+# The paper's claims, as contrasts of the grid: (claim, [(better, worse, metric) or Gap], how
+# the contrasts combine). A contrast says `better` beats `worse` on `metric` (lower is better for
+# NLL, MSE and FID).
 CLAIMS = (
     ('the global head beats the local one',
      [('global', 'local', 'nll'), ('global', 'local', 'fid'),
@@ -740,6 +751,10 @@ CLAIMS = (
     ("at the best temperature direct_next's NLL gain is also an FID gain",
      [(f'global/direct{BEST_T}', f'global{BEST_T}', 'nll'),
       (f'global/direct{BEST_T}', f'global{BEST_T}', 'fid')], 'all'),
+    ("the global head's FID deficit to next_token is smaller on KL tokens than on VQ tokens "
+     '(best temperature)',
+     [Gap((f'global/kl{BEST_T}', f'next_token/kl{BEST_T}'),
+          (f'global{BEST_T}', f'next_token{BEST_T}'), 'fid')], 'all'),
 )
 
 
@@ -765,6 +780,30 @@ def compare(summary: Mapping[str, Any], better: str, worse: str, metric: str
   return dict(out, diff=diff, spread=spread, verdict=verdict)
 
 
+def compare_gap(summary: Mapping[str, Any], gap: Gap) -> dict[str, Any]:
+  """Whether the pair gap.better is less far apart than gap.worse, by the rule of compare().
+
+  Each pair's lead d_i (how far its first setting is ahead of its second, as compare() says)
+  has the per-seed standard deviation of a difference, sqrt(s_a^2 + s_b^2); the two leads are
+  compared as compare() compares two settings: diff = d_better - d_worse (positive: the first
+  pair's setting is less behind, or further ahead), spread = the two leads' pooled standard
+  deviation, 'inconclusive' under twice it.
+  """
+  leads = [compare(summary, a, b, gap.metric) for a, b in (gap.better, gap.worse)]
+  out = dict(better=' vs '.join(gap.better), worse=' vs '.join(gap.worse), metric=gap.metric,
+             diff=None, spread=None, gap=True)
+  said = [lead['verdict'] for lead in leads]
+  if 'not run' in said:
+    return dict(out, verdict='not run')
+  if any(lead['spread'] is None for lead in leads):
+    return dict(out, verdict='inconclusive')
+  diff = leads[0]['diff'] - leads[1]['diff']
+  # compare()'s spread is sqrt((s_a^2 + s_b^2) / 2): a lead's own sd is sqrt(2) times it.
+  spread = math.sqrt(leads[0]['spread'] ** 2 + leads[1]['spread'] ** 2)
+  verdict = ('yes' if diff > 2 * spread else 'no' if -diff > 2 * spread else 'inconclusive')
+  return dict(out, diff=diff, spread=spread, verdict=verdict)
+
+
 def verdicts(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
   """Each claim of CLAIMS: its contrasts and 'reproduced' / 'not reproduced' / 'inconclusive'
   / 'not run'. 'all': reproduced when every contrast says yes, not reproduced when one says no.
@@ -772,7 +811,8 @@ def verdicts(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
   when one does."""
   rows = []
   for claim, contrasts, rule in CLAIMS:
-    found = [compare(summary, *c) for c in contrasts]
+    found = [compare_gap(summary, c) if isinstance(c, Gap) else compare(summary, *c)
+             for c in contrasts]
     said = [f['verdict'] for f in found]
     if 'not run' in said:
       verdict = 'not run'
@@ -792,10 +832,12 @@ def markdown_verdicts(rows: Sequence[Mapping[str, Any]]) -> str:
   for row in rows:
     evidence = []
     for c in row['contrasts']:
+      what = (f'({c["better"]}) vs ({c["worse"]})' if c.get('gap') else
+              f'{c["better"]} vs {c["worse"]}')
       if c['diff'] is None:
-        evidence.append(f'{c["better"]} vs {c["worse"]}, {c["metric"]}: {c["verdict"]}')
+        evidence.append(f'{what}, {c["metric"]}: {c["verdict"]}')
       else:
-        evidence.append(f'{c["better"]} vs {c["worse"]}, {c["metric"]}: ahead by '
+        evidence.append(f'{what}, {c["metric"]}: ahead by '
                         f'{c["diff"]:.3f} (2 sd = {2 * c["spread"]:.3f})')
     lines.append(f'| {row["claim"]} | {"; ".join(evidence)} | {row["verdict"]} |')
   return '\n'.join(lines) + '\n'

@@ -21,6 +21,11 @@ Options (`--config=configs/imagenet256.py:size=L,head=local,window=16`), one swi
                     it is worse on both; loss_weighting=steps alone is worse on FID. The
                     defaults stay the paper's design. ImageNet may differ.)
   tokens            vq | kl   VQ-16 codes (cross-entropy) or KL-16 latents (MAR's diffusion loss)
+                    (on the digits, 3 seeds at 600 steps: with KL tokens the 1D baseline
+                    leads the global head on diffusion loss and FID, as with VQ tokens; the
+                    best sampling temperature of 0.8-1.1 moves no head's FID beyond the
+                    spread, so sampling.temperature and model.diffusion.temperature stay 1;
+                    docs/objective-study.md#each-head-at-its-best-temperature)
   tokenizer         imported | trained   sets tokenizer.checkpoint to <tokenizer_root>/...:
                     imported = LlamaGen VQ-16 / MAR KL-16 converted once
                     (python -m heptapod_jax.tools.convert_llamagen_vq --src vq_ds16_c2i.pt

@@ -248,6 +248,37 @@ def test_a_difference_under_two_pooled_standard_deviations_is_inconclusive():
   assert study.compare(acc, 'a', 'b', 'probe')['verdict'] == 'yes'
 
 
+def test_a_gap_compares_two_leads_by_the_same_rule():
+  """Gap: a's deficit to b against c's to d, each lead's sd that of a difference."""
+  study = _load_script()
+  sd1 = _stat([1.0, 1.1, 1.2])  # sd 0.1 (every setting here: a lead's sd is sqrt(2) x 0.1)
+  shifted = lambda x: _stat([1.0 + x, 1.1 + x, 1.2 + x])
+  summary = {'a': {'fid': shifted(1.0)}, 'b': {'fid': sd1},   # a trails b by 1.0
+             'c': {'fid': shifted(1.5)}, 'd': {'fid': sd1},   # c trails d by 1.5
+             'e': {'fid': shifted(1.2)}, 'one': {'fid': dict(mean=1.0, std=None, n=1)}}
+  found = study.compare_gap(summary, study.Gap(('a', 'b'), ('c', 'd'), 'fid'))
+  # Independently: diff of the leads 0.5; each lead's sd sqrt(0.1^2 + 0.1^2), the two pooled:
+  # sqrt((0.02 + 0.02) / 2) = 0.1414.
+  assert found['diff'] == pytest.approx(0.5) and found['spread'] == pytest.approx(0.02 ** 0.5)
+  assert found['verdict'] == 'yes'
+  assert study.compare_gap(summary, study.Gap(('c', 'd'), ('a', 'b'), 'fid'))['verdict'] == 'no'
+  assert study.compare_gap(summary, study.Gap(('a', 'b'), ('e', 'd'), 'fid'))['verdict'] == (
+      'inconclusive')  # 0.2 < 2 x 0.1414
+  assert study.compare_gap(summary, study.Gap(('a', 'one'), ('c', 'd'), 'fid'))['verdict'] == (
+      'inconclusive')
+  assert study.compare_gap(summary, study.Gap(('a', 'b'), ('c', 'x'), 'fid'))['verdict'] == (
+      'not run')
+  # The study's claim, on the searched settings, and its line in the table.
+  names = dict(a='global/kl/best_t', b='next_token/kl/best_t', c='global/best_t',
+               d='next_token/best_t')
+  rows = study.verdicts({names[k]: v for k, v in summary.items() if k in names})
+  row = next(r for r in rows if r['claim'].startswith("the global head's FID deficit"))
+  assert row['verdict'] == 'reproduced'
+  table = study.markdown_verdicts([row])
+  assert ('(global/kl/best_t vs next_token/kl/best_t) vs (global/best_t vs next_token/best_t), '
+          'fid: ahead by 0.500 (2 sd = 0.283)') in table
+
+
 def test_claims_combine_their_contrasts():
   study = _load_script()
   good, bad, same = _stat([1.0, 1.01, 1.02]), _stat([2.0, 2.01, 2.02]), _stat([1.0, 1.02, 1.01])
