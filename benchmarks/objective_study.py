@@ -758,6 +758,11 @@ CLAIMS = (
 )
 
 
+def _verdict(diff: float, spread: float) -> str:
+  """The study's rule: 'yes' (ahead) or 'no' (behind) beyond two spreads, else 'inconclusive'."""
+  return 'yes' if diff > 2 * spread else 'no' if -diff > 2 * spread else 'inconclusive'
+
+
 def compare(summary: Mapping[str, Any], better: str, worse: str, metric: str
             ) -> dict[str, Any]:
   """Whether `better` beats `worse` on `metric` by more than two standard deviations over seeds.
@@ -776,8 +781,7 @@ def compare(summary: Mapping[str, Any], better: str, worse: str, metric: str
   lower_is_better = metric in ('nll', 'mse', 'fid') or metric.startswith(('nll_', 'mse_'))
   diff = (b['mean'] - a['mean']) if lower_is_better else (a['mean'] - b['mean'])
   spread = math.sqrt((a['std'] ** 2 + b['std'] ** 2) / 2)
-  verdict = ('yes' if diff > 2 * spread else 'no' if -diff > 2 * spread else 'inconclusive')
-  return dict(out, diff=diff, spread=spread, verdict=verdict)
+  return dict(out, diff=diff, spread=spread, verdict=_verdict(diff, spread))
 
 
 def compare_gap(summary: Mapping[str, Any], gap: Gap) -> dict[str, Any]:
@@ -800,8 +804,7 @@ def compare_gap(summary: Mapping[str, Any], gap: Gap) -> dict[str, Any]:
   diff = leads[0]['diff'] - leads[1]['diff']
   # compare()'s spread is sqrt((s_a^2 + s_b^2) / 2): a lead's own sd is sqrt(2) times it.
   spread = math.sqrt(leads[0]['spread'] ** 2 + leads[1]['spread'] ** 2)
-  verdict = ('yes' if diff > 2 * spread else 'no' if -diff > 2 * spread else 'inconclusive')
-  return dict(out, diff=diff, spread=spread, verdict=verdict)
+  return dict(out, diff=diff, spread=spread, verdict=_verdict(diff, spread))
 
 
 def verdicts(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
