@@ -48,6 +48,8 @@ import socket  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import _crash_rerun  # noqa: E402
+
 
 class NetworkAccessInTests(RuntimeError):
   """A test reached for the network (a download?): the tests run offline, from files."""
@@ -71,7 +73,7 @@ socket.socket.connect = _loopback_only
 
 
 def pytest_configure(config):
-  del config
+  _crash_rerun.register(config)  # A test whose worker crashed gets one rerun, alone.
   assert jax.device_count() == 8, (
       f"tests need 8 fake CPU devices, got {jax.device_count()}; is jax imported before conftest?")
 
