@@ -39,7 +39,10 @@ def _user_env():
   """The environment of a user's shell: none of the test suite's quieting variables."""
   env = {k: v for k, v in os.environ.items()
          if k not in ('JAX_PLATFORMS', 'TF_CPP_MIN_LOG_LEVEL', 'PYTHONWARNINGS')}
-  env.update(PYTHONPATH=ROOT, PYTHONUNBUFFERED='1')
+  # TensorFlow prints its oneDNN notice only where oneDNN is on by default (Intel CPUs with
+  # AVX-512 VNNI or AMX, not the AMD EPYC machines some runs get): switched on here, the notice
+  # that the console must keep off the terminal and in the log is there on every CPU.
+  env.update(PYTHONPATH=ROOT, PYTHONUNBUFFERED='1', TF_ENABLE_ONEDNN_OPTS='1')
   return env
 
 
