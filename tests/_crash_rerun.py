@@ -58,8 +58,8 @@ class CrashRerun:
     rc = subprocess.run(argv, cwd=str(self.config.invocation_params.dir),
                         env=dict(os.environ, **{ENV: '0'})).returncode
     if rc == 0:
-      self.verdict = (f'The crashed test(s) passed on their rerun: the suite passes (exit status '
-                      f'0; the crash is reported above as a failure, not hidden).')
+      self.verdict = ('The crashed test(s) passed on their rerun: the suite passes (exit status '
+                      '0; the crash is reported above as a failure, not hidden).')
       session.exitstatus = pytest.ExitCode.OK
     else:
       self.verdict = f'The crashed test(s) failed again on their rerun (pytest exit status {rc}).'
