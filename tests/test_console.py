@@ -29,7 +29,7 @@ def _run_argv(workdir, data_dir, steps=4):
       'train.global_batch_size': 16, 'train.log_every': 2, 'train.checkpoint_every': 4,
       'train.sample_every': 0, 'train.eval_every': 0, 'train.eval_batches': 1,
       'train.num_sample_images': 0, 'evaluator.at_end': False, 'evaluator.real_baseline': False,
-      'data.data_dir': data_dir}
+      'train.peak_tflops': 1.0, 'data.data_dir': data_dir}
   return ([sys.executable, '-m', 'heptapod_jax.main',
            f'--config={ROOT}/configs/demo.py:steps={steps},tokenizer=pixel',
            f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()])

@@ -36,6 +36,40 @@ def test_crashes_always():
   os.kill(os.getpid(), signal.SIGSEGV)
 '''
 
+# Segfaults whenever it runs in an xdist worker; passes in a plain pytest process.
+CRASH_IN_WORKERS = '''
+import os, signal
+
+def test_crashes_in_workers():
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.kill(os.getpid(), signal.SIGSEGV)
+'''
+
+# Each test appends its name to a log (the order the workers ran them in).
+LOGGED = '''
+import os, signal, time
+
+def _log(name):
+  with open(os.path.join(os.path.dirname(__file__), 'order.log'), 'a') as f:
+    f.write(name + '\\n')
+
+def test_0():
+  _log(__name__ + '.0'); time.sleep(0.3)
+
+def test_1():
+  mark = os.path.join(os.path.dirname(__file__), 'ran_once')
+  if __name__.endswith('test_a') and not os.path.exists(mark):
+    open(mark, 'w').close()
+    os.kill(os.getpid(), signal.SIGSEGV)
+  _log(__name__ + '.1'); time.sleep(0.3)
+
+def test_2():
+  _log(__name__ + '.2'); time.sleep(0.3)
+
+def test_3():
+  _log(__name__ + '.3'); time.sleep(0.3)
+'''
+
 FAILS = '''
 def test_plain_failure():
   assert 1 == 2
@@ -53,12 +87,32 @@ def run_suite(tmp_path, files: dict, **env):
       cwd=str(tmp_path), env=dict(environ, **env), capture_output=True, text=True, timeout=300)
 
 
-def test_a_crashed_test_is_rerun_once_and_passes(tmp_path):
+def test_a_crashed_test_that_passes_in_the_replacement_worker_passes(tmp_path):
   out = run_suite(tmp_path, {'test_a.py': CRASH_ONCE})
   text = out.stdout + out.stderr
   assert out.returncode == 0, text
   assert 'failed only because their worker process crashed' in text
-  assert 'test_a.py::test_crashes_once' in text and 'passed on their rerun' in text
+  assert 'test_a.py::test_crashes_once; each passed when xdist ran it again' in text, text
+  assert 'Running them once more' not in text
+
+
+def test_a_test_that_crashes_in_every_worker_is_rerun_alone_and_passes(tmp_path):
+  out = run_suite(tmp_path, {'test_a.py': CRASH_IN_WORKERS}, **{'PYTEST_XDIST_AUTO_NUM_WORKERS': '2'})
+  text = out.stdout + out.stderr
+  assert out.returncode == 0, text
+  assert 'Running them once more, alone' in text and 'test_a.py::test_crashes_in_workers' in text
+  assert 'passed on their rerun' in text
+
+
+def test_the_crashed_file_goes_to_the_front_of_the_queue(tmp_path):
+  files = {f'test_{c}.py': LOGGED for c in 'abcdefg'}
+  out = run_suite(tmp_path, files)
+  text = out.stdout + out.stderr
+  assert out.returncode == 0, text
+  order = (tmp_path / 'order.log').read_text().split()
+  assert sorted(order) == sorted(f'test_{c}.{i}' for c in 'abcdefg' for i in range(4)), order
+  # xdist alone queues a crashed file's unfinished tests after every other file.
+  assert order.index('test_a.1') < order.index('test_g.0'), order
 
 
 def test_a_test_that_crashes_again_fails_the_suite(tmp_path):

@@ -161,6 +161,23 @@ def test_measured_peak_and_mfu():
   assert flops.mfu(2e12, 0.5, 4, 1e12) == pytest.approx(0.25)
 
 
+def test_the_trainers_time_the_matmul_once_per_device_and_dtype(monkeypatch):
+  """Without a configured or known peak, the logged MFU's peak is measured once per device and
+  dtype in a process (a study or a notebook trains many times), not at every run."""
+  from heptapod_jax.training import trainlib
+  calls = []
+  monkeypatch.setattr(trainlib, '_MEASURED_PEAKS', {})
+  monkeypatch.setattr(flops, 'measure_peak_matmul_flops',
+                      lambda dtype, device: calls.append((str(dtype), device.id)) or 2e12)
+  config = _config('next_token')
+  for _ in range(3):
+    t = trainlib.Throughput(config, global_batch_size=8)
+    assert t.peak == 2e12 and t.peak_source.startswith('measured')
+  assert calls == [(str(config.dtype), jax.local_devices()[0].id)]
+  assert trainlib.Throughput(config, 8, peak_tflops=3.0).peak == 3e12  # Configured: no timing.
+  assert len(calls) == 1
+
+
 def test_sampling_bytes_per_step_count_the_weights_and_caches():
   """The memory-bound floor of a decoding step, against the shapes written out by hand."""
   config = _config('next_token', vocab_size=2048)

@@ -363,11 +363,11 @@ def test_sharded_matches_unsharded(kind):
     loss, grad = jax.jit(jax.value_and_grad(loss_fn), out_shardings=(None, shardings))(
         sharded_params, tokens_s, labels_s)
     if kind == 'global':  # The sampler runs with the batch sharded over the data axes.
-      greedy = sampling.SamplingConfig(temperature=0.0)
-      samples = jax.jit(functools.partial(sampling.sample, model, config=greedy))(
-          sharded_params, labels_s, rng)
+      sample = jax.jit(functools.partial(sampling.sample, model,
+                                         config=sampling.SamplingConfig(temperature=0.0)))
+      samples = sample(sharded_params, labels_s, rng)
       assert samples.sharding.spec[0] == ('data', 'fsdp')
-      ref_samples = sampling.sample(model, params, labels, rng, greedy)
+      ref_samples = sample(params, labels, rng)  # The same program, unsharded.
       np.testing.assert_array_equal(samples, ref_samples)
   np.testing.assert_allclose(loss, ref_loss, atol=1e-5, rtol=0)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):

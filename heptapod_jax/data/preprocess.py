@@ -81,7 +81,7 @@ def _head(encoded: tf.Tensor) -> tf.Tensor:
 def _starts_with(head: tf.Tensor, signature: bytes | tuple[int, ...], offset: int = 0
                  ) -> tf.Tensor:
   want = tf.constant(list(signature), tf.uint8)
-  return tf.reduce_all(tf.equal(head[offset:offset + len(want)], want))
+  return tf.reduce_all(tf.equal(head[offset:offset + len(signature)], want))
 
 
 def _image_format(head: tf.Tensor) -> tf.Tensor:

@@ -163,11 +163,14 @@ class RecordOrder:
             minval=None, maxval=None, dtype=tf.int64)
         epoch_items = epoch_items.shuffle(buffer_size, seed=epoch_seed,
                                           reshuffle_each_iteration=False)
-      return epoch_items.enumerate().map(lambda i, item: number(e, i, item))
+      return epoch_items.enumerate().map(
+          tf.autograph.experimental.do_not_convert(lambda i, item: number(e, i, item)))
 
     start_epoch, offset = divmod(int(position), n)
     # Skipping encoded records before any decode keeps resume cheap.
-    return tf.data.Dataset.counter(start_epoch).flat_map(epoch).skip(offset)
+    # Traced as written (no AutoGraph rewriting: `if`s here are on Python values only).
+    return tf.data.Dataset.counter(start_epoch).flat_map(
+        tf.autograph.experimental.do_not_convert(epoch)).skip(offset)
 
 
 def train_record_order(data_config: Any, *, num_examples: int, seed: int, process_index: int,

@@ -96,9 +96,12 @@ def _tfds_source(name: str, builder: tfds.core.DatasetBuilder, image_key: str = 
   def as_dataset(split) -> tf.data.Dataset:
     records = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                  read_config=read_config)
+    # Traced as written, without AutoGraph's rewriting (see input_pipeline._graph_fn).
     if label_key:
-      return records.map(lambda ex: {"image": ex[image_key], "label": ex[label_key]})
-    return records.map(lambda ex: {"image": ex[image_key], "label": tf.constant(0, tf.int64)})
+      return records.map(tf.autograph.experimental.do_not_convert(
+          lambda ex: {"image": ex[image_key], "label": ex[label_key]}))
+    return records.map(tf.autograph.experimental.do_not_convert(
+        lambda ex: {"image": ex[image_key], "label": tf.constant(0, tf.int64)}))
 
   @functools.lru_cache(maxsize=None)
   def counted(split: str) -> int:

@@ -159,7 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, data_state = trainer.initial_state(shardings, checkpointer)
     step = int(jax.device_get(state.step))
     train_iter, batch_shardings = _train_input(trainer, data_state)
-    train_step_fn = _compile_train_step(trainer, shardings, batch_shardings)
+    # A finished run that is run again (to re-evaluate, or by a job restarted after its end)
+    # has no step to take: nothing to compile.
+    train_step_fn = (_compile_train_step(trainer, shardings, batch_shardings)
+                     if step < tcfg.num_steps else None)
     if step == 0:
       _at_start(trainer, writer, summary)
     loop = _Loop(trainer, writer, checkpointer, train_iter, throughput, summary, step)

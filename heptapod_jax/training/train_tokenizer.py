@@ -314,7 +314,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = input_pipeline.create_train_iterator(
         config.data, global_batch_size=tcfg.global_batch_size, seed=config.seed, state=data_state)
     batch_shardings = {k: trainer.batch_shardings[k] for k in ('image', 'label')}
-    train_step_fn = _compile_train_step(trainer, shardings, batch_shardings)
+    # A finished run that is run again has no step to take: nothing to compile.
+    train_step_fn = (_compile_train_step(trainer, shardings, batch_shardings)
+                     if step < tcfg.num_steps else None)
     loop = _Loop(trainer, writer, checkpointer, train_iter, summary, step)
     with loop:
       while step < tcfg.num_steps:

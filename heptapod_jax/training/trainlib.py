@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import periodic_actions
@@ -288,6 +289,20 @@ class TolerantWriter:
     raise AttributeError(name)
 
 
+_MEASURED_PEAKS: dict[tuple, float] = {}
+
+
+def _measured_peak(device, dtype) -> float:
+  """`flops.measure_peak_matmul_flops` once per device and dtype in a process: a notebook, a
+  study or a test that trains many times in one process pays the timing (seconds on a CPU)
+  once."""
+  from heptapod_jax import flops  # pylint: disable=g-import-not-at-top
+  key = (device.platform, device.id, str(jnp.dtype(dtype)))
+  if key not in _MEASURED_PEAKS:
+    _MEASURED_PEAKS[key] = flops.measure_peak_matmul_flops(dtype=dtype, device=device)
+  return _MEASURED_PEAKS[key]
+
+
 class Throughput:
   """Model FLOPs utilisation of the training step, for the logged metrics.
 
@@ -312,7 +327,7 @@ class Throughput:
       if found is not None:
         self.peak, self.peak_source = found
       else:
-        self.peak = flops.measure_peak_matmul_flops(dtype=compute_dtype, device=device)
+        self.peak = _measured_peak(device, compute_dtype)
         self.peak_source = f'measured {compute_dtype} matmul on {device.device_kind}'
     logging.info('MFU: %.3f TFLOP per step (analytic, %d images), peak %.2f TFLOP/s per device '
                  '(%s) x %d.', self.flops_per_step / 1e12, global_batch_size,
