@@ -97,7 +97,7 @@ def test_a_crashed_test_that_passes_in_the_replacement_worker_passes(tmp_path):
 
 
 def test_a_test_that_crashes_in_every_worker_is_rerun_alone_and_passes(tmp_path):
-  out = run_suite(tmp_path, {'test_a.py': CRASH_IN_WORKERS}, **{'PYTEST_XDIST_AUTO_NUM_WORKERS': '2'})
+  out = run_suite(tmp_path, {'test_a.py': CRASH_IN_WORKERS})
   text = out.stdout + out.stderr
   assert out.returncode == 0, text
   assert 'Running them once more, alone' in text and 'test_a.py::test_crashes_in_workers' in text

@@ -65,7 +65,8 @@ import tensorflow as tf
 from heptapod_jax.data import preprocess, schema
 from heptapod_jax.data.schema import default_data_config  # noqa: F401  (public API)
 from heptapod_jax.data.record_order import (parse_data_state, per_process_batch_size,
-                                            resolve_process, train_record_order, variant_fn)
+                                            resolve_process, traced_as_written,
+                                            train_record_order, variant_fn)
 from heptapod_jax.data.sources import resolve_source
 
 # Why training records are skipped (state 'skipped'): the checks of
@@ -172,16 +173,7 @@ def _decode_fn(image_size: int, load_from_path: bool, augment: str,
         "conversion": conversion,
     }
 
-  return _graph_fn(decode)
-
-
-def _graph_fn(fn: Callable) -> Callable:
-  """`fn` for tf.data as written, traced without AutoGraph's source rewriting: the pipeline's
-  functions use TensorFlow's own control flow (`tf.cond`, `tf.while_loop`), and rewriting them
-  and every function they call (TFDS's decoders included) took about 5 s of each process's
-  start-up on a 2-core CPU, 80% of building a pipeline. A Python `if` on a tensor fails loudly
-  at tracing time instead of being converted."""
-  return tf.autograph.experimental.do_not_convert(fn)
+  return traced_as_written(decode)
 
 
 # Running counts carried by each training example: the checked skip reasons,
@@ -200,8 +192,8 @@ def _count(counts: tf.Tensor, example: dict[str, tf.Tensor]
 
 
 def _drop_skipped(ds: tf.data.Dataset, keep: tuple[str, ...]) -> tf.data.Dataset:
-  ds = ds.filter(_graph_fn(lambda ex: tf.equal(ex["skip"], 0)))
-  return ds.map(_graph_fn(lambda ex: {k: ex[k] for k in keep}))
+  ds = ds.filter(traced_as_written(lambda ex: tf.equal(ex["skip"], 0)))
+  return ds.map(traced_as_written(lambda ex: {k: ex[k] for k in keep}))
 
 
 class TrainIterator:
@@ -311,11 +303,11 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
   ds = order.stream(position, data.records)
   decode = _decode_fn(data_config.image_size, data.load_from_path, data_config.augment,
                       variant_of, data_config.min_image_size)
-  ds = ds.map(_graph_fn(lambda index, source_index, record: decode(index, record)),
+  ds = ds.map(traced_as_written(lambda index, source_index, record: decode(index, record)),
               num_parallel_calls=_autotune(data_config.num_parallel_calls), deterministic=True)
   # Errors the checks do not foresee: dropped before counting, hence 'undecodable'.
   ds = ds.ignore_errors(log_warning=True)
-  ds = ds.scan(tf.zeros([_NUM_CHECKED + len(CONVERSIONS)], tf.int64), _graph_fn(_count))
+  ds = ds.scan(tf.zeros([_NUM_CHECKED + len(CONVERSIONS)], tf.int64), traced_as_written(_count))
   ds = _drop_skipped(ds, ("image", "label", "index", "counts"))
   ds = ds.batch(local_batch_size, drop_remainder=True)
   if data_config.prefetch:

@@ -31,7 +31,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from heptapod_jax.data import builtin
-from heptapod_jax.data.record_order import even_split_bounds
+from heptapod_jax.data.record_order import even_split_bounds, traced_as_written
 from heptapod_jax.data.schema import SOURCES
 
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -96,11 +96,10 @@ def _tfds_source(name: str, builder: tfds.core.DatasetBuilder, image_key: str = 
   def as_dataset(split) -> tf.data.Dataset:
     records = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                  read_config=read_config)
-    # Traced as written, without AutoGraph's rewriting (see input_pipeline._graph_fn).
     if label_key:
-      return records.map(tf.autograph.experimental.do_not_convert(
+      return records.map(traced_as_written(
           lambda ex: {"image": ex[image_key], "label": ex[label_key]}))
-    return records.map(tf.autograph.experimental.do_not_convert(
+    return records.map(traced_as_written(
         lambda ex: {"image": ex[image_key], "label": tf.constant(0, tf.int64)}))
 
   @functools.lru_cache(maxsize=None)

@@ -222,7 +222,7 @@ def create_train_iterator(data_config: Any, *, global_batch_size: int, seed: int
                codes.dtype, list(codes.shape))
 
   ds = order.stream(position)
-  ds = ds.map(tf.autograph.experimental.do_not_convert(  # Traced as written: no AutoGraph.
+  ds = ds.map(record_order.traced_as_written(
       lambda record, source: (record, source, variant_of(record))),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   # Index chunks; the iterator cuts them into batches of kept records.

@@ -110,7 +110,8 @@ def _encode_shard(source: sources.Source, split: str, start: int, end: int, *,
             'source_index': index}
 
   ds = data.records.enumerate(start)
-  ds = ds.map(tf.autograph.experimental.do_not_convert(views), num_parallel_calls=tf.data.AUTOTUNE if num_parallel_calls == -1
+  ds = ds.map(record_order.traced_as_written(views),
+              num_parallel_calls=tf.data.AUTOTUNE if num_parallel_calls == -1
               else num_parallel_calls, deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(examples_per_call).prefetch(2)
